@@ -1,0 +1,49 @@
+# Two commands on a fresh clone: `make demo` and `make test`. Both bootstrap uv (from pip when it is
+# absent) and the locked environment, so nothing but Python 3.11+ and make is needed.
+SHELL := /bin/bash
+PYTHON ?= python3
+UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+RUN := $(UV) run --frozen
+export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+export REDOX_ETL_HOME ?= $(CURDIR)/.redox-etl
+
+.PHONY: setup test test-fast lint typecheck demo ui sandbox bench clean
+
+setup: .venv/.synced
+
+$(UV):
+	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install --user --quiet uv || $(PYTHON) -m pip install --quiet uv
+
+.venv/.synced: pyproject.toml uv.lock | $(UV)
+	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
+	$(UV) sync --frozen
+	@touch $@
+
+lint: setup
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+
+typecheck: setup
+	$(RUN) mypy
+
+test: lint typecheck
+	$(RUN) pytest -n 2 --dist loadgroup
+
+test-fast: setup
+	$(RUN) pytest -n 2 --dist loadgroup -m "not slow"
+
+demo: setup
+	$(RUN) redox-etl demo
+
+ui: setup
+	@mkdir -p $(DAGSTER_HOME)
+	$(RUN) dagster dev -w workspace.yaml
+
+sandbox: setup
+	$(RUN) redox-etl sandbox serve
+
+bench: setup
+	$(RUN) python -m bench --help
+
+clean:
+	rm -rf .venv .dagster_home .redox-etl .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,148 @@
+"""The sandbox's canonical records: what each emulated EHR holds, before any surface renders it.
+
+The population generator (sandbox/population.py) makes these; the HTTP surfaces (sandbox/fhir.py,
+sandbox/datamodel.py) render them as FHIR R4 resources or Redox Data Model payloads; the truth
+endpoint exports them. Field values use the warehouse's canonical vocabularies (see
+docs/data-dictionary.md: sex 'male'/'female'/..., appointment status 'booked'/'cancelled'/..., and
+so on), so that truth is directly comparable with what the pipeline loads. Each surface renderer owns
+the mapping from canonical value to its own wire code.
+
+Invariants:
+- every datetime here is timezone-aware UTC; a surface that shows local time converts on render;
+- ``source_id`` is unique within (surface, kind); ``patient_source_id`` names a ``Patient`` of the
+  same surface;
+- records are immutable versions: a change makes a new version with a higher ``seq`` and a later
+  ``last_updated`` (see sandbox/store.py). The sandbox never imports the pipeline's packages.
+"""
+
+import dataclasses
+from datetime import date, datetime
+from typing import Literal
+
+Surface = Literal["fhir", "datamodel"]
+Kind = Literal["patients", "encounters", "results", "appointments"]
+KINDS: tuple[Kind, ...] = ("patients", "encounters", "results", "appointments")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Identifier:
+    """A patient identifier. ``system`` is a URI (``urn:oid:...`` or an http URL) on every surface;
+    the Data Model renderer writes the OID form's bare OID, or a short IDType such as 'MR', as
+    ``IDType``."""
+
+    system: str
+    value: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Person:
+    """A real human in the synthetic world: ground truth only, never served."""
+
+    person_id: str
+    given_name: str
+    middle_name: str | None
+    family_name: str
+    birth_date: date
+    sex: str
+    ssn: str | None
+    address_line: str
+    address_city: str
+    address_state: str
+    address_postal_code: str
+    phone: str | None
+    email: str | None
+    # Ground-truth relations that make matching hard: 'twin', 'same-name-dob', 'household'.
+    hard_group: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Patient:
+    """One EHR's record of a person, with whatever noise that EHR introduced."""
+
+    surface: Surface
+    source_id: str
+    person_id: str
+    identifiers: tuple[Identifier, ...]
+    given_name: str | None
+    middle_name: str | None
+    family_name: str | None
+    birth_date: date | None
+    sex: str | None
+    ssn: str | None
+    address_line: str | None
+    address_city: str | None
+    address_state: str | None
+    address_postal_code: str | None
+    phone: str | None
+    email: str | None
+    # Which kinds of noise were applied (e.g. 'nickname', 'typo', 'dob-swap'), for test diagnostics.
+    noise: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Encounter:
+    surface: Surface
+    source_id: str
+    patient_source_id: str
+    encounter_class: str
+    type_code: str | None
+    type_system: str | None
+    type_display: str | None
+    status: str
+    start_at: datetime
+    end_at: datetime | None
+    location: str | None
+    attending_provider_id: str | None
+    attending_provider_name: str | None
+    reason: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Result:
+    surface: Surface
+    source_id: str
+    patient_source_id: str
+    order_id: str
+    code: str
+    code_system: str
+    display: str
+    value_num: float | None
+    value_text: str | None
+    unit: str | None
+    reference_low: float | None
+    reference_high: float | None
+    reference_text: str | None
+    abnormal_flag: str | None
+    status: str
+    effective_at: datetime
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Appointment:
+    surface: Surface
+    source_id: str
+    patient_source_id: str
+    status: str
+    start_at: datetime
+    end_at: datetime
+    duration_min: int
+    type_code: str | None
+    type_display: str | None
+    location: str | None
+    provider_id: str | None
+    provider_name: str | None
+    reason: str | None
+
+
+Record = Patient | Encounter | Result | Appointment
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Version:
+    """One stored version of a record: what the store keeps and every query returns."""
+
+    kind: Kind
+    record: Record
+    seq: int
+    last_updated: datetime
+    version_id: int = 1

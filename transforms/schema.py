@@ -1,0 +1,215 @@
+"""The unified warehouse schema: one polars schema per table, shared by every surface.
+
+This module is the contract between the normalizers (which must produce exactly these columns,
+in this order, with these dtypes), the warehouse loader (which creates DuckLake tables from them)
+and the data dictionary (docs/data-dictionary.md, which explains every column).
+
+Invariants kept here:
+- every timestamp is ``Datetime("us", "UTC")``; naive or offset-shifted values never leave a transform;
+- every clinical table carries ``source_surface`` ('fhir' | 'datamodel') and ``source_id``, which
+  together are the natural key;
+- a coded field is stored twice: the mapped value from an explicit ValueSet (``VALUESETS``) and the
+  source's own code in ``<field>_source``, so no mapping ever hides what the source said.
+"""
+
+from typing import Final
+
+import polars as pl
+
+UTC_TS: Final = pl.Datetime("us", "UTC")
+
+SURFACES: Final = ("fhir", "datamodel")
+
+IDENTIFIER: Final = pl.Struct({"system": pl.String, "value": pl.String})
+
+# Canonical vocabularies. The normalizers map every source code into one of these (or null when the
+# source sent nothing); a code that is present but unknown maps to "unknown" where the set has it,
+# and the raw code always survives in the `_source` column.
+VALUESETS: Final[dict[str, tuple[str, ...]]] = {
+    "sex": ("male", "female", "other", "unknown"),
+    "encounter_class": ("ambulatory", "emergency", "inpatient", "observation", "virtual", "unknown"),
+    "encounter_status": (
+        "planned",
+        "arrived",
+        "in-progress",
+        "finished",
+        "cancelled",
+        "entered-in-error",
+        "unknown",
+    ),
+    "appointment_status": (
+        "booked",
+        "arrived",
+        "fulfilled",
+        "cancelled",
+        "noshow",
+        "entered-in-error",
+        "unknown",
+    ),
+    "result_status": ("preliminary", "final", "corrected", "cancelled", "entered-in-error", "unknown"),
+    "abnormal_flag": ("normal", "low", "high", "critical_low", "critical_high", "abnormal", "unknown"),
+}
+
+# Columns every clinical and patient row carries about where it came from; added at load.
+LINEAGE: Final[dict[str, pl.DataType]] = {
+    "partition_day": pl.Date(),
+    "run_id": pl.String(),
+    "ingested_at": UTC_TS,
+}
+
+PATIENTS: Final = pl.Schema(
+    {
+        "source_surface": pl.String,
+        "source_id": pl.String,
+        "identifiers": pl.List(IDENTIFIER),
+        "given_name": pl.String,
+        "middle_name": pl.String,
+        "family_name": pl.String,
+        "birth_date": pl.Date,
+        "sex": pl.String,
+        "sex_source": pl.String,
+        "ssn": pl.String,
+        "address_line": pl.String,
+        "address_city": pl.String,
+        "address_state": pl.String,
+        "address_postal_code": pl.String,
+        "phone": pl.String,
+        "email": pl.String,
+        "source_updated_at": UTC_TS,
+    }
+)
+
+ENCOUNTERS: Final = pl.Schema(
+    {
+        "source_surface": pl.String,
+        "source_id": pl.String,
+        "patient_source_id": pl.String,
+        "class": pl.String,
+        "class_source": pl.String,
+        "type_code": pl.String,
+        "type_system": pl.String,
+        "type_display": pl.String,
+        "status": pl.String,
+        "status_source": pl.String,
+        "start_at": UTC_TS,
+        "end_at": UTC_TS,
+        "location": pl.String,
+        "attending_provider_id": pl.String,
+        "attending_provider_name": pl.String,
+        "reason": pl.String,
+        "source_updated_at": UTC_TS,
+    }
+)
+
+RESULTS: Final = pl.Schema(
+    {
+        "source_surface": pl.String,
+        "source_id": pl.String,
+        "patient_source_id": pl.String,
+        "order_id": pl.String,
+        "code": pl.String,
+        "code_system": pl.String,
+        "display": pl.String,
+        "value_num": pl.Float64,
+        "value_text": pl.String,
+        "unit": pl.String,
+        "reference_low": pl.Float64,
+        "reference_high": pl.Float64,
+        "reference_text": pl.String,
+        "abnormal_flag": pl.String,
+        "abnormal_flag_source": pl.String,
+        "status": pl.String,
+        "status_source": pl.String,
+        "effective_at": UTC_TS,
+        "source_updated_at": UTC_TS,
+    }
+)
+
+APPOINTMENTS: Final = pl.Schema(
+    {
+        "source_surface": pl.String,
+        "source_id": pl.String,
+        "patient_source_id": pl.String,
+        "status": pl.String,
+        "status_source": pl.String,
+        "start_at": UTC_TS,
+        "end_at": UTC_TS,
+        "duration_min": pl.Int32,
+        "type_code": pl.String,
+        "type_display": pl.String,
+        "location": pl.String,
+        "provider_id": pl.String,
+        "provider_name": pl.String,
+        "reason": pl.String,
+        "source_updated_at": UTC_TS,
+    }
+)
+
+# A record that could not be normalized. `raw` keeps the record exactly as received so that a
+# person can fix the mapping and replay it; it lives only in the warehouse, never in logs.
+QUARANTINE: Final = pl.Schema(
+    {
+        "source_surface": pl.String,
+        "entity": pl.String,
+        "source_id": pl.String,
+        "reason": pl.String,
+        "raw": pl.String,
+        "raw_ref": pl.String,
+    }
+)
+
+API_CALLS: Final = pl.Schema(
+    {
+        "called_at": UTC_TS,
+        "surface": pl.String,
+        "method": pl.String,
+        "endpoint": pl.String,
+        "status": pl.Int32,
+        "attempt": pl.Int32,
+        "latency_ms": pl.Float64,
+        "bytes": pl.Int64,
+        "run_id": pl.String,
+    }
+)
+
+SYNC_STATE: Final = pl.Schema(
+    {
+        "stream": pl.String,
+        "watermark": UTC_TS,
+        "updated_at": UTC_TS,
+        "run_id": pl.String,
+    }
+)
+
+CLINICAL: Final[dict[str, pl.Schema]] = {
+    "patients": PATIENTS,
+    "encounters": ENCOUNTERS,
+    "results": RESULTS,
+    "appointments": APPOINTMENTS,
+}
+
+TABLES: Final[dict[str, pl.Schema]] = {
+    **CLINICAL,
+    "quarantine": QUARANTINE,
+    "api_calls": API_CALLS,
+    "sync_state": SYNC_STATE,
+}
+
+NATURAL_KEY: Final = ("source_surface", "source_id")
+
+
+def empty(table: str) -> pl.DataFrame:
+    """An empty frame with the table's exact schema, for the "nothing in this window" case."""
+    return pl.DataFrame(schema=TABLES[table])
+
+
+def conform(frame: pl.LazyFrame, table: str) -> pl.LazyFrame:
+    """Select the table's columns in order, cast to its dtypes, adding missing ones as nulls."""
+    schema = TABLES[table]
+    have = set(frame.collect_schema().names())
+    return frame.select(
+        [
+            (pl.col(name) if name in have else pl.lit(None)).cast(dtype).alias(name)
+            for name, dtype in schema.items()
+        ]
+    )
