@@ -20,7 +20,7 @@ UTC_TS: Final = pl.Datetime("us", "UTC")
 
 SURFACES: Final = ("fhir", "datamodel")
 
-IDENTIFIER: Final = pl.Struct({"system": pl.String, "value": pl.String})
+IDENTIFIER: Final = pl.Struct({"system": pl.String(), "value": pl.String()})
 
 # Canonical vocabularies. The normalizers map every source code into one of these (or null when the
 # source sent nothing); a code that is present but unknown maps to "unknown" where the set has it,
@@ -59,67 +59,67 @@ LINEAGE: Final[dict[str, pl.DataType]] = {
 
 PATIENTS: Final = pl.Schema(
     {
-        "source_surface": pl.String,
-        "source_id": pl.String,
+        "source_surface": pl.String(),
+        "source_id": pl.String(),
         "identifiers": pl.List(IDENTIFIER),
-        "given_name": pl.String,
-        "middle_name": pl.String,
-        "family_name": pl.String,
-        "birth_date": pl.Date,
-        "sex": pl.String,
-        "sex_source": pl.String,
-        "ssn": pl.String,
-        "address_line": pl.String,
-        "address_city": pl.String,
-        "address_state": pl.String,
-        "address_postal_code": pl.String,
-        "phone": pl.String,
-        "email": pl.String,
+        "given_name": pl.String(),
+        "middle_name": pl.String(),
+        "family_name": pl.String(),
+        "birth_date": pl.Date(),
+        "sex": pl.String(),
+        "sex_source": pl.String(),
+        "ssn": pl.String(),
+        "address_line": pl.String(),
+        "address_city": pl.String(),
+        "address_state": pl.String(),
+        "address_postal_code": pl.String(),
+        "phone": pl.String(),
+        "email": pl.String(),
         "source_updated_at": UTC_TS,
     }
 )
 
 ENCOUNTERS: Final = pl.Schema(
     {
-        "source_surface": pl.String,
-        "source_id": pl.String,
-        "patient_source_id": pl.String,
-        "class": pl.String,
-        "class_source": pl.String,
-        "type_code": pl.String,
-        "type_system": pl.String,
-        "type_display": pl.String,
-        "status": pl.String,
-        "status_source": pl.String,
+        "source_surface": pl.String(),
+        "source_id": pl.String(),
+        "patient_source_id": pl.String(),
+        "class": pl.String(),
+        "class_source": pl.String(),
+        "type_code": pl.String(),
+        "type_system": pl.String(),
+        "type_display": pl.String(),
+        "status": pl.String(),
+        "status_source": pl.String(),
         "start_at": UTC_TS,
         "end_at": UTC_TS,
-        "location": pl.String,
-        "attending_provider_id": pl.String,
-        "attending_provider_name": pl.String,
-        "reason": pl.String,
+        "location": pl.String(),
+        "attending_provider_id": pl.String(),
+        "attending_provider_name": pl.String(),
+        "reason": pl.String(),
         "source_updated_at": UTC_TS,
     }
 )
 
 RESULTS: Final = pl.Schema(
     {
-        "source_surface": pl.String,
-        "source_id": pl.String,
-        "patient_source_id": pl.String,
-        "order_id": pl.String,
-        "code": pl.String,
-        "code_system": pl.String,
-        "display": pl.String,
-        "value_num": pl.Float64,
-        "value_text": pl.String,
-        "unit": pl.String,
-        "reference_low": pl.Float64,
-        "reference_high": pl.Float64,
-        "reference_text": pl.String,
-        "abnormal_flag": pl.String,
-        "abnormal_flag_source": pl.String,
-        "status": pl.String,
-        "status_source": pl.String,
+        "source_surface": pl.String(),
+        "source_id": pl.String(),
+        "patient_source_id": pl.String(),
+        "order_id": pl.String(),
+        "code": pl.String(),
+        "code_system": pl.String(),
+        "display": pl.String(),
+        "value_num": pl.Float64(),
+        "value_text": pl.String(),
+        "unit": pl.String(),
+        "reference_low": pl.Float64(),
+        "reference_high": pl.Float64(),
+        "reference_text": pl.String(),
+        "abnormal_flag": pl.String(),
+        "abnormal_flag_source": pl.String(),
+        "status": pl.String(),
+        "status_source": pl.String(),
         "effective_at": UTC_TS,
         "source_updated_at": UTC_TS,
     }
@@ -127,20 +127,20 @@ RESULTS: Final = pl.Schema(
 
 APPOINTMENTS: Final = pl.Schema(
     {
-        "source_surface": pl.String,
-        "source_id": pl.String,
-        "patient_source_id": pl.String,
-        "status": pl.String,
-        "status_source": pl.String,
+        "source_surface": pl.String(),
+        "source_id": pl.String(),
+        "patient_source_id": pl.String(),
+        "status": pl.String(),
+        "status_source": pl.String(),
         "start_at": UTC_TS,
         "end_at": UTC_TS,
-        "duration_min": pl.Int32,
-        "type_code": pl.String,
-        "type_display": pl.String,
-        "location": pl.String,
-        "provider_id": pl.String,
-        "provider_name": pl.String,
-        "reason": pl.String,
+        "duration_min": pl.Int32(),
+        "type_code": pl.String(),
+        "type_display": pl.String(),
+        "location": pl.String(),
+        "provider_id": pl.String(),
+        "provider_name": pl.String(),
+        "reason": pl.String(),
         "source_updated_at": UTC_TS,
     }
 )
@@ -149,35 +149,35 @@ APPOINTMENTS: Final = pl.Schema(
 # person can fix the mapping and replay it; it lives only in the warehouse, never in logs.
 QUARANTINE: Final = pl.Schema(
     {
-        "source_surface": pl.String,
-        "entity": pl.String,
-        "source_id": pl.String,
-        "reason": pl.String,
-        "raw": pl.String,
-        "raw_ref": pl.String,
+        "source_surface": pl.String(),
+        "entity": pl.String(),
+        "source_id": pl.String(),
+        "reason": pl.String(),
+        "raw": pl.String(),
+        "raw_ref": pl.String(),
     }
 )
 
 API_CALLS: Final = pl.Schema(
     {
         "called_at": UTC_TS,
-        "surface": pl.String,
-        "method": pl.String,
-        "endpoint": pl.String,
-        "status": pl.Int32,
-        "attempt": pl.Int32,
-        "latency_ms": pl.Float64,
-        "bytes": pl.Int64,
-        "run_id": pl.String,
+        "surface": pl.String(),
+        "method": pl.String(),
+        "endpoint": pl.String(),
+        "status": pl.Int32(),
+        "attempt": pl.Int32(),
+        "latency_ms": pl.Float64(),
+        "bytes": pl.Int64(),
+        "run_id": pl.String(),
     }
 )
 
 SYNC_STATE: Final = pl.Schema(
     {
-        "stream": pl.String,
+        "stream": pl.String(),
         "watermark": UTC_TS,
         "updated_at": UTC_TS,
-        "run_id": pl.String,
+        "run_id": pl.String(),
     }
 )
 

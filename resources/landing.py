@@ -1,0 +1,148 @@
+"""The landing zone: raw Redox response bodies, untouched, one file per (surface, stream, partition).
+
+Layout: ``<lake>/raw/<surface>/<stream>/<partition>/pages.parquet`` with one row per response
+(``page``, ``body``, ``request``, ``fetched_at``) and a small JSON manifest beside it.
+
+Invariants:
+- a partition's file is replaced atomically (written under a temporary name in the same folder,
+  fsynced, then ``os.replace``d), so a reader or a crash never sees half a partition and a rerun
+  replaces rather than duplicates;
+- bodies are stored byte for byte as the server sent them (decoded as UTF-8, which JSON requires),
+  so a normalizer fix can be replayed on exactly what Redox said;
+- the manifest holds counts and hashes only, never a body, so it is safe to show as metadata.
+"""
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import polars as pl
+
+WriteFn = Callable[[IO[bytes]], Any]
+
+PAGE_SCHEMA = pl.Schema(
+    {
+        "page": pl.Int32(),
+        "body": pl.String(),
+        "request": pl.String(),  # endpoint template and window: no parameter values, so no PHI
+        "fetched_at": pl.Datetime("us", "UTC"),
+    }
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RawPage:
+    body: bytes
+    request: str
+    fetched_at: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Manifest:
+    surface: str
+    stream: str
+    partition: str
+    pages: int
+    bytes: int
+    sha256: str
+    run_id: str
+    written_at: str
+    extra: dict[str, int | str | None]
+
+
+class LandingZone:
+    """Reads and writes landed pages under one root folder."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def folder(self, surface: str, stream: str, partition: str) -> Path:
+        return self.root / "raw" / surface / stream / partition
+
+    def write(
+        self,
+        surface: str,
+        stream: str,
+        partition: str,
+        pages: Sequence[RawPage],
+        *,
+        run_id: str,
+        extra: dict[str, int | str | None] | None = None,
+    ) -> Manifest:
+        folder = self.folder(surface, stream, partition)
+        folder.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        for page in pages:
+            digest.update(hashlib.sha256(page.body).digest())
+        frame = pl.DataFrame(
+            {
+                "page": list(range(1, len(pages) + 1)),
+                "body": [p.body.decode("utf-8") for p in pages],
+                "request": [p.request for p in pages],
+                "fetched_at": [p.fetched_at for p in pages],
+            },
+            schema=PAGE_SCHEMA,
+        )
+        manifest = Manifest(
+            surface=surface,
+            stream=stream,
+            partition=partition,
+            pages=len(pages),
+            bytes=sum(len(p.body) for p in pages),
+            sha256=digest.hexdigest(),
+            run_id=run_id,
+            written_at=dt.datetime.now(dt.UTC).isoformat(),
+            extra=dict(extra or {}),
+        )
+        _atomic_write(folder / "pages.parquet", lambda f: frame.write_parquet(f, compression="zstd"))
+        _atomic_write(
+            folder / "manifest.json",
+            lambda f: f.write(json.dumps(dataclasses.asdict(manifest), indent=2).encode()),
+        )
+        return manifest
+
+    def exists(self, surface: str, stream: str, partition: str) -> bool:
+        return (self.folder(surface, stream, partition) / "pages.parquet").exists()
+
+    def manifest(self, surface: str, stream: str, partition: str) -> Manifest | None:
+        path = self.folder(surface, stream, partition) / "manifest.json"
+        if not path.exists():
+            return None
+        return Manifest(**json.loads(path.read_text()))
+
+    def scan(self, surface: str, stream: str, partitions: Sequence[str]) -> pl.LazyFrame:
+        """Pages of the given partitions as ``(raw_ref, body)``, the normalizers' input shape."""
+        frames = []
+        for partition in partitions:
+            path = self.folder(surface, stream, partition) / "pages.parquet"
+            if not path.exists():
+                continue
+            ref = f"{surface}/{stream}/{partition}/page-"
+            frames.append(
+                pl.scan_parquet(path).select(
+                    (pl.lit(ref) + pl.col("page").cast(pl.String).str.zfill(5)).alias("raw_ref"),
+                    pl.col("body"),
+                )
+            )
+        if not frames:
+            return pl.LazyFrame(schema={"raw_ref": pl.String(), "body": pl.String()})
+        return pl.concat(frames)
+
+
+def _atomic_write(path: Path, write: WriteFn) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        Path(tmp).replace(path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
