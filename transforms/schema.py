@@ -181,6 +181,37 @@ SYNC_STATE: Final = pl.Schema(
     }
 )
 
+# Written by the warehouse itself, one row per merge of one (table, surface, partition day): the load
+# audit trail that shows which run loaded what, so "no partition loaded twice" and "rows fetched = rows
+# loaded + rows quarantined" can be checked with SQL. `rows` counts the frame handed to the merge;
+# `duplicates` are extra versions of one key inside that frame (only the newest is merged).
+PARTITION_LOADS: Final = pl.Schema(
+    {
+        "table_name": pl.String(),
+        "source_surface": pl.String(),
+        "partition_day": pl.Date(),
+        "run_id": pl.String(),
+        "rows": pl.Int64(),
+        "inserted": pl.Int64(),
+        "updated": pl.Int64(),
+        "ignored_older": pl.Int64(),
+        "duplicates": pl.Int64(),
+        "loaded_at": UTC_TS,
+    }
+)
+
+# Added at load to api_calls: the Dagster step that wrote the rows, so a retried step replaces its own
+# audit rows instead of appending them a second time.
+API_CALLS_LINEAGE: Final[dict[str, pl.DataType]] = {
+    "step": pl.String(),
+    "ingested_at": UTC_TS,
+}
+
+# Tables the warehouse keeps about its own loads (not produced by any normalizer).
+WAREHOUSE_TABLES: Final[dict[str, pl.Schema]] = {
+    "partition_loads": PARTITION_LOADS,
+}
+
 CLINICAL: Final[dict[str, pl.Schema]] = {
     "patients": PATIENTS,
     "encounters": ENCOUNTERS,
