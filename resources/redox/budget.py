@@ -1,0 +1,375 @@
+"""One rate budget per Redox host, shared by every process (and run) that talks to it.
+
+Redox refuses an egress IP that sends more than its limit (7,500 requests) in any rolling window
+(300 s). Dagster runs each step in its own process, so the count must live where all of them see
+it: a SQLite file on one machine (pyrate-limiter's ``SQLiteBucket`` with its file lock), or Redis /
+Postgres when the deployment spans machines (pyrate-limiter's ``RedisBucket`` / ``PostgresBucket``).
+
+Invariants kept here:
+- every HTTP attempt the client makes (token requests and retries included) first takes one slot;
+- the window holds at most ``floor(limit * margin)`` slots, and a per-second rate just above the
+  window's average density paces requests evenly instead of spending the window in a burst;
+- a 429 (or ``Retry-After``) writes a penalty row into the same shared store: every process pauses
+  until ``pause_until`` and then takes ``factor`` slots per request (so the whole budget runs at
+  ``1/factor`` speed) until ``slow_until``, one window after the last 429, when it recovers.
+  Weighted acquisition is pyrate-limiter's own mechanism; the penalty row is the small part it does
+  not offer (its buckets have fixed rates);
+- per-destination sub-limits are separate buckets acquired before the global one, so they can only
+  make a request wait longer, never let it past the global budget;
+- waiting happens on a worker thread (the limiter's blocking wait and its file lock are synchronous),
+  so the event loop never blocks or spins.
+"""
+
+import asyncio
+import dataclasses
+import logging
+import math
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol
+
+from pyrate_limiter import AbstractBucket, Limiter, Rate, SQLiteBucket
+
+from resources.redox.settings import BudgetBackend, RateSpec, RedoxSettings
+
+log = logging.getLogger(__name__)
+
+# Doubling per strike, capped: beyond 1/8 speed a 429 means something outside the budget (another
+# client on the IP, a wrong REDOX_RATE_LIMIT), and slowing further would only stall the backfill.
+MAX_SLOWDOWN = 8
+# With no Retry-After we cannot know when the server's window frees; a short pause per strike lets the
+# slowed budget probe again soon without hammering.
+BASE_PAUSE_S = 1.0
+MAX_PAUSE_S = 30.0
+
+
+def pacing_rates(rate: RateSpec, margin: float) -> list[Rate]:
+    """The pyrate-limiter rates for one budget: the window at ``limit * margin`` plus a per-second rate.
+
+    The per-second rate is the window's average density rounded up, so over a long run the window
+    rate binds (the budget is spent fully) while no second carries more than its share.
+    """
+    window_ms = max(1, round(rate.seconds * 1000))
+    window_limit = max(1, math.floor(rate.limit * margin))
+    per_second = math.ceil(window_limit * 1000 / window_ms)
+    if window_ms > 1000 and per_second < window_limit:
+        return [Rate(per_second, 1000), Rate(window_limit, window_ms)]
+    return [Rate(window_limit, window_ms)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Penalty:
+    """The shared slow-down after a 429. Times are epoch seconds, so every process agrees on them."""
+
+    pause_until: float = 0.0
+    slow_until: float = 0.0
+    factor: int = 1
+    strikes: int = 0
+
+    def weight(self, now: float) -> int:
+        return self.factor if now < self.slow_until else 1
+
+    def after_429(self, now: float, *, retry_after: float | None, window_s: float) -> "Penalty":
+        strikes = self.strikes + 1 if now < self.slow_until else 1
+        factor = min(MAX_SLOWDOWN, 2**strikes)
+        pause = retry_after if retry_after is not None else min(MAX_PAUSE_S, BASE_PAUSE_S * strikes)
+        return Penalty(
+            pause_until=max(self.pause_until, now + pause),
+            slow_until=max(self.slow_until, now + pause + window_s),
+            factor=max(factor, self.factor if now < self.slow_until else 1),
+            strikes=strikes,
+        )
+
+
+class PenaltyStore(Protocol):
+    """Where the penalty lives: the same store as the bucket, so every process sees it."""
+
+    def read(self, key: str) -> Penalty: ...
+
+    def update(self, key: str, change: Callable[[Penalty], Penalty]) -> Penalty: ...
+
+    def close(self) -> None: ...
+
+
+class SQLitePenaltyStore:
+    """A ``redox_budget_penalty`` table beside pyrate-limiter's bucket tables in the budget file."""
+
+    def __init__(self, path: Path) -> None:
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._conn.execute(
+            "CREATE TABLE IF NOT EXISTS redox_budget_penalty (key TEXT PRIMARY KEY, pause_until REAL, "
+            "slow_until REAL, factor INTEGER, strikes INTEGER)"
+        )
+
+    def read(self, key: str) -> Penalty:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT pause_until, slow_until, factor, strikes FROM redox_budget_penalty WHERE key = ?",
+                (key,),
+            ).fetchone()
+        return Penalty(*row) if row else Penalty()
+
+    def update(self, key: str, change: Callable[[Penalty], Penalty]) -> Penalty:
+        with self._lock:
+            # IMMEDIATE takes the write lock before reading, so two processes' 429s compose.
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._conn.execute(
+                    "SELECT pause_until, slow_until, factor, strikes FROM redox_budget_penalty WHERE key = ?",
+                    (key,),
+                ).fetchone()
+                new = change(Penalty(*row) if row else Penalty())
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO redox_budget_penalty VALUES (?, ?, ?, ?, ?)",
+                    (key, new.pause_until, new.slow_until, new.factor, new.strikes),
+                )
+                self._conn.execute("COMMIT")
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+        return new
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+class RedisPenaltyStore:
+    """The penalty as a Redis hash, updated in a WATCH/MULTI transaction (not exercised by tests)."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def _key(self, key: str) -> str:
+        return f"redox-budget-penalty:{key}"
+
+    def _parse(self, raw: dict[Any, Any]) -> Penalty:
+        if not raw:
+            return Penalty()
+        get = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
+        return Penalty(get["pause_until"], get["slow_until"], int(get["factor"]), int(get["strikes"]))
+
+    def read(self, key: str) -> Penalty:
+        return self._parse(self._client.hgetall(self._key(key)))
+
+    def update(self, key: str, change: Callable[[Penalty], Penalty]) -> Penalty:
+        name = self._key(key)
+        result: list[Penalty] = []
+
+        def apply(pipe: Any) -> None:
+            new = change(self._parse(pipe.hgetall(name)))
+            pipe.multi()
+            pipe.hset(name, mapping=dataclasses.asdict(new))
+            pipe.expire(name, 24 * 3600)
+            result[:] = [new]
+
+        self._client.transaction(apply, name)
+        return result[0]
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class PostgresPenaltyStore:
+    """The penalty as a row locked ``FOR UPDATE`` in Postgres (not exercised by tests)."""
+
+    def __init__(self, pool: Any) -> None:
+        self._pool = pool
+        with pool.connection() as conn:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS redox_budget_penalty (key TEXT PRIMARY KEY, pause_until "
+                "DOUBLE PRECISION, slow_until DOUBLE PRECISION, factor INTEGER, strikes INTEGER)"
+            )
+
+    def read(self, key: str) -> Penalty:
+        with self._pool.connection() as conn:
+            row = conn.execute(
+                "SELECT pause_until, slow_until, factor, strikes FROM redox_budget_penalty WHERE key = %s",
+                (key,),
+            ).fetchone()
+        return Penalty(*row) if row else Penalty()
+
+    def update(self, key: str, change: Callable[[Penalty], Penalty]) -> Penalty:
+        with self._pool.connection() as conn, conn.transaction():
+            conn.execute(
+                "INSERT INTO redox_budget_penalty VALUES (%s, 0, 0, 1, 0) ON CONFLICT (key) DO NOTHING",
+                (key,),
+            )
+            row = conn.execute(
+                "SELECT pause_until, slow_until, factor, strikes FROM redox_budget_penalty "
+                "WHERE key = %s FOR UPDATE",
+                (key,),
+            ).fetchone()
+            new = change(Penalty(*row))
+            conn.execute(
+                "UPDATE redox_budget_penalty SET pause_until = %s, slow_until = %s, factor = %s, "
+                "strikes = %s WHERE key = %s",
+                (new.pause_until, new.slow_until, new.factor, new.strikes, key),
+            )
+        return new
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+class _Backend:
+    """Makes pyrate-limiter buckets and the penalty store for one storage backend."""
+
+    def __init__(self, backend: BudgetBackend, *, path: Path | None, url: str | None) -> None:
+        self.backend = backend
+        self.path = path
+        self._client: Any = None
+        if backend == "sqlite":
+            if path is None:
+                raise ValueError("the sqlite budget needs a path")
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.penalties: PenaltyStore = SQLitePenaltyStore(path)
+        elif backend == "redis":
+            import redis
+
+            self._client = redis.Redis.from_url(url)
+            self.penalties = RedisPenaltyStore(self._client)
+        else:
+            from psycopg_pool import ConnectionPool
+
+            self._client = ConnectionPool(url, open=True)
+            self.penalties = PostgresPenaltyStore(self._client)
+
+    def bucket(self, name: str, rates: list[Rate]) -> AbstractBucket:
+        if self.backend == "sqlite":
+            assert self.path is not None
+            return SQLiteBucket.init_from_file(
+                rates, table=f"redox_budget_{_slug(name)}", db_path=str(self.path), use_file_lock=True
+            )
+        if self.backend == "redis":
+            from pyrate_limiter import RedisBucket
+
+            bucket: AbstractBucket = RedisBucket.init(rates, self._client, f"redox-budget:{name}")
+            return bucket
+        from pyrate_limiter import PostgresBucket
+
+        return PostgresBucket(self._client, f"redox_budget_{_slug(name)}", rates)
+
+    def close(self) -> None:
+        self.penalties.close()
+
+
+class RateBudget:
+    """The shared budget for one Redox host; ``await budget.acquire()`` before every HTTP attempt."""
+
+    def __init__(
+        self,
+        *,
+        key: str,
+        rate: RateSpec,
+        margin: float = 0.97,
+        sub_limits: dict[str, RateSpec] | None = None,
+        backend: BudgetBackend = "sqlite",
+        path: Path | None = None,
+        url: str | None = None,
+        max_waiters: int = 16,
+    ) -> None:
+        self.key = key
+        self.rate = rate
+        self.margin = margin
+        self._backend = _Backend(backend, path=path, url=url)
+        self._rates = pacing_rates(rate, margin)
+        self._max_weight = min(MAX_SLOWDOWN, min(r.limit for r in self._rates))
+        self._global = Limiter(self._backend.bucket(key, self._rates))
+        self._sub: dict[str, Limiter] = {}
+        for destination, spec in (sub_limits or {}).items():
+            self._sub[destination] = Limiter(
+                self._backend.bucket(f"{key}/{destination}", pacing_rates(spec, margin))
+            )
+        # The limiter's wait is blocking by design (file lock, time.sleep); it runs here, off the loop.
+        self._executor = ThreadPoolExecutor(max_waiters, thread_name_prefix="redox-budget")
+        self._closed = False
+
+    @classmethod
+    def from_settings(cls, settings: RedoxSettings, *, max_waiters: int | None = None) -> "RateBudget":
+        return cls(
+            key=settings.host,
+            rate=settings.rate_limit,
+            margin=settings.rate_margin,
+            sub_limits=settings.sub_limits,
+            backend=settings.budget_backend,
+            path=settings.budget_path,
+            url=settings.budget_url.get_secret_value() if settings.budget_url else None,
+            max_waiters=max_waiters or settings.max_in_flight + 2,
+        )
+
+    @property
+    def window_limit(self) -> int:
+        """Slots per window after the margin: what the budget will actually spend."""
+        return self._rates[-1].limit
+
+    async def acquire(self, destination: str | None = None) -> float:
+        """Wait for a slot (and the destination's, if it has a sub-limit); returns seconds waited."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.acquire_blocking, destination)
+
+    def acquire_blocking(self, destination: str | None = None) -> float:
+        """The synchronous form of ``acquire``, for threads and plain scripts."""
+        started = time.monotonic()
+        penalty = self._backend.penalties.read(self.key)
+        now = time.time()
+        if penalty.pause_until > now:
+            time.sleep(penalty.pause_until - now)
+            now = time.time()
+        weight = min(self._max_weight, penalty.weight(now))
+        chain = []
+        if destination is not None and destination in self._sub:
+            chain.append((self._sub[destination], f"{self.key}/{destination}"))
+        chain.append((self._global, self.key))
+        for limiter, name in chain:
+            if not limiter.try_acquire(name, weight=weight):
+                # blocking try_acquire only refuses a weight that can never fit the rate.
+                raise RuntimeError(f"rate budget {name} cannot admit weight {weight}")
+        return time.monotonic() - started
+
+    async def slow_down(self, *, retry_after: float | None = None) -> Penalty:
+        """Record a 429 for every process: pause, then run at a fraction of the rate for a window."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.slow_down_blocking, retry_after)
+
+    def slow_down_blocking(self, retry_after: float | None = None) -> Penalty:
+        now = time.time()
+        penalty = self._backend.penalties.update(
+            self.key, lambda p: p.after_429(now, retry_after=retry_after, window_s=self.rate.seconds)
+        )
+        log.warning(
+            "Redox answered 429 for %s: the shared budget pauses %.1fs and runs at 1/%d speed until %s",
+            self.key,
+            max(0.0, penalty.pause_until - now),
+            penalty.factor,
+            time.strftime("%H:%M:%S", time.localtime(penalty.slow_until)),
+        )
+        return penalty
+
+    def penalty(self) -> Penalty:
+        return self._backend.penalties.read(self.key)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        for limiter in (self._global, *self._sub.values()):
+            limiter.close()
+        self._backend.close()
+
+    def __enter__(self) -> "RateBudget":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,355 @@
+"""Redox client settings, read from ``REDOX_*`` environment variables (see .env.example).
+
+Invariants:
+- a secret (private key, legacy API secret, budget URL with a password) is held only as
+  ``SecretStr``, so it never shows in ``repr``, logs, Dagster metadata or error messages;
+- a private key file, or the sandbox's credentials file, is refused unless only its owner can read it;
+- with no ``REDOX_BASE_URL`` the settings point at the local sandbox (its credentials.json), so a fresh
+  clone runs end to end and real Redox is only a change of environment.
+"""
+
+import json
+import os
+import re
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from resources import settings as local_state
+from resources.redox.errors import RedoxConfigError
+
+Environment = Literal["Development", "Staging", "Production"]
+JwtAlgorithm = Literal["RS384", "ES384"]
+BudgetBackend = Literal["sqlite", "redis", "postgres"]
+
+# Data models the pipeline queries; destination ids and sub-limits are keyed by these lower-case names.
+DATA_MODELS: tuple[str, ...] = ("patientsearch", "scheduling", "results", "patientadmin")
+
+
+class RateSpec(BaseModel):
+    """``limit`` requests per rolling ``seconds``; written ``7500/300`` in the environment."""
+
+    model_config = ConfigDict(frozen=True)
+
+    limit: int = Field(gt=0)
+    seconds: float = Field(gt=0)
+
+    @classmethod
+    def parse(cls, text: str, *, name: str = "REDOX_RATE_LIMIT") -> "RateSpec":
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+(?:\.\d+)?)\s*s?\s*", text)
+        if not match:
+            raise RedoxConfigError(f"{name}={text!r}: expected '<requests>/<seconds>', e.g. 7500/300")
+        return cls(limit=int(match.group(1)), seconds=float(match.group(2)))
+
+    def __str__(self) -> str:
+        return f"{self.limit}/{self.seconds:g}s"
+
+
+class SigningKey(BaseModel):
+    """One client-assertion key. ``kid`` names it in Redox's JWK set; the PEM is never shown."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kid: str
+    private_key_pem: SecretStr
+    alg: JwtAlgorithm
+
+    @classmethod
+    def from_pem(cls, kid: str, pem: str, *, origin: str) -> "SigningKey":
+        return cls(kid=kid, private_key_pem=SecretStr(pem), alg=_algorithm_for(pem, origin=origin))
+
+    @classmethod
+    def from_jwk(cls, jwk: Mapping[str, Any], *, origin: str) -> "SigningKey":
+        """A private JWK, the form the Redox dashboard hands out when it generates the key pair."""
+        import jwt
+
+        kid = jwk.get("kid")
+        if not kid:
+            raise RedoxConfigError(f"{origin}: a JWK without 'kid'; Redox picks the key by kid")
+        try:
+            key = jwt.PyJWK(dict(jwk)).key
+            pem = key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ).decode()
+        except Exception as exc:
+            raise RedoxConfigError(
+                f"{origin}: JWK kid={kid} is not a usable private key ({type(exc).__name__})"
+            ) from None
+        return cls.from_pem(str(kid), pem, origin=origin)
+
+
+def _algorithm_for(pem: str, *, origin: str) -> JwtAlgorithm:
+    """Redox accepts RS384 and ES384 client assertions; the key type decides which."""
+    try:
+        key = serialization.load_pem_private_key(pem.encode(), password=None)
+    except Exception as exc:
+        # The exception text could quote key material; only its type is safe to show.
+        raise RedoxConfigError(
+            f"{origin}: not a readable unencrypted PEM private key ({type(exc).__name__})"
+        ) from None
+    if isinstance(key, rsa.RSAPrivateKey):
+        return "RS384"
+    if isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP384R1):
+        return "ES384"
+    raise RedoxConfigError(f"{origin}: Redox needs an RSA key (RS384) or a P-384 EC key (ES384)")
+
+
+def read_secret_file(path: Path, *, name: str) -> str:
+    """Read a file holding secrets, refusing one that group or others can read."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise RedoxConfigError(f"{name}: {path} does not exist") from None
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise RedoxConfigError(
+            f"{name}: {path} has mode {stat.S_IMODE(info.st_mode):04o}; a file holding secrets must be "
+            f"readable by its owner only. Run: chmod 600 {path}"
+        )
+    return path.read_text()
+
+
+def parse_key_file(text: str, *, kid: str | None, origin: str) -> list[SigningKey]:
+    """Keys from a file: one PEM (named by ``kid``), one private JWK, a JWK set ``{"keys": [...]}``,
+    or a JSON object ``{kid: pem}``. Order is rotation order: the first key is tried first."""
+    stripped = text.strip()
+    if not stripped.startswith("{"):
+        if not kid:
+            raise RedoxConfigError(f"{origin}: a PEM key file needs REDOX_KID to name its key")
+        return [SigningKey.from_pem(kid, stripped + "\n", origin=origin)]
+    try:
+        data = json.loads(stripped)
+    except json.JSONDecodeError:
+        raise RedoxConfigError(f"{origin}: starts with '{{' but is not valid JSON") from None
+    if isinstance(data.get("keys"), list):
+        keys = [SigningKey.from_jwk(jwk, origin=origin) for jwk in data["keys"]]
+    elif "kty" in data:
+        keys = [SigningKey.from_jwk(data, origin=origin)]
+    else:
+        keys = [SigningKey.from_pem(str(k), str(v), origin=origin) for k, v in data.items()]
+    if kid:
+        # REDOX_KID names the active key; put it first so rotation starts from it.
+        keys.sort(key=lambda k: k.kid != kid)
+    if not keys:
+        raise RedoxConfigError(f"{origin}: no keys found")
+    return keys
+
+
+class RedoxSettings(BaseModel):
+    """Everything the client needs to reach one Redox organization and environment."""
+
+    model_config = ConfigDict(frozen=True)
+
+    base_url: str
+    client_id: str | None = None
+    keys: tuple[SigningKey, ...] = ()
+    fhir_org: str = "org"
+    environment: Environment = "Development"
+    source_id: str | None = None
+    destination_ids: dict[str, str] = Field(default_factory=dict)
+    api_key: SecretStr | None = None
+    api_secret: SecretStr | None = None
+    datamodel_auth: Literal["oauth", "legacy"] = "oauth"
+
+    rate_limit: RateSpec = RateSpec(limit=7500, seconds=300)
+    rate_margin: float = Field(default=0.97, gt=0, le=1)
+    sub_limits: dict[str, RateSpec] = Field(default_factory=dict)
+    budget_backend: BudgetBackend = "sqlite"
+    budget_url: SecretStr | None = None
+    budget_path: Path = Field(default_factory=local_state.budget_path)
+
+    max_in_flight: int = Field(default=8, ge=1)
+    connect_timeout: float = Field(default=10.0, gt=0)
+    read_timeout: float = Field(default=130.0, gt=0)
+    retry_attempts: int = Field(default=8, ge=1)
+    retry_timeout: float = Field(default=300.0, gt=0)
+    fhir_batch_size: int = Field(default=50, ge=1)
+    fhir_page_size: int | None = Field(default=None, ge=1)
+
+    @property
+    def host(self) -> str:
+        """The budget key: Redox limits per egress IP, and one host is one budget for this machine."""
+        parts = urlsplit(self.base_url)
+        return parts.netloc or parts.path
+
+    @property
+    def token_url(self) -> str:
+        return f"{self.base_url}/v2/auth/token"
+
+    @property
+    def legacy_auth_url(self) -> str:
+        return f"{self.base_url}/auth/authenticate"
+
+    @property
+    def legacy_refresh_url(self) -> str:
+        return f"{self.base_url}/auth/refreshToken"
+
+    @property
+    def fhir_base(self) -> str:
+        return f"{self.base_url}/fhir/R4/{self.fhir_org}/{self.environment}"
+
+    @property
+    def datamodel_url(self) -> str:
+        return f"{self.base_url}/endpoint"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "RedoxSettings":
+        """Settings from the environment; with no REDOX_BASE_URL, from the sandbox's credentials."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        if env.get("REDOX_BASE_URL"):
+            values.update(_connection_from_env(env))
+        else:
+            path = Path(
+                env.get("REDOX_SANDBOX_CREDENTIALS") or local_state.sandbox_dir() / "credentials.json"
+            )
+            values.update(_connection_from_credentials(path))
+            # Explicit variables still win over the sandbox's file, e.g. to test legacy auth.
+            values.update({k: v for k, v in _connection_from_env(env, partial=True).items() if v})
+        values.update(_tuning_from_env(env))
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def from_credentials(cls, path: Path | str, **overrides: Any) -> "RedoxSettings":
+        """Settings for a sandbox, from the credentials.json it wrote (tests, bench)."""
+        values = _connection_from_credentials(Path(path))
+        values.update(overrides)
+        return cls(**values)
+
+
+def _connection_from_env(env: Mapping[str, str], *, partial: bool = False) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    if base := env.get("REDOX_BASE_URL"):
+        values["base_url"] = base.rstrip("/")
+    values["client_id"] = env.get("REDOX_CLIENT_ID")
+    values["fhir_org"] = env.get("REDOX_FHIR_ORG")
+    values["environment"] = env.get("REDOX_ENVIRONMENT")
+    values["source_id"] = env.get("REDOX_SOURCE_ID")
+    kid = env.get("REDOX_KID")
+    keys: list[SigningKey] = []
+    if pem := env.get("REDOX_PRIVATE_KEY"):
+        if not kid:
+            raise RedoxConfigError(
+                "REDOX_PRIVATE_KEY is set but REDOX_KID is not; Redox picks the key by kid"
+            )
+        keys.append(SigningKey.from_pem(kid, pem, origin="REDOX_PRIVATE_KEY"))
+    elif file := env.get("REDOX_PRIVATE_KEY_FILE"):
+        text = read_secret_file(Path(file), name="REDOX_PRIVATE_KEY_FILE")
+        keys.extend(parse_key_file(text, kid=kid, origin="REDOX_PRIVATE_KEY_FILE"))
+    next_kid = env.get("REDOX_NEXT_KID")
+    if next_pem := env.get("REDOX_NEXT_PRIVATE_KEY"):
+        if not next_kid:
+            raise RedoxConfigError("REDOX_NEXT_PRIVATE_KEY is set but REDOX_NEXT_KID is not")
+        keys.append(SigningKey.from_pem(next_kid, next_pem, origin="REDOX_NEXT_PRIVATE_KEY"))
+    elif next_file := env.get("REDOX_NEXT_PRIVATE_KEY_FILE"):
+        text = read_secret_file(Path(next_file), name="REDOX_NEXT_PRIVATE_KEY_FILE")
+        keys.extend(parse_key_file(text, kid=next_kid, origin="REDOX_NEXT_PRIVATE_KEY_FILE"))
+    if keys or not partial:
+        values["keys"] = tuple(keys)
+    destinations = {
+        name.removeprefix("REDOX_DESTINATION_ID_").lower(): value
+        for name, value in env.items()
+        if name.startswith("REDOX_DESTINATION_ID_") and value
+    }
+    if destinations or not partial:
+        values["destination_ids"] = destinations
+    if api_key := env.get("REDOX_API_KEY"):
+        values["api_key"] = SecretStr(api_key)
+    if api_secret := env.get("REDOX_API_SECRET"):
+        values["api_secret"] = SecretStr(api_secret)
+    mode = env.get("REDOX_DATAMODEL_AUTH", "auto").lower()
+    if mode not in ("auto", "oauth", "legacy"):
+        raise RedoxConfigError(f"REDOX_DATAMODEL_AUTH={mode!r}: expected auto, oauth or legacy")
+    if mode == "auto":
+        if not partial:
+            # OAuth is what Redox recommends; legacy keys are deprecated, so they are the fallback.
+            values["datamodel_auth"] = "oauth" if keys else "legacy"
+    else:
+        values["datamodel_auth"] = mode
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def _connection_from_credentials(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise RedoxConfigError(
+            f"REDOX_BASE_URL is not set and no sandbox credentials at {path}. Set the REDOX_* variables "
+            "(see .env.example) for real Redox, or start the sandbox: redox-etl sandbox serve"
+        )
+    creds = json.loads(read_secret_file(path, name="sandbox credentials"))
+    base = str(creds["base_url"]).rstrip("/")
+    values: dict[str, Any] = {"base_url": base, "client_id": creds.get("client_id")}
+    fhir_base = creds.get("fhir_base")
+    if fhir_base:
+        # {base}/fhir/R4/{org}/{environment}
+        tail = str(fhir_base).removeprefix(base).strip("/").split("/")
+        if len(tail) == 4 and tail[:2] == ["fhir", "R4"]:
+            values["fhir_org"], values["environment"] = tail[2], tail[3]
+    keys = []
+    if creds.get("private_key_pem") and creds.get("kid"):
+        keys.append(SigningKey.from_pem(creds["kid"], creds["private_key_pem"], origin=str(path)))
+    if creds.get("second_private_key_pem") and creds.get("second_kid"):
+        keys.append(
+            SigningKey.from_pem(creds["second_kid"], creds["second_private_key_pem"], origin=str(path))
+        )
+    values["keys"] = tuple(keys)
+    if creds.get("legacy_api_key"):
+        values["api_key"] = SecretStr(creds["legacy_api_key"])
+    if creds.get("legacy_secret"):
+        values["api_secret"] = SecretStr(creds["legacy_secret"])
+    if creds.get("source_id"):
+        values["source_id"] = creds["source_id"]
+    if isinstance(creds.get("destination_ids"), dict):
+        values["destination_ids"] = {str(k).lower(): str(v) for k, v in creds["destination_ids"].items()}
+    values["datamodel_auth"] = "oauth" if keys else "legacy"
+    return values
+
+
+def _tuning_from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    if text := env.get("REDOX_RATE_LIMIT"):
+        values["rate_limit"] = RateSpec.parse(text)
+    sub_limits = {
+        name.removeprefix("REDOX_RATE_LIMIT_").lower(): RateSpec.parse(value, name=name)
+        for name, value in env.items()
+        if name.startswith("REDOX_RATE_LIMIT_") and value
+    }
+    if sub_limits:
+        values["sub_limits"] = sub_limits
+    backend = env.get("REDOX_BUDGET_BACKEND", "").strip()
+    url = env.get("REDOX_BUDGET_URL", "").strip()
+    if "://" in backend:
+        # A URL alone says which backend it is.
+        backend, url = backend.split("://", 1)[0], backend
+    if backend:
+        backend = {"postgresql": "postgres", "rediss": "redis"}.get(backend.lower(), backend.lower())
+        if backend not in ("sqlite", "redis", "postgres"):
+            raise RedoxConfigError(f"REDOX_BUDGET_BACKEND={backend!r}: expected sqlite, redis or postgres")
+        values["budget_backend"] = backend
+    if url:
+        values["budget_url"] = SecretStr(url)
+    if path := env.get("REDOX_BUDGET_PATH"):
+        values["budget_path"] = Path(path).resolve()
+    for name, key, kind in (
+        ("REDOX_RATE_MARGIN", "rate_margin", float),
+        ("REDOX_MAX_IN_FLIGHT", "max_in_flight", int),
+        ("REDOX_CONNECT_TIMEOUT", "connect_timeout", float),
+        ("REDOX_READ_TIMEOUT", "read_timeout", float),
+        ("REDOX_RETRY_ATTEMPTS", "retry_attempts", int),
+        ("REDOX_RETRY_TIMEOUT", "retry_timeout", float),
+        ("REDOX_FHIR_BATCH_SIZE", "fhir_batch_size", int),
+        ("REDOX_FHIR_PAGE_SIZE", "fhir_page_size", int),
+    ):
+        if text := env.get(name):
+            try:
+                values[key] = kind(text)
+            except ValueError:
+                raise RedoxConfigError(f"{name}={text!r}: expected a number") from None
+    return values

@@ -1,0 +1,133 @@
+"""The shared rate budget: pacing, sharing through one SQLite file, and the adaptive penalty."""
+
+import asyncio
+import threading
+import time
+
+from resources.redox.budget import MAX_SLOWDOWN, Penalty, RateBudget, pacing_rates
+from resources.redox.settings import RateSpec
+
+
+def test_pacing_rates_spread_the_window():
+    window, per_second = pacing_rates(RateSpec(limit=7500, seconds=300), 0.97)[::-1]
+    assert (window.limit, window.interval) == (7275, 300_000)
+    assert (per_second.limit, per_second.interval) == (25, 1000)
+    rates = pacing_rates(RateSpec(limit=300, seconds=20), 0.97)
+    assert [(r.limit, r.interval) for r in rates] == [(15, 1000), (291, 20_000)]
+    # A window of a second or less is its own pacing.
+    assert [(r.limit, r.interval) for r in pacing_rates(RateSpec(limit=5, seconds=1), 1.0)] == [(5, 1000)]
+
+
+def test_penalty_escalates_and_recovers():
+    p = Penalty().after_429(1000.0, retry_after=None, window_s=20)
+    assert p.factor == 2 and p.strikes == 1 and p.pause_until == 1001.0
+    assert p.weight(1005.0) == 2 and p.weight(p.slow_until + 0.1) == 1
+    p2 = p.after_429(1002.0, retry_after=None, window_s=20)
+    assert p2.factor == 4 and p2.strikes == 2
+    p3 = p2
+    for i in range(5):
+        p3 = p3.after_429(1003.0 + i, retry_after=None, window_s=20)
+    assert p3.factor == MAX_SLOWDOWN
+    # Retry-After, when the server sends one, sets the pause.
+    assert Penalty().after_429(1000.0, retry_after=7.0, window_s=20).pause_until == 1007.0
+    # A 429 long after the slow period starts over.
+    fresh = p3.after_429(p3.slow_until + 1, retry_after=None, window_s=20)
+    assert fresh.strikes == 1 and fresh.factor == 2
+
+
+def _budget(tmp_path, **kw) -> RateBudget:
+    return RateBudget(key="redox.test", path=tmp_path / "budget.sqlite", **kw)
+
+
+def test_window_binds_across_two_handles_on_one_file(tmp_path):
+    # Two handles on one file stand for two processes: together they may not pass the window.
+    a = _budget(tmp_path, rate=RateSpec(limit=10, seconds=2), margin=1.0)
+    b = _budget(tmp_path, rate=RateSpec(limit=10, seconds=2), margin=1.0)
+    try:
+        stamps: list[float] = []
+        lock = threading.Lock()
+
+        def spend(budget: RateBudget, n: int) -> None:
+            for _ in range(n):
+                budget.acquire_blocking()
+                with lock:
+                    stamps.append(time.monotonic())
+
+        threads = [threading.Thread(target=spend, args=(x, 10)) for x in (a, b)]
+        started = time.monotonic()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        stamps.sort()
+        # 20 slots at 10 per 2 s (5 per second): the second ten cannot start before the first roll out.
+        assert stamps[-1] - started >= 2.0
+        for i, s in enumerate(stamps):
+            in_window = [t for t in stamps[: i + 1] if s - t < 2.0]
+            assert len(in_window) <= 10
+        per_second = max(sum(1 for t in stamps if s <= t < s + 1.0) for s in stamps)
+        assert per_second <= 5
+    finally:
+        a.close()
+        b.close()
+
+
+async def test_async_acquire_does_not_block_the_loop(tmp_path):
+    budget = _budget(tmp_path, rate=RateSpec(limit=4, seconds=2), margin=1.0)
+    ticks = 0
+    stop = False
+
+    async def ticker():
+        nonlocal ticks
+        while not stop:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    task = asyncio.create_task(ticker())
+    try:
+        waited = [await budget.acquire() for _ in range(6)]
+        assert sum(waited) >= 1.5
+        assert ticks > 50  # the loop kept running while the budget waited
+    finally:
+        stop = True
+        await task
+        budget.close()
+
+
+def test_penalty_is_shared_and_weighs_requests(tmp_path):
+    a = _budget(tmp_path, rate=RateSpec(limit=40, seconds=4), margin=1.0)
+    b = _budget(tmp_path, rate=RateSpec(limit=40, seconds=4), margin=1.0)
+    try:
+        penalty = a.slow_down_blocking(retry_after=0.3)
+        assert b.penalty() == penalty and penalty.factor == 2
+        started = time.monotonic()
+        b.acquire_blocking()
+        assert time.monotonic() - started >= 0.25  # b paused until a's pause ended
+        # Each request now takes two slots: 10 per second becomes 5.
+        started = time.monotonic()
+        for _ in range(10):
+            b.acquire_blocking()
+        assert time.monotonic() - started >= 1.0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_sub_limit_is_stricter_than_global(tmp_path):
+    budget = _budget(
+        tmp_path,
+        rate=RateSpec(limit=100, seconds=2),
+        margin=1.0,
+        sub_limits={"results": RateSpec(limit=3, seconds=1)},
+    )
+    try:
+        started = time.monotonic()
+        for _ in range(6):
+            budget.acquire_blocking("results")
+        assert time.monotonic() - started >= 1.0
+        started = time.monotonic()
+        for _ in range(6):
+            budget.acquire_blocking("fhir")  # no sub-limit: only the global rate applies
+        assert time.monotonic() - started < 1.0
+    finally:
+        budget.close()
