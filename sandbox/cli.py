@@ -1,5 +1,160 @@
-"""`redox-etl sandbox ...`: run the embedded Redox emulator and read its ground truth."""
+"""`redox-etl sandbox ...`: run the embedded Redox emulator and read its ground truth.
+
+Nothing printed here holds a key, a token or patient data: ``serve`` prints the base URL only (the
+secrets go to the 0600 credentials file), ``truth`` prints file names and row counts.
+"""
+
+import io
+import json
+import zipfile
+from datetime import date, datetime
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
 app = typer.Typer(help="The embedded Redox sandbox.", no_args_is_help=True)
+
+
+def _default_state_dir() -> Path:
+    from resources.settings import sandbox_dir
+
+    return sandbox_dir()
+
+
+def _rate_limit(text: str) -> tuple[int, float] | None:
+    if text.strip().lower() in ("off", "none", "0"):
+        return None
+    count, sep, seconds = text.partition("/")
+    try:
+        limit, window = int(count), float(seconds) if sep else 300.0
+    except ValueError:
+        raise typer.BadParameter("use N/SECONDS, e.g. 7500/300, or 'off'") from None
+    if limit <= 0 or window <= 0:
+        raise typer.BadParameter("N and SECONDS must be positive")
+    return limit, window
+
+
+def _day(value: datetime | None) -> date | None:
+    return value.date() if value else None
+
+
+Seed = Annotated[int, typer.Option(help="Seed for the population and the fault mix.")]
+Patients = Annotated[int, typer.Option(help="Number of people in the synthetic population.")]
+Start = Annotated[datetime | None, typer.Option(formats=["%Y-%m-%d"], help="First clinical day.")]
+End = Annotated[datetime | None, typer.Option(formats=["%Y-%m-%d"], help="Last clinical day.")]
+StateDir = Annotated[
+    Path | None, typer.Option(help="Where credentials.json goes (default: $REDOX_ETL_HOME/sandbox).")
+]
+FhirTz = Annotated[str, typer.Option(help="The FHIR EHR's time zone (its timestamps carry this offset).")]
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port; 0 picks any free port.")] = 0,
+    seed: Seed = 7,
+    patients: Patients = 1000,
+    start: Start = None,
+    end: End = None,
+    rate_limit: Annotated[
+        str, typer.Option("--rate-limit", help="Requests per rolling window per IP: N/SECONDS, or 'off'.")
+    ] = "7500/300",
+    faults: Annotated[
+        str | None, typer.Option(help="Fault mix, e.g. 5xx=0.03,timeout=0.01,429=0.01,dup=0.01,slow=0.05:2s.")
+    ] = None,
+    token_ttl: Annotated[int, typer.Option(help="Access token lifetime in seconds.")] = 300,
+    retry_after: Annotated[bool, typer.Option("--retry-after", help="Send Retry-After with 429s.")] = False,
+    state_dir: StateDir = None,
+    org: Annotated[str, typer.Option(help="FHIR destination slug in the URL.")] = "redox-fhir-sandbox",
+    environment: Annotated[str, typer.Option(help="FHIR environment flag in the URL.")] = "Development",
+    fhir_tz: FhirTz = "America/New_York",
+) -> None:
+    """Start the sandbox; write <state-dir>/credentials.json (0600) and print the base URL."""
+    from sandbox.app import ENVIRONMENTS, SandboxOptions
+    from sandbox.faults import FaultSpec
+    from sandbox.server import serve_forever
+
+    if environment not in ENVIRONMENTS:
+        raise typer.BadParameter(f"environment must be one of {', '.join(ENVIRONMENTS)}")
+    try:
+        FaultSpec.parse(faults)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from None
+    options = SandboxOptions(
+        seed=seed,
+        patients=patients,
+        start=_day(start),
+        end=_day(end),
+        rate_limit=_rate_limit(rate_limit),
+        faults=faults,
+        token_ttl=token_ttl,
+        retry_after=retry_after,
+        org=org,
+        environment=environment,
+        fhir_tz=fhir_tz,
+    )
+    serve_forever(
+        options,
+        host=host,
+        port=port,
+        state_dir=state_dir or _default_state_dir(),
+        announce=lambda line: typer.echo(line, err=False),
+    )
+
+
+def _fetch_truth(base_url: str) -> dict[str, bytes]:
+    import httpx
+
+    response = httpx.get(f"{base_url.rstrip('/')}/sandbox/truth", timeout=300)
+    response.raise_for_status()
+    with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
+        return {name: archive.read(name) for name in archive.namelist()}
+
+
+def _running_base_url(state_dir: Path) -> str | None:
+    import httpx
+
+    path = state_dir / "credentials.json"
+    if not path.exists():
+        return None
+    base_url = str(json.loads(path.read_text())["base_url"])
+    try:
+        httpx.get(f"{base_url}/sandbox/health", timeout=2).raise_for_status()
+    except httpx.HTTPError:
+        return None
+    return base_url
+
+
+@app.command()
+def truth(
+    out: Annotated[Path, typer.Option(help="Folder for the Parquet files.")],
+    url: Annotated[str | None, typer.Option(help="Base URL of a running sandbox.")] = None,
+    build: Annotated[bool, typer.Option("--build", help="Build the world locally even if one runs.")] = False,
+    seed: Seed = 7,
+    patients: Patients = 1000,
+    start: Start = None,
+    end: End = None,
+    state_dir: StateDir = None,
+    fhir_tz: FhirTz = "America/New_York",
+) -> None:
+    """Write the ground truth as Parquet: from a running sandbox, or built from the same options."""
+    out.mkdir(parents=True, exist_ok=True)
+    base_url = url or (None if build else _running_base_url(state_dir or _default_state_dir()))
+    files: dict[str, Any]
+    if base_url:
+        files = _fetch_truth(base_url)
+        for name, payload in files.items():
+            (out / Path(name).name).write_bytes(payload)
+        typer.echo(f"Wrote {len(files)} truth files from {base_url} to {out}")
+        return
+    from sandbox.app import SandboxOptions
+    from sandbox.server import build_world
+
+    world = build_world(
+        SandboxOptions(seed=seed, patients=patients, start=_day(start), end=_day(end), fhir_tz=fhir_tz)
+    )
+    frames = world.truth()
+    for name, frame in frames.items():
+        frame.write_parquet(out / f"{name}.parquet")
+        typer.echo(f"{name}.parquet: {frame.height} rows")

@@ -1,0 +1,262 @@
+"""Run the sandbox: in the foreground (the CLI), in a background thread, or in a child process.
+
+``serve_in_thread`` suits tests that want the world object at hand; ``serve_in_subprocess`` suits
+clients that must not share the GIL with the server (benchmarks, multi-process pipelines). Both yield
+a ``Running`` with the base URL and the credentials a client needs.
+
+Invariants:
+- credentials.json is created with mode 0600 by ``os.open`` (never chmod-ed afterwards), written to a
+  temporary name and renamed, so a reader sees either no file or a complete one, and only after the
+  server accepts connections;
+- the key pair lives only in memory and in that file; nothing logs it;
+- helpers default to a fresh temporary state directory, so parallel tests never share credentials.
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from sandbox.app import Sandbox, SandboxOptions, WorldLike, create_app
+
+CREDENTIALS = "credentials.json"
+
+
+@dataclasses.dataclass
+class Running:
+    base_url: str
+    credentials: dict[str, Any]
+    credentials_path: Path
+    state_dir: Path
+    world: Any = None
+    sandbox: Sandbox | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+
+def build_world(options: SandboxOptions) -> WorldLike:
+    from sandbox.population import PopulationConfig, build
+
+    return build(
+        PopulationConfig(
+            seed=options.seed,
+            patients=options.patients,
+            start=options.start,
+            end=options.end,
+            fhir_tz=options.fhir_tz,
+        )
+    )
+
+
+def write_credentials(state_dir: Path, credentials: dict[str, Any]) -> Path:
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = state_dir / CREDENTIALS
+    staging = state_dir / f".{CREDENTIALS}.{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        staging.unlink()
+    fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(credentials, handle, indent=2)
+    staging.replace(path)
+    return path
+
+
+def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """Bind before uvicorn starts so port 0 resolves to a known port for the credentials file."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def base_url_for(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{port}"
+
+
+class _Server(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None]) -> None:
+        super().__init__(config)
+        self._on_started = on_started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self._on_started()
+
+
+def _uvicorn_config(sandbox: Sandbox) -> uvicorn.Config:
+    return uvicorn.Config(
+        create_app(sandbox),
+        log_level="warning",
+        # The access log would print query strings, which may hold PHI in GET searches.
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=2,
+        timeout_keep_alive=30,
+        server_header=False,
+    )
+
+
+def _options(options: dict[str, Any]) -> SandboxOptions:
+    known = {f.name for f in dataclasses.fields(SandboxOptions)}
+    unknown = set(options) - known
+    if unknown:
+        raise TypeError(f"unknown sandbox options: {', '.join(sorted(unknown))}")
+    return SandboxOptions(**options)
+
+
+def serve_forever(
+    options: SandboxOptions,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    state_dir: Path,
+    announce: Callable[[str], None] = print,
+) -> None:
+    """The CLI's server: build the world, bind, write credentials once listening, run until signalled."""
+    world = build_world(options)
+    sock = bind(host, port)
+    sandbox = Sandbox(world, options, base_url=base_url_for(sock))
+
+    def started() -> None:
+        write_credentials(state_dir, sandbox.credentials())
+        announce(f"Redox sandbox listening on {sandbox.base_url}")
+
+    _Server(_uvicorn_config(sandbox), started).run(sockets=[sock])
+
+
+@contextlib.contextmanager
+def _state_dir(state_dir: Path | str | None) -> Iterator[Path]:
+    if state_dir is not None:
+        path = Path(state_dir)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        yield path
+        return
+    path = Path(tempfile.mkdtemp(prefix="redox-sandbox-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def serve_in_thread(
+    *, state_dir: Path | str | None = None, world: WorldLike | None = None, **options: Any
+) -> Iterator[Running]:
+    """A sandbox on 127.0.0.1:<free port> in a daemon thread; ``world`` may be passed in ready-made."""
+    opts = _options(options)
+    with _state_dir(state_dir) as directory:
+        world = world if world is not None else build_world(opts)
+        sock = bind()
+        sandbox = Sandbox(world, opts, base_url=base_url_for(sock))
+        ready = threading.Event()
+        server = _Server(_uvicorn_config(sandbox), ready.set)
+        thread = threading.Thread(
+            target=server.run, kwargs={"sockets": [sock]}, name="redox-sandbox", daemon=True
+        )
+        thread.start()
+        try:
+            while not ready.wait(0.05):
+                if not thread.is_alive():
+                    raise RuntimeError("sandbox server thread exited during startup")
+            path = write_credentials(directory, sandbox.credentials())
+            yield Running(
+                base_url=sandbox.base_url,
+                credentials=sandbox.credentials(),
+                credentials_path=path,
+                state_dir=directory,
+                world=world,
+                sandbox=sandbox,
+            )
+        finally:
+            server.should_exit = True
+            thread.join(timeout=15)
+            sock.close()
+
+
+def cli_args(
+    options: SandboxOptions, *, state_dir: Path, host: str = "127.0.0.1", port: int = 0
+) -> list[str]:
+    """`redox-etl sandbox serve` arguments equivalent to ``options``."""
+    args = ["serve", "--host", host, "--port", str(port), "--state-dir", str(state_dir)]
+    args += ["--seed", str(options.seed), "--patients", str(options.patients)]
+    for flag, day in (("--start", options.start), ("--end", options.end)):
+        if isinstance(day, date):
+            args += [flag, day.isoformat()]
+    if options.rate_limit is None:
+        args += ["--rate-limit", "off"]
+    else:
+        limit, window = options.rate_limit
+        args += ["--rate-limit", f"{limit}/{window:g}"]
+    if options.faults:
+        args += ["--faults", options.faults]
+    args += ["--token-ttl", str(options.token_ttl)]
+    if options.retry_after:
+        args.append("--retry-after")
+    args += ["--org", options.org, "--environment", options.environment, "--fhir-tz", options.fhir_tz]
+    return args
+
+
+@contextlib.contextmanager
+def serve_in_subprocess(
+    *, state_dir: Path | str | None = None, startup_timeout: float = 120.0, **options: Any
+) -> Iterator[Running]:
+    """A sandbox in a child Python process (its own GIL); waits for its credentials.json."""
+    opts = _options(options)
+    with _state_dir(state_dir) as directory:
+        path = directory / CREDENTIALS
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        command = [
+            sys.executable,
+            "-c",
+            "from sandbox.cli import app; app()",
+            *cli_args(opts, state_dir=directory),
+        ]
+        root = Path(__file__).resolve().parent.parent
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+        }
+        # The command is this interpreter running our own CLI with arguments built above.
+        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, cwd=root)  # noqa: S603
+        try:
+            deadline = time.monotonic() + startup_timeout
+            while not path.exists():
+                if process.poll() is not None:
+                    raise RuntimeError(f"sandbox process exited with {process.returncode} during startup")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"sandbox did not write {path} within {startup_timeout:g}s")
+                time.sleep(0.05)
+            credentials = json.loads(path.read_text())
+            yield Running(
+                base_url=credentials["base_url"],
+                credentials=credentials,
+                credentials_path=path,
+                state_dir=directory,
+                process=process,
+            )
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
