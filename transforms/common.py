@@ -1,0 +1,414 @@
+"""Helpers shared by the FHIR and Data Model normalizers.
+
+Every normalizer produces a *normalized frame*: the unified table's columns (``schema.conform``)
+followed by ``NORMALIZED_EXTRA`` (``quarantine_reason``, ``raw_ref``, ``raw``, ``duplicates``).
+``split`` turns it into the table rows and the ``quarantine`` rows.
+
+Invariants kept here:
+
+- no record is dropped silently: a record is either a good row, a quarantined row, or collapsed
+  into a good row by ``dedupe`` (its count lands in that row's ``duplicates``). So for every batch:
+  records located in the pages = good rows + sum(duplicates) + quarantined rows;
+- a quarantine reason names the FIELD that is wrong and why, never its value (no PHI);
+- timestamps leave here as ``Datetime("us", "UTC")``; how partial and offset datetimes become UTC is
+  ``parse_utc``'s documented rule;
+- decoding never raises on bad input: ``robust_decode`` falls back to a per-page Python path that
+  rewrites only the broken pages, marking broken records so the vectorized path can quarantine them.
+"""
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Final
+
+import polars as pl
+from polars.datatypes.classes import DataTypeClass
+
+from transforms import schema
+
+NORMALIZED_EXTRA: Final[dict[str, pl.DataType]] = {
+    "quarantine_reason": pl.String(),
+    "raw_ref": pl.String(),
+    "raw": pl.String(),
+    # How many other copies of this record (same natural key) the batch held and dedupe dropped.
+    "duplicates": pl.UInt32(),
+}
+
+# Markers the Python fallback writes into a repaired page; the vectorized path reads them.
+PAGE_ERROR: Final = "_page_error"
+RECORD_ERROR: Final = "_quarantine"
+RECORD_RAW: Final = "_raw"
+
+# Requests with more than one reason list them all, joined by this.
+REASON_SEP: Final = "; "
+
+_NUMBER: Final = r"[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
+
+
+def normalized_schema(table: str) -> pl.Schema:
+    """The exact schema of a normalizer's output for ``table``."""
+    return pl.Schema({**schema.TABLES[table], **NORMALIZED_EXTRA})
+
+
+# --- time ----------------------------------------------------------------------------------------
+
+
+def parse_utc(text: pl.Expr) -> pl.Expr:
+    """Parse ISO 8601 / FHIR dateTime text to ``Datetime("us", "UTC")``.
+
+    Rule (documented in docs/data-dictionary.md):
+    - with an offset or ``Z``: converted to UTC;
+    - with a time but no offset: taken as UTC (FHIR forbids it; the Data Model documents UTC);
+    - partial (``YYYY-MM-DD``, ``YYYY-MM``, ``YYYY``): the start of that period, at 00:00 UTC;
+    - fractional seconds beyond microseconds are truncated;
+    - anything else (including impossible calendar dates such as 2026-02-30): null, which the
+      caller turns into a quarantine reason with ``unparseable``.
+    """
+    s = text.str.strip_chars()
+    with_offset = s.str.replace(r"[zZ]$", "+00:00").str.to_datetime(
+        "%Y-%m-%dT%H:%M:%S%.f%:z", time_unit="us", time_zone="UTC", strict=False
+    )
+    naive = s.str.to_datetime("%Y-%m-%dT%H:%M:%S%.f", time_unit="us", strict=False).dt.replace_time_zone(
+        "UTC"
+    )
+    day = _partial_date(s)
+    return pl.coalesce(with_offset, naive, day.cast(schema.UTC_TS))
+
+
+def _partial_date(s: pl.Expr) -> pl.Expr:
+    return pl.coalesce(
+        s.str.to_date("%Y-%m-%d", strict=False),
+        pl.when(s.str.contains(r"^\d{4}-\d{2}$")).then((s + "-01").str.to_date("%Y-%m-%d", strict=False)),
+        pl.when(s.str.contains(r"^\d{4}$")).then((s + "-01-01").str.to_date("%Y-%m-%d", strict=False)),
+    )
+
+
+def parse_birth_date(text: pl.Expr) -> pl.Expr:
+    """A full calendar date (a datetime's date part is accepted); partial dates give null.
+
+    A birth date known only to the year or month is not a date: inventing the 1st of January would
+    create false exact matches in identity resolution, so the column stays null (not quarantined).
+    """
+    s = text.str.strip_chars()
+    return pl.when(s.str.contains(r"^\d{4}-\d{2}-\d{2}(?:T.*)?$")).then(
+        s.str.slice(0, 10).str.to_date("%Y-%m-%d", strict=False)
+    )
+
+
+def birth_date_unparseable(text: pl.Expr, parsed: pl.Expr) -> pl.Expr:
+    s = text.str.strip_chars()
+    partial = s.str.contains(r"^\d{4}(?:-\d{2})?$")
+    return present(text) & parsed.is_null() & ~partial
+
+
+def present(text: pl.Expr) -> pl.Expr:
+    """Non-null and not blank."""
+    return text.is_not_null() & (text.cast(pl.String).str.strip_chars() != "")
+
+
+def unparseable(text: pl.Expr, parsed: pl.Expr) -> pl.Expr:
+    """The source sent something, and it did not parse."""
+    return present(text) & parsed.is_null()
+
+
+# --- numbers -------------------------------------------------------------------------------------
+
+
+def parse_number(text: pl.Expr) -> pl.Expr:
+    """A decimal number written as text, else null ('NaN', 'inf', '1,5' are not numbers here)."""
+    s = text.str.strip_chars()
+    return pl.when(s.str.contains(f"^{_NUMBER}$")).then(s.cast(pl.Float64, strict=False))
+
+
+def parse_range(text: pl.Expr) -> tuple[pl.Expr, pl.Expr]:
+    """(low, high) from a reference range text: '3.5-5.0', '3.5 - 5.0', '<5', '<=5', '>10', '>=10'.
+
+    Anything else gives (null, null) and the caller keeps the text in reference_text.
+    """
+    s = text.str.strip_chars()
+    between = f"^({_NUMBER})\\s*-\\s*({_NUMBER})$"
+    below = f"^(?:<|<=|≤)\\s*({_NUMBER})$"
+    above = f"^(?:>|>=|≥)\\s*({_NUMBER})$"
+    low = pl.coalesce(
+        s.str.extract(between, 1).cast(pl.Float64, strict=False),
+        s.str.extract(above, 1).cast(pl.Float64, strict=False),
+    )
+    high = pl.coalesce(
+        s.str.extract(between, 2).cast(pl.Float64, strict=False),
+        s.str.extract(below, 1).cast(pl.Float64, strict=False),
+    )
+    return low, high
+
+
+# --- reasons -------------------------------------------------------------------------------------
+
+
+def reasons(*checks: tuple[pl.Expr, str]) -> pl.Expr:
+    """All failed checks' messages joined by '; ', or null when every check passed.
+
+    Each message must name a field and a problem ('subject: missing Patient reference'), never a
+    value, because reasons are shown in metadata and logs.
+    """
+    parts = [pl.when(cond.fill_null(False)).then(pl.lit(msg)) for cond, msg in checks]
+    joined = pl.concat_str(parts, separator=REASON_SEP, ignore_nulls=True)
+    return pl.when(joined == "").then(None).otherwise(joined)
+
+
+def merge_reasons(*exprs: pl.Expr) -> pl.Expr:
+    joined = pl.concat_str(list(exprs), separator=REASON_SEP, ignore_nulls=True)
+    return pl.when(joined == "").then(None).otherwise(joined)
+
+
+# --- decoding ------------------------------------------------------------------------------------
+
+Repair = Callable[[str | None, bool], str]
+
+
+def robust_decode(
+    bodies: pl.Series, dtype: pl.DataType, repair: Repair, *, suspect: str | None = None
+) -> pl.Series:
+    """Decode JSON bodies to ``dtype`` in one vectorized call; never raise on bad input.
+
+    polars' ``json_decode`` fails the whole column on one invalid page or one value of the wrong
+    JSON type for the target dtype (a string where a number is expected, an object where a string
+    or list is expected), while numbers and booleans decode silently into String fields. So: try
+    the whole batch; if it fails, decode each page alone and pass the failing ones to ``repair``,
+    which rewrites the page into a shape that decodes (broken records replaced by markers carrying
+    the reason and the record's raw text; an unreadable page by a page marker). If a repaired page
+    still fails, ``repair`` is called again with ``generic=True`` and must mark every record.
+
+    ``suspect`` is a regex over the raw body for what decoding would hide (a number where the
+    source must send a string); matching pages take the repair path even when they decode.
+    """
+    flagged = bodies.str.contains(suspect).fill_null(False) if suspect else None
+    if flagged is None or not flagged.any():
+        try:
+            return bodies.str.json_decode(dtype)
+        except pl.exceptions.PolarsError:
+            pass
+    flags = flagged.to_list() if flagged is not None else [False] * len(bodies)
+    fixed: list[str | None] = []
+    for body, flag in zip(bodies, flags, strict=True):
+        if not flag and _decodes(body, dtype):
+            fixed.append(body)
+            continue
+        repaired = repair(body, False)
+        if not _decodes(repaired, dtype):
+            repaired = repair(body, True)
+        fixed.append(repaired)
+    return pl.Series(bodies.name, fixed, dtype=pl.String).str.json_decode(dtype)
+
+
+# polars annotates nested field dtypes as "a DataType instance or class" (its PolarsDataType).
+DType = pl.DataType | DataTypeClass
+
+
+def string_keys(dtype: pl.DataType) -> list[str]:
+    """Field names that are String wherever they occur in ``dtype`` (for a ``suspect`` regex)."""
+    strings: set[str] = set()
+    others: set[str] = set()
+
+    def walk(dt: DType) -> None:
+        if isinstance(dt, pl.Struct):
+            for field in dt.fields:
+                inner = field.dtype
+                while isinstance(inner, pl.List):
+                    inner = inner.inner
+                (strings if inner == pl.String else others).add(field.name)
+                walk(field.dtype)
+        elif isinstance(dt, pl.List):
+            walk(dt.inner)
+
+    walk(dtype)
+    return sorted(name for name in strings - others if not name.startswith("_"))
+
+
+def non_string_regex(keys: Iterable[str]) -> str:
+    """Matches ``"key": <number|true|false>`` for any of ``keys`` in compact or spaced JSON."""
+    return '"(?:' + "|".join(keys) + r')"\s*:\s*[-0-9tf]'
+
+
+def _decodes(body: str | None, dtype: pl.DataType) -> bool:
+    try:
+        pl.Series([body], dtype=pl.String).str.json_decode(dtype)
+    except pl.exceptions.PolarsError:
+        return False
+    return True
+
+
+def decode_expr(column: str, dtype: pl.DataType, repair: Repair, *, suspect: str | None = None) -> pl.Expr:
+    return pl.col(column).map_batches(
+        lambda s: robust_decode(s, dtype, repair, suspect=suspect), return_dtype=dtype, is_elementwise=True
+    )
+
+
+def load_json(body: str | None) -> tuple[Any, str | None]:
+    """(value, None) or (None, reason) for one page body."""
+    if body is None or not body.strip():
+        return None, "page: empty body"
+    try:
+        return json.loads(body), None
+    except (ValueError, RecursionError):
+        return None, "page: invalid JSON"
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def type_mismatch(value: Any, dtype: DType, path: str = "", *, strict: bool = False) -> str | None:
+    """The first field path whose JSON type polars cannot decode into ``dtype``, or None.
+
+    Mirrors json_decode's rules as measured on polars 2.1: null fits anything; String accepts
+    strings, numbers and booleans; numeric fields accept numbers and booleans; List needs an array;
+    Struct needs an object (unknown keys are ignored). ``strict`` also rejects a number or boolean
+    where a String is expected (FHIR never sends one there).
+    """
+    if value is None:
+        return None
+    if isinstance(dtype, pl.Struct):
+        if not isinstance(value, dict):
+            return path or "(record)"
+        for field in dtype.fields:
+            sub = f"{path}.{field.name}" if path else field.name
+            found = type_mismatch(value.get(field.name), field.dtype, sub, strict=strict)
+            if found:
+                return found
+        return None
+    if isinstance(dtype, pl.List):
+        if not isinstance(value, list):
+            return path or "(record)"
+        for item in value:
+            found = type_mismatch(item, dtype.inner, f"{path}[]", strict=strict)
+            if found:
+                return found
+        return None
+    if dtype == pl.String:
+        allowed: tuple[type, ...] = (str,) if strict else (str, int, float, bool)
+        return None if isinstance(value, allowed) else path or "(record)"
+    return path or "(record)" if isinstance(value, (str, dict, list)) else None
+
+
+def wrong_type_reason(path: str) -> str:
+    return f"{path}: wrong JSON type"
+
+
+def raw_at(page: Any, steps: Sequence[str | int]) -> Any:
+    node = page
+    for step in steps:
+        if isinstance(step, int):
+            node = node[step] if isinstance(node, list) and 0 <= step < len(node) else None
+        else:
+            node = node.get(step) if isinstance(node, dict) else None
+    return node
+
+
+def fill_raw(
+    frame: pl.LazyFrame,
+    locate: Callable[[dict[str, Any]], Sequence[str | int] | None],
+    columns: Iterable[str],
+) -> pl.LazyFrame:
+    """Set ``raw`` on quarantined rows: the marker's raw text, or the record cut out of its page.
+
+    Good rows keep ``raw`` null: the warehouse never needs them, and copying every record's text
+    would double the memory of a batch. ``locate(row)`` returns the path of the record inside the
+    page, or None for a page-level problem (the whole body is then the raw).
+    """
+    cols = ["body", "quarantine_reason", RECORD_RAW, *columns]
+
+    def fill(batch: pl.Series) -> pl.Series:
+        rows = batch.struct.unnest()
+        out: list[str | None] = [None] * len(rows)
+        bad = rows.with_row_index("_i").filter(pl.col("quarantine_reason").is_not_null())
+        cache: dict[int, Any] = {}
+        for row in bad.iter_rows(named=True):
+            if row[RECORD_RAW] is not None:
+                out[row["_i"]] = row[RECORD_RAW]
+                continue
+            steps = locate(row)
+            if steps is None:
+                out[row["_i"]] = row["body"]
+                continue
+            key = hash(row["body"])
+            if key not in cache:
+                cache[key] = load_json(row["body"])[0]
+            found = raw_at(cache[key], steps)
+            if found is None and steps:
+                found = raw_at(cache[key], steps[:-1])
+            out[row["_i"]] = dumps(found) if found is not None else None
+        return pl.Series("raw", out, dtype=pl.String)
+
+    return frame.with_columns(
+        pl.struct(cols).map_batches(fill, return_dtype=pl.String, is_elementwise=True).alias("raw")
+    )
+
+
+# --- dedupe and output ---------------------------------------------------------------------------
+
+
+def dedupe(frame: pl.LazyFrame, *, prefer: Sequence[str] = ("source_updated_at",)) -> pl.LazyFrame:
+    """Keep one good row per natural key; quarantined rows pass through untouched.
+
+    The kept row is the greatest by ``prefer`` (columns compared in order, nulls lowest), then the
+    last seen (``_seq``, the record's position in the batch: page order, then order in the page).
+    ``duplicates`` on the kept row says how many copies were dropped, so the count invariant holds.
+    Requires columns ``_seq``, ``quarantine_reason`` and the natural key.
+    """
+    key = list(schema.NATURAL_KEY)
+    is_good = pl.col("quarantine_reason").is_null()
+    good = (
+        frame.filter(is_good)
+        .with_columns((pl.len().over(key) - 1).cast(pl.UInt32).alias("duplicates"))
+        .sort([*key, *prefer, "_seq"], nulls_last=False)
+        .unique(subset=key, keep="last", maintain_order=False)
+    )
+    bad = frame.filter(~is_good).with_columns(pl.lit(0, dtype=pl.UInt32).alias("duplicates"))
+    return pl.concat([good, bad], how="vertical").sort("_seq")
+
+
+def finish(frame: pl.LazyFrame, table: str) -> pl.LazyFrame:
+    """Select the normalized frame's columns, in order, with their exact dtypes."""
+    return frame.select(
+        [pl.col(name).cast(dtype).alias(name) for name, dtype in normalized_schema(table).items()]
+    )
+
+
+def table_of(frame: pl.LazyFrame) -> str:
+    """Which clinical table a normalized frame belongs to (its leading columns say it)."""
+    names = frame.collect_schema().names()
+    for table, table_schema in schema.CLINICAL.items():
+        if names[: len(table_schema)] == list(table_schema.names()):
+            return table
+    raise ValueError("frame is not a normalized clinical frame (its leading columns match no table)")
+
+
+def split(frame: pl.LazyFrame, table: str | None = None) -> tuple[pl.LazyFrame, pl.LazyFrame]:
+    """(good rows conformed to the table, quarantined rows conformed to ``schema.QUARANTINE``).
+
+    Both halves are lazy views of the same plan: collect the normalized frame once first (or use
+    ``pl.collect_all``) so the pages are not decoded twice.
+    """
+    table = table or table_of(frame)
+    is_bad = pl.col("quarantine_reason").is_not_null()
+    good = schema.conform(frame.filter(~is_bad), table)
+    bad = schema.conform(
+        frame.filter(is_bad).select(
+            pl.col("source_surface"),
+            pl.lit(table).alias("entity"),
+            pl.col("source_id"),
+            pl.col("quarantine_reason").alias("reason"),
+            pl.col("raw"),
+            pl.col("raw_ref"),
+        ),
+        "quarantine",
+    )
+    return good, bad
+
+
+def tally(normalized: pl.DataFrame) -> dict[str, int]:
+    """Counts for asset metadata: good, quarantined, duplicates; good + dup + quarantined = records."""
+    bad = normalized.get_column("quarantine_reason").is_not_null()
+    return {
+        "good": int((~bad).sum()),
+        "quarantined": int(bad.sum()),
+        "duplicates": int(normalized.get_column("duplicates").sum() or 0),
+    }

@@ -1,0 +1,621 @@
+"""FHIR R4 searchset Bundle pages -> the unified tables (patients, encounters, results, appointments).
+
+Input: a LazyFrame of pages ``(raw_ref: String, body: String)``, one row per response body exactly
+as served. Output: the normalized frame of ``transforms.common`` (table columns, then
+``quarantine_reason``, ``raw_ref``, ``raw``, ``duplicates``); ``common.split`` separates it.
+
+Invariants kept:
+
+- one output row per entry whose resource is of the entity's type, per malformed entry, and per
+  unreadable page, before dedupe; entries of other resource types (OperationOutcome search
+  warnings, _include'd resources) are skipped and counted by ``count_entries`` as ``skipped``. So
+  ``count_entries(pages).records == good + sum(duplicates) + quarantined`` for every batch;
+- the fast path decodes every page in one vectorized ``str.json_decode`` with a dtype that covers
+  only the fields used; Python touches only pages that fail it (see ``common.robust_decode``);
+- no PHI in reasons: they name FHIR element paths.
+"""
+
+from typing import Any, Final
+
+import polars as pl
+
+from transforms import common, schema, valuesets
+
+SURFACE: Final = "fhir"
+SSN_SYSTEM: Final = "http://hl7.org/fhir/sid/us-ssn"
+NPI_SYSTEM: Final = "http://hl7.org/fhir/sid/us-npi"
+
+RESOURCE_TYPES: Final[dict[str, str]] = {
+    "patients": "Patient",
+    "encounters": "Encounter",
+    "results": "Observation",
+    "appointments": "Appointment",
+}
+
+S = pl.String()
+F = pl.Float64()
+CODING: Final = pl.Struct({"system": S, "code": S, "display": S})
+CODEABLE: Final = pl.Struct({"coding": pl.List(CODING), "text": S})
+# Logical references (identifier, no literal reference) are how the sandbox and many EHRs name
+# practitioners, so both forms are read.
+REFERENCE: Final = pl.Struct(
+    {"reference": S, "display": S, "identifier": pl.Struct({"system": S, "value": S})}
+)
+PERIOD: Final = pl.Struct({"start": S, "end": S})
+_BASE: Final = {"resourceType": S, "id": S, "meta": pl.Struct({"lastUpdated": S})}
+
+RESOURCE_DTYPES: Final[dict[str, pl.Struct]] = {
+    "patients": pl.Struct(
+        {
+            **_BASE,
+            "identifier": pl.List(pl.Struct({"system": S, "value": S})),
+            "name": pl.List(pl.Struct({"use": S, "family": S, "given": pl.List(S)})),
+            "gender": S,
+            "birthDate": S,
+            "address": pl.List(
+                pl.Struct({"use": S, "line": pl.List(S), "city": S, "state": S, "postalCode": S})
+            ),
+            "telecom": pl.List(pl.Struct({"system": S, "value": S, "use": S})),
+        }
+    ),
+    "encounters": pl.Struct(
+        {
+            **_BASE,
+            "status": S,
+            "class": CODING,
+            "type": pl.List(CODEABLE),
+            "subject": REFERENCE,
+            "participant": pl.List(pl.Struct({"type": pl.List(CODEABLE), "individual": REFERENCE})),
+            "period": PERIOD,
+            "reasonCode": pl.List(CODEABLE),
+            "location": pl.List(pl.Struct({"location": REFERENCE})),
+        }
+    ),
+    "results": pl.Struct(
+        {
+            **_BASE,
+            "status": S,
+            "basedOn": pl.List(REFERENCE),
+            "code": CODEABLE,
+            "subject": REFERENCE,
+            "effectiveDateTime": S,
+            "effectivePeriod": PERIOD,
+            "effectiveInstant": S,
+            "valueQuantity": pl.Struct({"value": F, "unit": S, "code": S}),
+            "valueString": S,
+            "valueInteger": F,
+            "valueCodeableConcept": CODEABLE,
+            "interpretation": pl.List(CODEABLE),
+            "referenceRange": pl.List(
+                pl.Struct({"low": pl.Struct({"value": F}), "high": pl.Struct({"value": F}), "text": S})
+            ),
+        }
+    ),
+    "appointments": pl.Struct(
+        {
+            **_BASE,
+            "status": S,
+            "appointmentType": CODEABLE,
+            "serviceType": pl.List(CODEABLE),
+            "reasonCode": pl.List(CODEABLE),
+            "description": S,
+            "start": S,
+            "end": S,
+            "minutesDuration": F,
+            "participant": pl.List(pl.Struct({"type": pl.List(CODEABLE), "actor": REFERENCE})),
+        }
+    ),
+}
+
+
+def _entry_dtype(entity: str) -> pl.Struct:
+    return pl.Struct({"resource": RESOURCE_DTYPES[entity], common.RECORD_ERROR: S, common.RECORD_RAW: S})
+
+
+def _page_dtype(entity: str) -> pl.Struct:
+    return pl.Struct({"resourceType": S, "entry": pl.List(_entry_dtype(entity)), common.PAGE_ERROR: S})
+
+
+# --- the Python path for pages the vectorized decode rejects -------------------------------------
+
+
+def _page_problem(page: Any) -> str | None:
+    if not isinstance(page, dict):
+        return "page: not a JSON object"
+    if page.get("resourceType") != "Bundle":
+        if page.get("resourceType") == "OperationOutcome":
+            return "page: OperationOutcome instead of a Bundle"
+        return "page: not a FHIR Bundle"
+    if page.get("entry") is not None and not isinstance(page["entry"], list):
+        return "page: Bundle.entry is not a list"
+    return None
+
+
+def _classify(entry: Any, resource_type: str) -> tuple[str, str | None]:
+    """('record' | 'other' | 'malformed', reason). Mirrors the vectorized rules in ``_explode``."""
+    if not isinstance(entry, dict):
+        return "malformed", "entry: not an object"
+    resource = entry.get("resource")
+    if resource is None:
+        return "malformed", "resource: missing"
+    if not isinstance(resource, dict):
+        return "malformed", common.wrong_type_reason("resource")
+    kind = resource.get("resourceType")
+    if kind is None:
+        return "malformed", "resourceType: missing"
+    if isinstance(kind, (dict, list)):
+        return "malformed", common.wrong_type_reason("resourceType")
+    if (kind if isinstance(kind, str) else common.dumps(kind)) != resource_type:
+        return "other", None
+    return "record", None
+
+
+def _marker(entry: Any, reason: str) -> dict[str, Any]:
+    """A broken entry as the vectorized path sees it: reason, raw text, and the id when usable."""
+    resource = entry.get("resource") if isinstance(entry, dict) else None
+    raw = resource if isinstance(resource, dict) else entry
+    marker: dict[str, Any] = {common.RECORD_ERROR: reason, common.RECORD_RAW: common.dumps(raw)}
+    if isinstance(resource, dict) and isinstance(resource.get("id"), str):
+        marker["resource"] = {"id": resource["id"]}
+    return marker
+
+
+def _repairer(entity: str) -> common.Repair:
+    resource_type = RESOURCE_TYPES[entity]
+    entry_dtype = _entry_dtype(entity)
+
+    def repair(body: str | None, generic: bool) -> str:
+        page, problem = common.load_json(body)
+        problem = problem or _page_problem(page)
+        if problem:
+            return common.dumps({common.PAGE_ERROR: problem})
+        out: list[dict[str, Any]] = []
+        for entry in page.get("entry") or []:
+            kind, reason = _classify(entry, resource_type)
+            if kind == "other":
+                out.append({"resource": {"resourceType": "(other)"}})
+                continue
+            if kind == "record":
+                path = "(record)" if generic else common.type_mismatch(entry, entry_dtype, strict=True)
+                if path is None:
+                    out.append(entry)
+                    continue
+                reason = common.wrong_type_reason(path.removeprefix("resource."))
+            out.append(_marker(entry, reason or "entry: malformed"))
+        return common.dumps({"resourceType": "Bundle", "entry": out})
+
+    return repair
+
+
+# --- counting ------------------------------------------------------------------------------------
+
+_COUNT_DTYPE: Final = pl.Struct(
+    {"resourceType": S, "entry": pl.List(pl.Struct({"resource": pl.Struct({"resourceType": S})}))}
+)
+
+
+def count_entries(pages: pl.LazyFrame, entity: str) -> pl.LazyFrame:
+    """One row: ``records`` (what the normalizer must account for), ``skipped``, ``pages``.
+
+    ``records`` = entries of the entity's resource type + malformed entries + unreadable pages;
+    ``skipped`` = entries of another resource type (OperationOutcome warnings, _include'd
+    resources). It decodes only ``resourceType`` fields, so it is an independent check on the
+    normalizer rather than a re-run of it.
+    """
+    resource_type = RESOURCE_TYPES[entity]
+
+    def stand_in(body: str | None, generic: bool) -> str:
+        # A page polars cannot decode, rewritten to the same counts: malformed entries count as
+        # records (they become quarantine rows), other resource types as skipped.
+        page, problem = common.load_json(body)
+        if problem or _page_problem(page):
+            return "{}"
+        kinds = []
+        for entry in page.get("entry") or []:
+            kind = _classify(entry, resource_type)[0]
+            kinds.append({"resource": {"resourceType": "(other)" if kind == "other" else resource_type}})
+        return common.dumps({"resourceType": "Bundle", "entry": kinds})
+
+    def count(bodies: pl.Series) -> pl.Series:
+        decoded = common.robust_decode(bodies, _COUNT_DTYPE, stand_in)
+        kinds = (
+            pl.col("d")
+            .struct.field("entry")
+            .list.eval(pl.element().struct.field("resource").struct.field("resourceType"))
+        )
+        ok = (pl.col("d").struct.field("resourceType") == "Bundle").fill_null(False)
+        other = kinds.list.eval(
+            pl.element().ne_missing(resource_type) & pl.element().is_not_null()
+        ).list.sum()
+        n = kinds.list.len().fill_null(0)
+        return (
+            pl.DataFrame({"d": decoded})
+            .select(
+                pl.when(ok).then(n - other).otherwise(1).cast(pl.Int64).alias("records"),
+                pl.when(ok).then(other).otherwise(0).fill_null(0).cast(pl.Int64).alias("skipped"),
+            )
+            .to_struct("counts")
+        )
+
+    counts = pl.Struct({"records": pl.Int64(), "skipped": pl.Int64()})
+    return (
+        pages.select(pl.col("body").map_batches(count, return_dtype=counts, is_elementwise=True).alias("c"))
+        .unnest("c")
+        .select(
+            pl.col("records").sum().cast(pl.Int64),
+            pl.col("skipped").sum().cast(pl.Int64),
+            pl.len().cast(pl.Int64).alias("pages"),
+        )
+    )
+
+
+# --- shared extraction ---------------------------------------------------------------------------
+
+
+def _explode(pages: pl.LazyFrame, entity: str) -> pl.LazyFrame:
+    """Pages -> one row per entry of the entity's type (or per malformed entry / unreadable page).
+
+    Columns: raw_ref, body, _idx (entry position, null for page rows), _seq, r (the resource
+    struct), _reason (page or entry level problem), _raw (marker raw text).
+    """
+    resource_type = RESOURCE_TYPES[entity]
+    page_dtype = _page_dtype(entity)
+    b = pl.col("_b")
+    decoded = pages.select(
+        pl.col("raw_ref"),
+        pl.col("body"),
+        common.decode_expr(
+            "body",
+            page_dtype,
+            _repairer(entity),
+            suspect=common.non_string_regex(common.string_keys(page_dtype)),
+        ).alias("_b"),
+    ).with_columns(
+        pl.coalesce(
+            b.struct.field(common.PAGE_ERROR),
+            pl.when(b.is_null()).then(pl.lit("page: not a JSON object")),
+            pl.when(b.struct.field("resourceType") != "Bundle").then(pl.lit("page: not a FHIR Bundle")),
+        ).alias("_page_reason")
+    )
+    entry_list = pl.col("_entries")
+    page_bad = pl.col("_page_reason").is_not_null()
+    exploded = (
+        decoded.with_columns(
+            pl.when(page_bad)
+            .then(pl.concat_list(pl.lit(None, dtype=_entry_dtype(entity))))
+            .otherwise(b.struct.field("entry"))
+            .alias("_entries")
+        )
+        .with_columns(pl.int_ranges(0, entry_list.list.len(), dtype=pl.Int32).alias("_idx"))
+        .drop("_b")
+        .explode(["_entries", "_idx"], keep_nulls=False)
+    )
+    e = pl.col("_entries")
+    r = e.struct.field("resource")
+    kind = r.struct.field("resourceType")
+    entry_reason = pl.coalesce(
+        e.struct.field(common.RECORD_ERROR),
+        pl.when(e.is_null()).then(pl.lit("entry: not an object")),
+        pl.when(r.is_null()).then(pl.lit("resource: missing")),
+        pl.when(kind.is_null()).then(pl.lit("resourceType: missing")),
+    )
+    return (
+        exploded.with_columns(
+            pl.coalesce(pl.col("_page_reason"), entry_reason).alias("_reason"),
+            e.struct.field(common.RECORD_RAW).alias(common.RECORD_RAW),
+            r.alias("r"),
+        )
+        .filter(pl.col("_reason").is_not_null() | (kind == resource_type))
+        .with_columns(pl.when(~page_bad).then(pl.col("_idx")).alias("_idx"))
+        .drop("_entries", "_page_reason")
+        .with_row_index("_seq")
+    )
+
+
+def _field(*path: str) -> pl.Expr:
+    expr = pl.col("r")
+    for name in path:
+        expr = expr.struct.field(name)
+    return expr
+
+
+def _first(list_expr: pl.Expr) -> pl.Expr:
+    return list_expr.list.first()
+
+
+def _ref_id(reference: pl.Expr, resource_type: str) -> pl.Expr:
+    """The id in 'Type/id', 'https://host/fhir/Type/id' or 'Type/id/_history/n'; else null."""
+    return reference.str.extract(rf"(?:^|/){resource_type}/([^/]+)(?:/_history/[^/]+)?$", 1)
+
+
+def _is_practitioner(ref: pl.Expr) -> pl.Expr:
+    by_reference = ref.struct.field("reference").str.contains("Practitioner/").fill_null(False)
+    by_npi = (ref.struct.field("identifier").struct.field("system") == NPI_SYSTEM).fill_null(False)
+    return by_reference | by_npi
+
+
+def _practitioner_id(ref: pl.Expr) -> pl.Expr:
+    """The Practitioner id of a literal reference, else the logical reference's identifier value."""
+    return pl.coalesce(
+        _ref_id(ref.struct.field("reference"), "Practitioner"),
+        ref.struct.field("identifier").struct.field("value"),
+    )
+
+
+def _codeable(cc: pl.Expr) -> tuple[pl.Expr, pl.Expr, pl.Expr]:
+    """(code, system, display) of a CodeableConcept's first coding; display falls back to text."""
+    coding = _first(cc.struct.field("coding"))
+    return (
+        coding.struct.field("code"),
+        coding.struct.field("system"),
+        pl.coalesce(coding.struct.field("display"), cc.struct.field("text")),
+    )
+
+
+def _cc_text(cc: pl.Expr) -> pl.Expr:
+    return pl.coalesce(cc.struct.field("text"), _first(cc.struct.field("coding")).struct.field("display"))
+
+
+def _common_columns() -> list[pl.Expr]:
+    return [
+        pl.lit(SURFACE).alias("source_surface"),
+        _field("id").alias("source_id"),
+        common.parse_utc(_field("meta", "lastUpdated")).alias("source_updated_at"),
+    ]
+
+
+def _base_checks(clinical: bool) -> list[tuple[pl.Expr, str]]:
+    checks = [
+        (~common.present(_field("id")), "id: missing"),
+        (
+            common.unparseable(_field("meta", "lastUpdated"), pl.col("source_updated_at")),
+            "meta.lastUpdated: unparseable datetime",
+        ),
+    ]
+    if clinical:
+        checks.append((pl.col("patient_source_id").is_null(), "subject: missing Patient reference"))
+    return checks
+
+
+def _finish(frame: pl.LazyFrame, table: str, checks: list[tuple[pl.Expr, str]]) -> pl.LazyFrame:
+    located = frame.with_columns(
+        # A page or entry level problem makes every field check noise, so it stands alone.
+        pl.coalesce(pl.col("_reason"), common.reasons(*checks)).alias("quarantine_reason")
+    )
+    deduped = common.dedupe(located)
+    with_raw = common.fill_raw(deduped, _locate, ["_idx"])
+    return common.finish(with_raw, table)
+
+
+def _ends_before_start(start: pl.Expr, end: pl.Expr) -> pl.Expr:
+    # Only when both carry a time: a date-only end means "that day", which parse_utc maps to its
+    # first instant, so comparing it with a start time on the same day would be a false alarm.
+    timed = start.str.contains("T") & end.str.contains("T")
+    return timed & (pl.col("end_at") < pl.col("start_at"))
+
+
+def _locate(row: dict[str, Any]) -> list[str | int] | None:
+    return None if row["_idx"] is None else ["entry", row["_idx"], "resource"]
+
+
+# --- entities ------------------------------------------------------------------------------------
+
+
+def patients(pages: pl.LazyFrame) -> pl.LazyFrame:
+    """FHIR Patient pages -> normalized ``patients`` frame."""
+    ident = pl.element().struct
+    identifiers = _field("identifier")
+    names = _field("name")
+    # The official name when there is one, else the first that is not old or a nickname.
+    name = pl.coalesce(
+        _first(names.list.filter(pl.element().struct.field("use") == "official")),
+        _first(
+            names.list.filter(~pl.element().struct.field("use").is_in(["old", "nickname"]).fill_null(False))
+        ),
+        _first(names),
+    )
+    given = name.struct.field("given")
+    addresses = _field("address")
+    address = pl.coalesce(
+        _first(addresses.list.filter(pl.element().struct.field("use") == "home")), _first(addresses)
+    )
+    telecom = _field("telecom")
+    phones = telecom.list.filter(pl.element().struct.field("system") == "phone")
+    phone = pl.coalesce(
+        _first(phones.list.filter(pl.element().struct.field("use") == "home")),
+        _first(phones.list.filter(pl.element().struct.field("use") == "mobile")),
+        _first(phones),
+    ).struct.field("value")
+    email = _first(telecom.list.filter(pl.element().struct.field("system") == "email")).struct.field("value")
+    gender = _field("gender")
+    birth = _field("birthDate")
+    frame = _explode(pages, "patients").with_columns(
+        *_common_columns(),
+        identifiers.list.filter(ident.field("system").ne_missing(SSN_SYSTEM))
+        .cast(pl.List(schema.IDENTIFIER))
+        .alias("identifiers"),
+        _first(identifiers.list.filter(ident.field("system") == SSN_SYSTEM))
+        .struct.field("value")
+        .alias("ssn"),
+        _first(given).alias("given_name"),
+        pl.when(given.list.len() > 1).then(given.list.slice(1).list.join(" ")).alias("middle_name"),
+        name.struct.field("family").alias("family_name"),
+        common.parse_birth_date(birth).alias("birth_date"),
+        valuesets.map_code(gender, SURFACE, "sex").alias("sex"),
+        gender.alias("sex_source"),
+        address.struct.field("line").list.join(", ").alias("address_line"),
+        address.struct.field("city").alias("address_city"),
+        address.struct.field("state").alias("address_state"),
+        address.struct.field("postalCode").alias("address_postal_code"),
+        phone.alias("phone"),
+        email.alias("email"),
+    )
+    checks = [
+        *_base_checks(clinical=False),
+        (common.birth_date_unparseable(birth, pl.col("birth_date")), "birthDate: unparseable date"),
+    ]
+    return _finish(frame, "patients", checks)
+
+
+def encounters(pages: pl.LazyFrame) -> pl.LazyFrame:
+    """FHIR Encounter pages -> normalized ``encounters`` frame."""
+    participants = _field("participant")
+    is_attending = (
+        pl.element()
+        .struct.field("type")
+        .list.eval(pl.element().struct.field("coding").list.eval(pl.element().struct.field("code") == "ATND"))
+        .list.eval(pl.element().list.any())
+        .list.any()
+    )
+    attending = pl.coalesce(
+        _first(participants.list.filter(is_attending.fill_null(False))),
+        _first(participants.list.filter(_is_practitioner(pl.element().struct.field("individual")))),
+    ).struct.field("individual")
+    type_code, type_system, type_display = _codeable(_first(_field("type")))
+    klass = _field("class", "code")
+    status = _field("status")
+    start, end = _field("period", "start"), _field("period", "end")
+    frame = _explode(pages, "encounters").with_columns(
+        *_common_columns(),
+        _ref_id(_field("subject", "reference"), "Patient").alias("patient_source_id"),
+        valuesets.map_code(klass, SURFACE, "encounter_class").alias("class"),
+        klass.alias("class_source"),
+        type_code.alias("type_code"),
+        type_system.alias("type_system"),
+        type_display.alias("type_display"),
+        valuesets.map_code(status, SURFACE, "encounter_status").alias("status"),
+        status.alias("status_source"),
+        common.parse_utc(start).alias("start_at"),
+        common.parse_utc(end).alias("end_at"),
+        _first(_field("location")).struct.field("location").struct.field("display").alias("location"),
+        _practitioner_id(attending).alias("attending_provider_id"),
+        attending.struct.field("display").alias("attending_provider_name"),
+        _cc_text(_first(_field("reasonCode"))).alias("reason"),
+    )
+    checks = [
+        *_base_checks(clinical=True),
+        (~common.present(status), "status: missing"),
+        (common.unparseable(start, pl.col("start_at")), "period.start: unparseable datetime"),
+        (common.unparseable(end, pl.col("end_at")), "period.end: unparseable datetime"),
+        (_ends_before_start(start, end), "period: end before start"),
+    ]
+    return _finish(frame, "encounters", checks)
+
+
+def results(pages: pl.LazyFrame) -> pl.LazyFrame:
+    """FHIR Observation pages -> normalized ``results`` frame."""
+    code, system, display = _codeable(_field("code"))
+    quantity = _field("valueQuantity")
+    rng = _first(_field("referenceRange"))
+    rng_text = rng.struct.field("text")
+    text_low, text_high = common.parse_range(rng_text)
+    structured_bounds = (
+        rng.struct.field("low").struct.field("value").is_not_null()
+        | rng.struct.field("high").struct.field("value").is_not_null()
+    )
+    text_low = pl.when(~structured_bounds).then(text_low)
+    text_high = pl.when(~structured_bounds).then(text_high)
+    low = pl.coalesce(rng.struct.field("low").struct.field("value"), text_low)
+    high = pl.coalesce(rng.struct.field("high").struct.field("value"), text_high)
+    flag = _first(_first(_field("interpretation")).struct.field("coding")).struct.field("code")
+    status = _field("status")
+    effective = pl.coalesce(
+        _field("effectiveDateTime"), _field("effectivePeriod", "start"), _field("effectiveInstant")
+    )
+    frame = _explode(pages, "results").with_columns(
+        *_common_columns(),
+        _ref_id(_field("subject", "reference"), "Patient").alias("patient_source_id"),
+        _ref_id(_first(_field("basedOn")).struct.field("reference"), "ServiceRequest").alias("order_id"),
+        code.alias("code"),
+        system.alias("code_system"),
+        display.alias("display"),
+        pl.coalesce(quantity.struct.field("value"), _field("valueInteger")).alias("value_num"),
+        pl.coalesce(_field("valueString"), _cc_text(_field("valueCodeableConcept"))).alias("value_text"),
+        pl.coalesce(quantity.struct.field("unit"), quantity.struct.field("code")).alias("unit"),
+        low.alias("reference_low"),
+        high.alias("reference_high"),
+        # The text stays unless the bounds were read out of it (then it would say the same twice).
+        pl.when(structured_bounds | (text_low.is_null() & text_high.is_null()))
+        .then(rng_text)
+        .alias("reference_text"),
+        valuesets.map_code(flag, SURFACE, "abnormal_flag").alias("abnormal_flag"),
+        flag.alias("abnormal_flag_source"),
+        valuesets.map_code(status, SURFACE, "result_status").alias("status"),
+        status.alias("status_source"),
+        common.parse_utc(effective).alias("effective_at"),
+    )
+    checks = [
+        *_base_checks(clinical=True),
+        (~common.present(status), "status: missing"),
+        (common.unparseable(effective, pl.col("effective_at")), "effective[x]: unparseable datetime"),
+        (~common.present(code), "code: missing coding"),
+    ]
+    return _finish(frame, "results", checks)
+
+
+def appointments(pages: pl.LazyFrame) -> pl.LazyFrame:
+    """FHIR Appointment pages -> normalized ``appointments`` frame."""
+    participants = _field("participant")
+    actors = participants.list.eval(pl.element().struct.field("actor"))
+    reference = pl.element().struct.field("reference")
+
+    def actor(kind: str) -> pl.Expr:
+        return _first(actors.list.filter(reference.str.contains(f"{kind}/").fill_null(False)))
+
+    is_attending = (
+        pl.element()
+        .struct.field("type")
+        .list.eval(pl.element().struct.field("coding").list.eval(pl.element().struct.field("code") == "ATND"))
+        .list.eval(pl.element().list.any())
+        .list.any()
+    )
+    provider = pl.coalesce(
+        _first(participants.list.filter(is_attending.fill_null(False))).struct.field("actor"),
+        _first(actors.list.filter(_is_practitioner(pl.element()))),
+    )
+    # A location named only by display (no reference, no identifier) is how the sandbox sends it.
+    bare = reference.is_null() & pl.element().struct.field("identifier").is_null()
+    location = pl.coalesce(
+        actor("Location"),
+        _first(actors.list.filter(bare & pl.element().struct.field("display").is_not_null())),
+    )
+    appt_type = _field("appointmentType")
+    type_code, _, type_display = _codeable(appt_type)
+    status = _field("status")
+    start, end = _field("start"), _field("end")
+    minutes = _field("minutesDuration")
+    derived = (pl.col("end_at") - pl.col("start_at")).dt.total_minutes()
+    frame = (
+        _explode(pages, "appointments")
+        .with_columns(
+            *_common_columns(),
+            _ref_id(actor("Patient").struct.field("reference"), "Patient").alias("patient_source_id"),
+            valuesets.map_code(status, SURFACE, "appointment_status").alias("status"),
+            status.alias("status_source"),
+            common.parse_utc(start).alias("start_at"),
+            common.parse_utc(end).alias("end_at"),
+            type_code.alias("type_code"),
+            type_display.alias("type_display"),
+            location.struct.field("display").alias("location"),
+            _practitioner_id(provider).alias("provider_id"),
+            provider.struct.field("display").alias("provider_name"),
+            pl.coalesce(_cc_text(_first(_field("reasonCode"))), _field("description")).alias("reason"),
+        )
+        .with_columns(
+            pl.coalesce(minutes.cast(pl.Int32, strict=False), derived.cast(pl.Int32, strict=False)).alias(
+                "duration_min"
+            )
+        )
+    )
+    checks = [
+        *_base_checks(clinical=True),
+        (~common.present(status), "status: missing"),
+        (common.unparseable(start, pl.col("start_at")), "start: unparseable datetime"),
+        (common.unparseable(end, pl.col("end_at")), "end: unparseable datetime"),
+        (_ends_before_start(start, end), "end: before start"),
+        (
+            minutes.is_not_null() & ((minutes != minutes.floor()) | (minutes < 0)),
+            "minutesDuration: not a non-negative integer",
+        ),
+    ]
+    return _finish(frame, "appointments", checks)
