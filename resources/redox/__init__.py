@@ -1,6 +1,11 @@
 """The Redox client: auth, one shared rate budget, retries, paging and an audit trail, for both the
 FHIR R4 and the Data Model surfaces. Assets use ``RedoxResource.client(run_id=...)``.
+
+``RedoxResource`` is imported lazily: worker processes that only need the client (benchmarks,
+scripts) should not pay for importing Dagster.
 """
+
+from typing import Any
 
 from resources.redox.audit import AuditLog
 from resources.redox.budget import RateBudget
@@ -18,7 +23,6 @@ from resources.redox.errors import (
     RedoxServerError,
 )
 from resources.redox.fhir import FhirClient, Page, date_window
-from resources.redox.resource import RedoxResource
 from resources.redox.settings import RateSpec, RedoxSettings, SigningKey
 
 __all__ = [
@@ -44,3 +48,11 @@ __all__ = [
     "SigningKey",
     "date_window",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "RedoxResource":
+        from resources.redox.resource import RedoxResource
+
+        return RedoxResource
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,6 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import httpx
@@ -307,6 +308,7 @@ class Transport:
     ) -> httpx.Response:
         async with self._in_flight:
             await self.budget.acquire(destination)
+            called_at = datetime.now(UTC)
             started = time.perf_counter()
             try:
                 response = await self._http.request(
@@ -327,6 +329,7 @@ class Transport:
                     attempt=attempt,
                     latency_ms=(time.perf_counter() - started) * 1000,
                     size=0,
+                    called_at=called_at,
                 )
                 # Only the exception's type: httpx messages can include the URL.
                 error = RedoxConnectionError(endpoint=endpoint, cause=type(exc).__name__)
@@ -339,6 +342,7 @@ class Transport:
             attempt=attempt,
             latency_ms=(time.perf_counter() - started) * 1000,
             size=len(raw),
+            called_at=called_at,
         )
         return response
 
