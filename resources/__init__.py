@@ -1,0 +1,12 @@
+"""Dagster resources: clients and stores, never business rules."""
+
+from typing import Any
+
+
+def all_resources() -> dict[str, Any]:
+    """The resources every asset may ask for, configured from the environment."""
+    from resources.landing import LandingResource
+    from resources.redox.resource import RedoxResource
+    from resources.warehouse import Warehouse
+
+    return {"redox": RedoxResource(), "landing": LandingResource(), "warehouse": Warehouse()}

@@ -22,7 +22,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import dagster as dg
 import polars as pl
+from pydantic import Field
+
+from resources import settings
 
 WriteFn = Callable[[IO[bytes]], Any]
 
@@ -146,3 +150,12 @@ def _atomic_write(path: Path, write: WriteFn) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+class LandingResource(dg.ConfigurableResource):
+    """Where raw pages land: ``<root>/raw/...``; by default the lake folder (settings.lake_dir())."""
+
+    root: str | None = Field(default=None, description="Landing root; default the lake folder.")
+
+    def zone(self) -> LandingZone:
+        return LandingZone(Path(self.root) if self.root else settings.lake_dir())

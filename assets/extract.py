@@ -1,0 +1,213 @@
+"""Extract assets: one per Redox surface x entity, partitioned by clinical day.
+
+Each materialization asks Redox for its days' windows through the one throttled client and lands
+the response bodies untouched (resources/landing.py), one file per day, replaced atomically.
+
+Invariants:
+- an extract step writes nothing to the warehouse tables but ``api_calls`` (its own audit trail);
+  the load assets own every other table;
+- in a backfill a day already landed is not fetched again (``refetch=False``), so resuming after a
+  crash re-fetches only the days that were in flight; scheduled syncs refetch (``refetch=True``)
+  because recent days still change;
+- patients are discovered from the day's clinical records and fetched only when new or stale.
+"""
+
+import asyncio
+import datetime as dt
+from collections.abc import Sequence
+
+import dagster as dg
+import polars as pl
+
+from assets.streams import CLINICAL, STREAMS, Stream, Surface, day_window, partition_folder
+from pipelines.partitions import backfill_policy, daily
+from resources.landing import LandingResource, LandingZone, RawPage
+from resources.redox import RedoxClient, date_window
+from resources.redox.resource import RedoxResource
+from resources.warehouse import Warehouse
+from transforms import datamodel as dm_norm
+
+
+class ExtractConfig(dg.Config):
+    refetch: bool = True
+    # A patient loaded longer ago than this is fetched again when a new record references it.
+    stale_after_days: int = 7
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+async def _fetch_clinical(client: RedoxClient, stream: Stream, day: dt.date) -> tuple[list[RawPage], int]:
+    start, end = day_window(day)
+    pages: list[RawPage] = []
+    total = 0
+    if stream.surface == "fhir":
+        async for page in client.fhir.search(stream.source, params=date_window(start, end)):
+            pages.append(RawPage(page.raw, f"{page.endpoint} day={day}", _now()))
+            total = page.total if page.total is not None else total
+        return pages, total
+    dm = client.datamodel
+    if stream.entity == "encounters":
+        reply = await dm.visit_query(start=start, end=end)
+    elif stream.entity == "results":
+        reply = await dm.results_query(start=start, end=end)
+    else:
+        reply = await dm.scheduling_booked(start=start, end=end)
+    return [RawPage(reply.raw, f"{reply.endpoint} day={day}", _now())], 0
+
+
+def _referenced_patients(zone: LandingZone, surface: Surface, day: dt.date) -> pl.DataFrame:
+    """Patients the day's clinical records point at: ``patient_source_id`` plus, for the Data Model,
+    whether the embedded record already carries demographics (then no PatientSearch is needed)."""
+    folder = [partition_folder(day)]
+    if surface == "fhir":
+        frames = [
+            STREAMS[("fhir", entity)]
+            .normalize(zone.scan("fhir", entity, folder))  # type: ignore[attr-defined]
+            .select(pl.col("patient_source_id").alias("source_id"))
+            for entity in CLINICAL
+        ]
+        return pl.concat(frames).drop_nulls().unique().with_columns(pl.lit(False).alias("complete")).collect()
+    pages = pl.concat([zone.scan("datamodel", entity, folder) for entity in CLINICAL])
+    return (
+        dm_norm.patients(pages)
+        .filter(pl.col("quarantine_reason").is_null())
+        .select(
+            "source_id",
+            "identifiers",
+            (pl.col("family_name").is_not_null() & pl.col("birth_date").is_not_null()).alias("complete"),
+        )
+        .collect()
+    )
+
+
+def _fresh_patients(warehouse: Warehouse, surface: Surface, stale_after: dt.timedelta) -> set[str]:
+    try:
+        known = warehouse.query(
+            "SELECT source_id FROM patients WHERE source_surface = ? AND ingested_at >= ?",
+            [surface, _now() - stale_after],
+        )
+    except Exception:  # a lake that does not exist yet simply knows no patients
+        return set()
+    return set(known["source_id"].to_list())
+
+
+async def _fetch_patients(
+    client: RedoxClient,
+    surface: Surface,
+    wanted: pl.DataFrame,
+    day: dt.date,
+) -> list[RawPage]:
+    pages: list[RawPage] = []
+    if wanted.is_empty():
+        return pages
+    if surface == "fhir":
+        ids = sorted(wanted["source_id"].to_list())
+        async for page in client.fhir.search_patients("Patient", patients=ids, patient_param="_id"):
+            pages.append(RawPage(page.raw, f"{page.endpoint} day={day}", _now()))
+        return pages
+    # The Data Model has no batch patient read: one PatientSearch per patient, by its MR identifier.
+    limit = asyncio.Semaphore(client.settings.max_in_flight)
+
+    async def one(identifiers: Sequence[dict[str, str]]) -> RawPage:
+        async with limit:
+            reply = await client.datamodel.patient_search(
+                identifiers=[
+                    {"ID": i["value"], "IDType": i["system"].rsplit(":", 1)[-1]} for i in identifiers[:1]
+                ]
+            )
+        return RawPage(reply.raw, f"{reply.endpoint} day={day}", _now())
+
+    tasks = [one(row["identifiers"]) for row in wanted.iter_rows(named=True) if row["identifiers"]]
+    return list(await asyncio.gather(*tasks))
+
+
+def build_extract_asset(stream: Stream) -> dg.AssetsDefinition:
+    deps = (
+        [STREAMS[(stream.surface, entity)].asset_name for entity in CLINICAL]
+        if stream.entity == "patients"
+        else []
+    )
+
+    @dg.asset(
+        name=stream.asset_name,
+        description=(
+            f"Raw {stream.surface} {stream.entity} pages ({stream.source}) for each clinical day, "
+            "landed untouched under <lake>/raw."
+        ),
+        group_name=f"extract_{stream.surface}",
+        kinds={"python", "redox", "parquet"},
+        partitions_def=daily,
+        backfill_policy=backfill_policy,
+        deps=deps,
+        pool="redox",
+    )
+    def extract(
+        context: dg.AssetExecutionContext,
+        config: ExtractConfig,
+        redox: RedoxResource,
+        landing: LandingResource,
+        warehouse: Warehouse,
+    ) -> dg.MaterializeResult:
+        zone = landing.zone()
+        days = [dt.date.fromisoformat(k) for k in context.partition_keys]
+        stats = {"pages": 0, "bytes": 0, "skipped_days": 0, "patients_wanted": 0, "bundle_total": 0}
+
+        async def run() -> pl.DataFrame:
+            async with redox.client(run_id=context.run_id) as client:
+                for day in days:
+                    folder = partition_folder(day)
+                    if not config.refetch and zone.exists(stream.surface, stream.entity, folder):
+                        stats["skipped_days"] += 1
+                        continue
+                    total = 0
+                    if stream.entity == "patients":
+                        refs = _referenced_patients(zone, stream.surface, day)
+                        fresh = _fresh_patients(
+                            warehouse, stream.surface, dt.timedelta(days=config.stale_after_days)
+                        )
+                        wanted = refs.filter(~pl.col("complete") & ~pl.col("source_id").is_in(list(fresh)))
+                        stats["patients_wanted"] += wanted.height
+                        pages = await _fetch_patients(client, stream.surface, wanted, day)
+                    else:
+                        pages, total = await _fetch_clinical(client, stream, day)
+                    manifest = zone.write(
+                        stream.surface,
+                        stream.entity,
+                        folder,
+                        pages,
+                        run_id=context.run_id,
+                        extra={"bundle_total": total},
+                    )
+                    stats["pages"] += manifest.pages
+                    stats["bytes"] += manifest.bytes
+                    stats["bundle_total"] += total
+                return client.audit_frame()
+
+        audit = asyncio.run(run())
+        step = f"{stream.asset_name}:{context.partition_keys[0]}..{context.partition_keys[-1]}"
+        warehouse.append_api_calls(audit, run_id=context.run_id, step=step)
+        context.log.info(
+            "%s: %d day(s), %d page(s), %d request(s)",
+            stream.asset_name,
+            len(days),
+            stats["pages"],
+            audit.height,
+        )
+        return dg.MaterializeResult(
+            metadata={
+                "window": f"{days[0]} .. {days[-1]}",
+                "days": len(days),
+                "requests": audit.height,
+                "retries": int((audit["attempt"] > 1).sum()) if audit.height else 0,
+                **stats,
+            }
+        )
+
+    return extract
+
+
+extract_assets = [build_extract_asset(stream) for stream in STREAMS.values()]
+
+__all__ = ["ExtractConfig", "build_extract_asset", "extract_assets"]

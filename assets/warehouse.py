@@ -1,0 +1,163 @@
+"""Load assets: each clinical day's landed pages, both surfaces, normalized into the unified tables.
+
+One asset per table (``patients``, ``encounters``, ``results``, ``appointments``), in the Dagster pool
+``warehouse`` whose limit of 1 makes it the single writer. Each (day, surface) is one merge
+transaction: newest version of a record wins, quarantined records replace that day's quarantine
+share, so a rerun replaces and never duplicates.
+
+Invariant checked on every materialization (asset check ``records_accounted``): every record found in
+the pages is loaded, collapsed as a duplicate, or quarantined with a reason.
+"""
+
+import dataclasses
+import datetime as dt
+
+import dagster as dg
+import polars as pl
+
+from assets.streams import CLINICAL, ENTITIES, STREAMS, Entity, Surface, partition_folder
+from pipelines.partitions import backfill_policy, daily
+from resources.landing import LandingResource, LandingZone
+from resources.warehouse import Warehouse
+from transforms import datamodel as dm_norm
+from transforms import fhir as fhir_norm
+from transforms.common import split
+
+SURFACES: tuple[Surface, ...] = ("fhir", "datamodel")
+
+
+@dataclasses.dataclass
+class Tally:
+    records: int = 0
+    loaded: int = 0
+    duplicates: int = 0
+    quarantined: int = 0
+    inserted: int = 0
+    updated: int = 0
+    ignored_older: int = 0
+    unknown_codes: int = 0
+
+    @property
+    def accounted(self) -> bool:
+        return self.records == self.loaded + self.duplicates + self.quarantined
+
+
+def pages_for(zone: LandingZone, surface: Surface, entity: Entity, folders: list[str]) -> pl.LazyFrame:
+    """The pages a (surface, entity) load reads. Data Model patients arrive embedded in every
+    clinical response as well as in PatientSearch replies, so they read all four streams."""
+    if surface == "datamodel" and entity == "patients":
+        return pl.concat([zone.scan(surface, e, folders) for e in (*CLINICAL, "patients")])
+    return zone.scan(surface, entity, folders)
+
+
+def count_records(pages: pl.LazyFrame, surface: Surface, entity: Entity) -> int:
+    counted = (
+        fhir_norm.count_entries(pages, entity) if surface == "fhir" else dm_norm.count_records(pages, entity)
+    )
+    return int(counted.collect()["records"][0])
+
+
+def load_day(
+    warehouse: Warehouse,
+    zone: LandingZone,
+    *,
+    surface: Surface,
+    entity: Entity,
+    day: dt.date,
+    run_id: str,
+    tally: Tally,
+) -> None:
+    pages = pages_for(zone, surface, entity, [partition_folder(day)]).collect().lazy()
+    normalized = STREAMS[(surface, entity)].normalize(pages).collect()  # type: ignore[attr-defined]
+    good_lazy, bad_lazy = split(normalized.lazy(), entity)
+    good, bad = pl.collect_all([good_lazy, bad_lazy])
+    stats = warehouse.merge(entity, good, partition_day=day, run_id=run_id, source_surface=surface)
+    warehouse.replace_quarantine(bad, entity=entity, source_surface=surface, partition_day=day, run_id=run_id)
+    tally.records += count_records(pages, surface, entity)
+    tally.loaded += good.height
+    tally.duplicates += int(normalized.filter(pl.col("quarantine_reason").is_null())["duplicates"].sum())
+    tally.quarantined += bad.height
+    tally.inserted += stats.inserted
+    tally.updated += stats.updated
+    tally.ignored_older += stats.ignored_older
+    coded = [c for c in good.columns if c + "_source" in good.columns]
+    for column in coded:
+        tally.unknown_codes += int(
+            good.filter((pl.col(column) == "unknown") & pl.col(column + "_source").is_not_null()).height
+        )
+
+
+def build_load_asset(entity: Entity) -> dg.AssetsDefinition:
+    upstream = [STREAMS[(surface, entity)].asset_name for surface in SURFACES]
+    if entity == "patients":
+        upstream += [STREAMS[("datamodel", e)].asset_name for e in CLINICAL]
+
+    @dg.asset(
+        name=entity,
+        description=(
+            f"The unified `{entity}` table: both Redox surfaces normalized (transforms/) and merged "
+            "newest-version-wins into DuckLake, one transaction per day and surface."
+        ),
+        group_name="warehouse",
+        kinds={"duckdb", "polars", "parquet"},
+        partitions_def=daily,
+        backfill_policy=backfill_policy,
+        deps=upstream,
+        pool="warehouse",
+        check_specs=[
+            dg.AssetCheckSpec(
+                "records_accounted",
+                asset=entity,
+                description="Records in the pages = loaded + duplicates collapsed + quarantined.",
+            )
+        ],
+    )
+    def load(
+        context: dg.AssetExecutionContext, warehouse: Warehouse, landing: LandingResource
+    ) -> dg.MaterializeResult:
+        zone = landing.zone()
+        warehouse.ensure_tables()
+        days = [dt.date.fromisoformat(k) for k in context.partition_keys]
+        by_surface = {surface: Tally() for surface in SURFACES}
+        for day in days:
+            for surface in SURFACES:
+                load_day(
+                    warehouse,
+                    zone,
+                    surface=surface,
+                    entity=entity,
+                    day=day,
+                    run_id=context.run_id,
+                    tally=by_surface[surface],
+                )
+        total = Tally(**{f: sum(getattr(t, f) for t in by_surface.values()) for f in Tally.__annotations__})
+        context.log.info(
+            "%s: %d day(s): %d loaded, %d quarantined", entity, len(days), total.loaded, total.quarantined
+        )
+        metadata: dict[str, dg.RawMetadataValue] = {
+            "window": f"{days[0]} .. {days[-1]}",
+            **{k: v for k, v in dataclasses.asdict(total).items()},
+        }
+        for surface, tally in by_surface.items():
+            metadata[f"{surface}_loaded"] = tally.loaded
+            metadata[f"{surface}_quarantined"] = tally.quarantined
+        return dg.MaterializeResult(
+            metadata=metadata,
+            check_results=[
+                dg.AssetCheckResult(
+                    check_name="records_accounted",
+                    passed=total.accounted,
+                    metadata={
+                        "records": total.records,
+                        "loaded": total.loaded,
+                        "duplicates": total.duplicates,
+                        "quarantined": total.quarantined,
+                    },
+                )
+            ],
+        )
+
+    return load
+
+
+load_assets = [build_load_asset(entity) for entity in ENTITIES]

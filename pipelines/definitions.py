@@ -1,0 +1,17 @@
+"""The Dagster code location: merges what assets/ and resources/ export. Keep it short."""
+
+import dagster as dg
+
+from assets import all_assets
+from pipelines.jobs import jobs, schedules
+from resources import all_resources
+
+defs = dg.Definitions(
+    assets=all_assets,
+    jobs=jobs,
+    schedules=schedules,
+    resources=all_resources(),
+    # Steps of a run share one process: extraction is async fan-out inside a step, and process
+    # start-up would otherwise dominate a day's work.
+    executor=dg.in_process_executor,
+)

@@ -1,0 +1,32 @@
+"""Jobs and schedules: the scheduled sync of recent days, and the job backfills run."""
+
+import dagster as dg
+
+from pipelines.partitions import daily
+
+# Everything partitioned by day: extract from both surfaces, then load.
+daily_sync = dg.define_asset_job(
+    name="daily_sync",
+    selection=dg.AssetSelection.groups("extract_fhir", "extract_datamodel", "warehouse"),
+    partitions_def=daily,
+    description="Pull the selected clinical days from both Redox surfaces and load the unified tables.",
+)
+
+
+@dg.schedule(
+    job=daily_sync,
+    cron_schedule="0 */6 * * *",
+    execution_timezone="UTC",
+    description="Every 6 hours: re-pull the last three days (late commits, reschedules, corrections).",
+)
+def sync_recent_days(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+    keys = daily.get_partition_keys(current_time=context.scheduled_execution_time)[-3:]
+    return dg.RunRequest(
+        partition_key_range=dg.PartitionKeyRange(keys[0], keys[-1]),
+        run_config={},
+        tags={"redox-etl/kind": "scheduled-sync"},
+    )
+
+
+jobs = [daily_sync]
+schedules = [sync_recent_days]
