@@ -1,0 +1,347 @@
+"""The sandbox's versioned record store: every version of every record, readable as of any past write.
+
+Invariants:
+- ``seq`` numbers every write, store-wide, 1, 2, 3, ...; ``head_seq`` is the last one. A read "as of
+  seq S" sees, for each record, its newest version with ``seq <= S`` and nothing else, so a reader
+  that pins S (a FHIR paging cursor does) sees one consistent snapshot however much is written after.
+- per record, ``version_id`` counts 1, 2, 3, ... and ``last_updated`` strictly increases;
+- every datetime is timezone-aware UTC;
+- versions are never changed or removed, so anything derived from (kind, surface, source_id,
+  version_id) -- a query answer as of a fixed seq, a rendered body -- is valid forever. That is what
+  makes the two caches here safe without invalidation.
+
+Queries are served from per (kind, surface) indexes -- records by source_id, ids in sorted order,
+(clinical time, id) and (last_updated, id) in time order, ids by patient and by identifier -- so a
+one-day window or a page of ids costs a bisect plus the matching records, not a scan. Index lists
+are appended on write and sorted lazily on the next read; Timsort makes re-sorting a long sorted
+prefix plus a short tail nearly linear, which keeps bulk loading and small advances both cheap.
+"""
+
+import bisect
+import threading
+from collections import OrderedDict
+from collections.abc import Collection, Hashable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from sandbox.model import Appointment, Encounter, Kind, Patient, Record, Result, Surface, Version
+
+_ONE_MS = timedelta(milliseconds=1)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
+_KIND_OF: dict[type, Kind] = {
+    Patient: "patients",
+    Encounter: "encounters",
+    Result: "results",
+    Appointment: "appointments",
+}
+# A query answer is a list that can be as long as a whole table; this many answers are kept.
+_QUERY_CACHE_SIZE = 128
+# Below this many candidates from exact keys (ids, patients), checking each beats a time-index range.
+_SMALL = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """A time filter, like FHIR's ``date=ge...&date=lt...``; an unset end is open."""
+
+    lo: datetime | None = None
+    lo_inclusive: bool = True
+    hi: datetime | None = None
+    hi_inclusive: bool = False
+
+    def __post_init__(self) -> None:
+        for end in (self.lo, self.hi):
+            if end is not None and end.tzinfo is None:
+                raise ValueError("Bounds need timezone-aware datetimes")
+
+    def contains(self, t: datetime) -> bool:
+        if self.lo is not None and (t < self.lo or (t == self.lo and not self.lo_inclusive)):
+            return False
+        return not (self.hi is not None and (t > self.hi or (t == self.hi and not self.hi_inclusive)))
+
+
+def clinical_time(record: Record) -> datetime | None:
+    """The time a ``when`` filter applies to: encounter and appointment start, result effective time."""
+    if isinstance(record, Result):
+        return record.effective_at
+    if isinstance(record, Encounter | Appointment):
+        return record.start_at
+    return None
+
+
+def _micros(t: datetime) -> int:
+    return (t - _EPOCH) // _US
+
+
+class _Table:
+    """All versions of one (kind, surface), with the indexes queries use."""
+
+    __slots__ = (
+        "by_identifier",
+        "by_patient",
+        "by_time",
+        "by_updated",
+        "ids",
+        "unsorted",
+        "versions",
+    )
+
+    def __init__(self) -> None:
+        self.versions: dict[str, list[Version]] = {}
+        self.ids: list[str] = []
+        # (micros, source_id) for every clinical time / last_updated any version ever had; a record
+        # whose time moved is found under each time, and the as-of version decides whether it matches.
+        self.by_time: list[tuple[int, str]] = []
+        self.by_updated: list[tuple[int, str]] = []
+        self.by_patient: dict[str, set[str]] = {}
+        self.by_identifier: dict[tuple[str, str], set[str]] = {}
+        self.unsorted = False
+
+    def sort(self) -> None:
+        if self.unsorted:
+            self.ids.sort()
+            self.by_time.sort()
+            self.by_updated.sort()
+            self.unsorted = False
+
+
+def _as_of(versions: list[Version], seq: int) -> Version | None:
+    # Most records have one or two versions and readers mostly ask for (nearly) the head, so walking
+    # back from the end beats a bisect.
+    for v in reversed(versions):
+        if v.seq <= seq:
+            return v
+    return None
+
+
+def _time_range(index: list[tuple[int, str]], bounds: Bounds) -> set[str]:
+    """Ids with some indexed time inside ``bounds`` (a superset: inclusiveness is checked later)."""
+    start = 0 if bounds.lo is None else bisect.bisect_left(index, (_micros(bounds.lo),))
+    stop = len(index) if bounds.hi is None else bisect.bisect_left(index, (_micros(bounds.hi) + 1,))
+    return {sid for _, sid in index[start:stop]}
+
+
+class Store:
+    """Every version of every sandbox record, with snapshot reads.
+
+    ``cache`` is free for renderers to memoize serialized bodies: key it by
+    ``(kind, surface, source_id, version_id, <renderer variant>...)``. Versions never change, so an
+    entry never goes stale; the store never reads or evicts it.
+
+    Thread-safe: one lock serializes writes and query evaluation (a starlette app may advance the
+    world in a worker thread while the event loop serves searches).
+    """
+
+    def __init__(self, clock: datetime) -> None:
+        if clock.tzinfo is None:
+            raise ValueError("the store clock must be timezone-aware")
+        self.clock: datetime = clock
+        self.head_seq: int = 0
+        self.cache: dict[tuple[Hashable, ...], bytes] = {}
+        self._tables: dict[tuple[str, str], _Table] = {}
+        self._log: list[Version] = []
+        self._queries: OrderedDict[Hashable, tuple[list[Version], list[str]]] = OrderedDict()
+        self._lock = threading.RLock()
+
+    def _table(self, kind: Kind, surface: Surface) -> _Table:
+        table = self._tables.get((kind, surface))
+        if table is None:
+            table = self._tables[(kind, surface)] = _Table()
+        return table
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def put(self, kind: Kind, record: Record, *, at: datetime | None = None) -> Version:
+        """Store a new version of ``record``: ``seq = head_seq + 1``, ``version_id`` one more than
+        the record's previous version, ``last_updated = at or clock`` -- moved 1 ms past the previous
+        version's when it would not be later. ``at`` lets the generator backdate what it builds."""
+        if _KIND_OF.get(type(record)) != kind:
+            raise ValueError(f"a {type(record).__name__} record cannot be stored as {kind!r}")
+        stamp = self.clock if at is None else at
+        if stamp.tzinfo is None:
+            raise ValueError("last_updated must be timezone-aware")
+        with self._lock:
+            table = self._table(kind, record.surface)
+            sid = record.source_id
+            history = table.versions.get(sid)
+            version_id = 1
+            previous: Version | None = None
+            if history is None:
+                history = table.versions[sid] = []
+                table.ids.append(sid)
+            else:
+                previous = history[-1]
+                version_id = previous.version_id + 1
+                if stamp <= previous.last_updated:
+                    stamp = previous.last_updated + _ONE_MS
+            self.head_seq += 1
+            version = Version(kind, record, self.head_seq, stamp, version_id)
+            history.append(version)
+            self._log.append(version)
+            table.by_updated.append((_micros(stamp), sid))
+            when = clinical_time(record)
+            if when is not None and (previous is None or clinical_time(previous.record) != when):
+                table.by_time.append((_micros(when), sid))
+            if isinstance(record, Patient):
+                for ident in record.identifiers:
+                    table.by_identifier.setdefault((ident.system, ident.value), set()).add(sid)
+            elif previous is None or previous.record.patient_source_id != record.patient_source_id:  # type: ignore[union-attr]
+                table.by_patient.setdefault(record.patient_source_id, set()).add(sid)
+            table.unsorted = True
+            return version
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def current(
+        self, kind: Kind, surface: Surface, source_id: str, *, as_of_seq: int | None = None
+    ) -> Version | None:
+        """The record's newest version with ``seq <= as_of_seq`` (default: the head), or None."""
+        table = self._tables.get((kind, surface))
+        if table is None:
+            return None
+        history = table.versions.get(source_id)
+        if not history:
+            return None
+        return _as_of(history, self.head_seq if as_of_seq is None else as_of_seq)
+
+    def history(self, kind: Kind, surface: Surface, source_id: str) -> list[Version]:
+        """Every version of one record, oldest first (FHIR ``_history``)."""
+        table = self._tables.get((kind, surface))
+        if table is None:
+            return []
+        return list(table.versions.get(source_id, ()))
+
+    def log(self, *, after_seq: int = 0, upto_seq: int | None = None) -> list[Version]:
+        """Every version written with ``after_seq < seq <= upto_seq``, in write order."""
+        # seq n is at index n - 1.
+        return self._log[after_seq : self.head_seq if upto_seq is None else upto_seq]
+
+    def count(self, kind: Kind, surface: Surface) -> int:
+        """How many distinct records of (kind, surface) exist at the head."""
+        table = self._tables.get((kind, surface))
+        return 0 if table is None else len(table.versions)
+
+    def query(
+        self,
+        kind: Kind,
+        surface: Surface,
+        *,
+        as_of_seq: int | None = None,
+        source_ids: Collection[str] | None = None,
+        patient_ids: Collection[str] | None = None,
+        when: Bounds | None = None,
+        updated: Bounds | None = None,
+        identifier: tuple[str, str] | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> list[Version]:
+        """The current version, as of ``as_of_seq`` (default: head), of each matching record,
+        sorted by source_id.
+
+        Filters combine with AND: ``source_ids``; ``patient_ids`` (the owning patient; for
+        ``patients``, the patient's own id); ``when`` on the clinical time (encounter and appointment
+        ``start_at``, result ``effective_at``; an error for patients); ``updated`` on
+        ``last_updated``; ``identifier`` as (system, value), patients only. ``after`` and ``limit``
+        page through the answer: records with ``source_id > after``, at most ``limit`` of them.
+        A page of a search pinned to one ``as_of_seq`` is a bisect into a cached answer.
+        """
+        if when is not None and kind == "patients":
+            raise ValueError("patients have no clinical time to filter on")
+        if identifier is not None and kind != "patients":
+            raise ValueError("only patients have identifiers")
+        with self._lock:
+            seq = self.head_seq if as_of_seq is None else min(as_of_seq, self.head_seq)
+            key = (
+                kind,
+                surface,
+                seq,
+                None if source_ids is None else frozenset(source_ids),
+                None if patient_ids is None else frozenset(patient_ids),
+                when,
+                updated,
+                identifier,
+            )
+            answer = self._queries.get(key)
+            if answer is None:
+                versions = self._evaluate(kind, surface, seq, key[3], key[4], when, updated, identifier)
+                answer = (versions, [v.record.source_id for v in versions])
+                self._queries[key] = answer
+                if len(self._queries) > _QUERY_CACHE_SIZE:
+                    self._queries.popitem(last=False)
+            else:
+                self._queries.move_to_end(key)
+        versions, ids = answer
+        start = 0 if after is None else bisect.bisect_right(ids, after)
+        stop = len(ids) if limit is None else min(len(ids), start + limit)
+        if start == 0 and stop == len(ids):
+            return list(versions)
+        return versions[start:stop]
+
+    def _evaluate(
+        self,
+        kind: Kind,
+        surface: Surface,
+        seq: int,
+        source_ids: frozenset[str] | None,
+        patient_ids: frozenset[str] | None,
+        when: Bounds | None,
+        updated: Bounds | None,
+        identifier: tuple[str, str] | None,
+    ) -> list[Version]:
+        table = self._tables.get((kind, surface))
+        if table is None:
+            return []
+        table.sort()
+        candidates: set[str] | None = None
+        if source_ids is not None:
+            candidates = {sid for sid in source_ids if sid in table.versions}
+        if patient_ids is not None:
+            if kind == "patients":
+                owned = {pid for pid in patient_ids if pid in table.versions}
+            else:
+                owned = set()
+                for pid in patient_ids:
+                    owned.update(table.by_patient.get(pid, ()))
+            candidates = owned if candidates is None else candidates & owned
+        if identifier is not None:
+            known = table.by_identifier.get(identifier, set())
+            candidates = set(known) if candidates is None else candidates & known
+        if when is not None and (candidates is None or len(candidates) > _SMALL):
+            in_window = _time_range(table.by_time, when)
+            candidates = in_window if candidates is None else candidates & in_window
+        if updated is not None and (candidates is None or len(candidates) > _SMALL):
+            touched = _time_range(table.by_updated, updated)
+            candidates = touched if candidates is None else candidates & touched
+        ordered = table.ids if candidates is None else sorted(candidates)
+
+        out: list[Version] = []
+        versions = table.versions
+        for sid in ordered:
+            history = versions[sid]
+            version = history[-1]
+            if version.seq > seq:
+                found = _as_of(history, seq)
+                if found is None:
+                    continue
+                version = found
+            record = version.record
+            if (
+                patient_ids is not None
+                and kind != "patients"
+                and record.patient_source_id not in patient_ids  # type: ignore[union-attr]
+            ):
+                continue
+            if identifier is not None and not any(
+                (i.system, i.value) == identifier
+                for i in record.identifiers  # type: ignore[union-attr]
+            ):
+                continue
+            if when is not None:
+                t = clinical_time(record)
+                if t is None or not when.contains(t):
+                    continue
+            if updated is not None and not updated.contains(version.last_updated):
+                continue
+            out.append(version)
+        return out
