@@ -141,7 +141,6 @@ def build_extract_asset(stream: Stream) -> dg.AssetsDefinition:
         partitions_def=daily,
         backfill_policy=backfill_policy,
         deps=deps,
-        pool="redox",
     )
     def extract(
         context: dg.AssetExecutionContext,

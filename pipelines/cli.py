@@ -4,7 +4,12 @@ Each area exports a typer app and this module only mounts them, so adding a comm
 editing a shared file beyond one line here.
 """
 
+import datetime as dt
+from typing import Annotated
+
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sandbox.cli import app as sandbox_app
 
@@ -15,14 +20,84 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # locals may hold tokens or patient data
 )
 app.add_typer(sandbox_app, name="sandbox")
+console = Console()
+
+Day = Annotated[str | None, typer.Option(help="First clinical day (YYYY-MM-DD, UTC).")]
+
+
+def _days(start: str | None, end: str | None, default_days: int) -> tuple[dt.date, dt.date]:
+    last = dt.date.fromisoformat(end) if end else dt.datetime.now(dt.UTC).date()
+    first = dt.date.fromisoformat(start) if start else last - dt.timedelta(days=default_days - 1)
+    if first > last:
+        raise typer.BadParameter(f"--start {first} is after --end {last}")
+    return first, last
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
 
 
 @app.command()
-def demo() -> None:
-    """Start the embedded sandbox and walk one authenticated FHIR and one Data Model request."""
+def sync(
+    start: Day = None,
+    end: Annotated[str | None, typer.Option(help="Last clinical day (default today, UTC).")] = None,
+    days: Annotated[int, typer.Option(help="Days to sync when --start is not given.")] = 3,
+) -> None:
+    """Pull [start, end] from both Redox surfaces and load the warehouse, as one Dagster run."""
+    from pipelines import runner, summary
+
+    first, last = _days(start, end, days)
+    with _progress() as bar:
+        task = bar.add_task(f"sync {first}..{last}", total=None, status="")
+
+        def update(done: int, total: int, current: str) -> None:
+            bar.update(task, completed=done, total=total, status=current)
+
+        run = runner.sync(first, last, on_progress=update)
+    summary.print_summary(console, run_id=run.run_id)
+    if not run.is_success:
+        console.print(f"[red]run {run.run_id} ended {run.status.value}[/red]: open `make ui` for its logs")
+        raise typer.Exit(1)
+
+
+@app.command()
+def backfill(
+    start: Annotated[str, typer.Option(help="First clinical day (YYYY-MM-DD).")],
+    end: Annotated[str, typer.Option(help="Last clinical day (YYYY-MM-DD).")],
+) -> None:
+    """Backfill [start, end] as a Dagster backfill within the rate limit; rerun to resume."""
+    from pipelines import runner
+
+    first, last = _days(start, end, 1)
+    with _progress() as bar:
+        task = bar.add_task(f"backfill {first}..{last}", total=None, status="")
+
+        def update(done: int, total: int, current: str) -> None:
+            bar.update(task, completed=done, total=total, status=current)
+
+        status, done, total = runner.backfill(first, last, on_progress=update)
+    console.print(f"backfill {status.lower()}: {done}/{total} day(s) loaded")
+    if done < total:
+        console.print("Run the same command again to resume: finished days are not fetched again.")
+        raise typer.Exit(1)
+
+
+@app.command()
+def demo(
+    days: Annotated[int, typer.Option(help="Recent days to sync.")] = 21,
+    patients: Annotated[int, typer.Option(help="Sandbox population size.")] = 1000,
+) -> None:
+    """Start the embedded sandbox, sync its recent weeks, and show what analysts can ask."""
     from pipelines.demo import run_demo
 
-    run_demo()
+    run_demo(console, days=days, patients=patients)
 
 
 if __name__ == "__main__":

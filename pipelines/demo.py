@@ -1,0 +1,64 @@
+"""`make demo`: the embedded sandbox, a real sync of its recent weeks, and two analyst questions.
+
+Runs against the sandbox unless REDOX_BASE_URL points at a real Redox, in which case the sandbox
+is not started. The sync is a real Dagster run on the persistent instance, so `make ui` shows it.
+"""
+
+import datetime as dt
+import os
+import time
+
+from rich.console import Console
+from rich.table import Table
+
+from pipelines import runner, summary
+from resources import settings
+from resources.warehouse import Warehouse
+
+QUESTIONS = {
+    "Encounters per class and surface in the synced weeks": (
+        "SELECT class, source_surface, count(*) AS encounters FROM encounters GROUP BY ALL ORDER BY 1, 2"
+    ),
+    "Abnormal lab results by test (top 5)": (
+        "SELECT display AS test, count(*) FILTER (WHERE abnormal_flag <> 'normal') AS abnormal, "
+        "count(*) AS results FROM results GROUP BY ALL ORDER BY abnormal DESC LIMIT 5"
+    ),
+}
+
+
+def run_demo(console: Console, *, days: int, patients: int) -> None:
+    end = dt.datetime.now(dt.UTC).date()
+    start = end - dt.timedelta(days=days - 1)
+    if os.environ.get("REDOX_BASE_URL"):
+        console.print("REDOX_BASE_URL is set: syncing from it instead of the sandbox.")
+        _sync_and_show(console, start, end)
+        return
+    from sandbox.server import serve_in_subprocess
+
+    console.print(f"Starting the Redox sandbox ({patients:,} synthetic patients)...")
+    with serve_in_subprocess(state_dir=settings.sandbox_dir(), patients=patients) as running:
+        console.print(f"Sandbox at {running.base_url} (credentials in {running.credentials_path})")
+        _sync_and_show(console, start, end)
+
+
+def _sync_and_show(console: Console, start: dt.date, end: dt.date) -> None:
+    began = time.monotonic()
+    console.print(f"Syncing {start} .. {end} from both Redox surfaces through Dagster...")
+    run = runner.sync(start, end)
+    console.print(f"Run {run.run_id} {run.status.value.lower()} in {time.monotonic() - began:.0f} s")
+    summary.print_summary(console, run_id=run.run_id)
+    warehouse = Warehouse()
+    for title, sql in QUESTIONS.items():
+        frame = warehouse.query(sql)
+        table = Table(title=f"{title}\n[dim]{sql}[/dim]")
+        for column in frame.columns:
+            table.add_column(column)
+        for row in frame.rows():
+            table.add_row(*[str(v) for v in row])
+        console.print(table)
+    console.print(
+        'Ask your own: `uv run redox-etl sql "select count(*) from patients"`. '
+        "See the runs and assets: `make ui`, then open http://127.0.0.1:3000."
+    )
+    if not run.is_success:
+        raise SystemExit(1)

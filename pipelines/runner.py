@@ -1,0 +1,235 @@
+"""Running the pipeline through a persistent Dagster instance: syncs and resumable backfills.
+
+Both go through the instance in ``DAGSTER_HOME`` (default ``$REDOX_ETL_HOME/dagster``), so pools,
+run history and the UI (`make ui`) see the same runs, and the shared rate budget applies to all.
+
+Invariants:
+- a backfill is a real Dagster backfill executed by ``dagster-daemon``; the daemon lives only as long
+  as the command (it dies with it), so a killed command leaves no stray workers;
+- resuming never re-loads a partition that is already materialized: it marks the runs the killed
+  daemon orphaned as failed and backfills only the partitions still missing.
+"""
+
+import contextlib
+import ctypes
+import datetime as dt
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import dagster as dg
+from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
+from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
+from dagster._core.utils import make_new_backfill_id
+
+from resources import settings
+
+ROOT = Path(__file__).resolve().parent.parent
+RANGE_TAG = "redox-etl/range"
+Progress = Callable[[int, int, str], None]
+
+
+def instance() -> dg.DagsterInstance:
+    """The persistent instance, with this project's dagster.yaml (pool limits) in place."""
+    home = Path(os.environ.get("DAGSTER_HOME") or settings.home() / "dagster").resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():
+        shutil.copyfile(ROOT / "dagster.yaml", home / "dagster.yaml")
+    os.environ["DAGSTER_HOME"] = str(home)
+    return dg.DagsterInstance.get()
+
+
+def _daily_sync_job() -> dg.JobDefinition:
+    from pipelines.definitions import defs
+
+    return defs.resolve_job_def("daily_sync")
+
+
+def partition_keys(start: dt.date, end: dt.date) -> list[str]:
+    from pipelines.partitions import daily
+
+    keys = daily.get_partition_keys()
+    chosen = [k for k in keys if start.isoformat() <= k <= end.isoformat()]
+    if not chosen:
+        raise ValueError(
+            f"no daily partitions between {start} and {end}: partitions start at {daily.start.date()} "
+            "(set REDOX_ETL_START_DATE to reach further back) and end today"
+        )
+    return chosen
+
+
+def sync(
+    start: dt.date,
+    end: dt.date,
+    *,
+    refetch: bool = True,
+    on_progress: Progress | None = None,
+) -> dg.DagsterRun:
+    """One run of ``daily_sync`` over [start, end], executed in this process; returns the run."""
+    inst = instance()
+    keys = partition_keys(start, end)
+    job = dg.reconstructable(_daily_sync_job)
+    tags = {
+        "dagster/asset_partition_range_start": keys[0],
+        "dagster/asset_partition_range_end": keys[-1],
+        RANGE_TAG: f"{keys[0]}..{keys[-1]}",
+    }
+    run_config = {"ops": {name: {"config": {"refetch": refetch}} for name in _extract_names()}}
+    result: dict[str, dg.DagsterRun] = {}
+
+    def execute() -> None:
+        with dg.execute_job(job, instance=inst, tags=tags, run_config=run_config) as done:
+            result["run"] = inst.get_run_by_id(done.run_id)  # type: ignore[assignment]
+
+    worker = threading.Thread(target=execute, name="redox-etl-sync", daemon=True)
+    worker.start()
+    total = len(_daily_sync_job().nodes)
+    while worker.is_alive():
+        worker.join(0.5)
+        if on_progress:
+            done_steps, current = _step_progress(inst, tags[RANGE_TAG])
+            on_progress(done_steps, total, current)
+    if "run" not in result:
+        raise RuntimeError("the sync run did not start; see the log above for the reason")
+    if on_progress:
+        on_progress(total, total, "done")
+    return result["run"]
+
+
+def _extract_names() -> list[str]:
+    from assets.streams import STREAMS
+
+    return [s.asset_name for s in STREAMS.values()]
+
+
+def _step_progress(inst: dg.DagsterInstance, range_tag: str) -> tuple[int, str]:
+    runs = inst.get_runs(RunsFilter(tags={RANGE_TAG: range_tag}), limit=1)
+    if not runs:
+        return 0, "starting"
+    records = inst.get_records_for_run(runs[0].run_id, of_type=dg.DagsterEventType.STEP_SUCCESS).records
+    started = inst.get_records_for_run(runs[0].run_id, of_type=dg.DagsterEventType.STEP_START).records
+    current = started[-1].event_log_entry.step_key or "" if started else "starting"
+    return len(records), current
+
+
+# ---- backfills -----------------------------------------------------------------------------------
+
+
+def missing_partitions(inst: dg.DagsterInstance, keys: list[str]) -> list[str]:
+    """Keys not yet materialized for every load asset: what a backfill still has to do."""
+    from assets.streams import ENTITIES
+
+    done = set(keys)
+    for entity in ENTITIES:
+        materialized = inst.get_materialized_partitions(dg.AssetKey(entity))
+        done &= set(materialized)
+    return [k for k in keys if k not in done]
+
+
+def fail_orphaned_runs(inst: dg.DagsterInstance) -> int:
+    """Runs left STARTED/STARTING by a daemon that died with its command: mark them failed so the
+    backfill logic does not wait on them forever. Only safe when no daemon is running."""
+    orphans = inst.get_runs(
+        RunsFilter(statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.CANCELING])
+    )
+    for run in orphans:
+        inst.report_run_failed(run, message="worker gone: its redox-etl backfill was interrupted")
+    return len(orphans)
+
+
+def _cancel_open_backfills(inst: dg.DagsterInstance) -> None:
+    for backfill in inst.get_backfills(status=BulkActionStatus.REQUESTED):
+        inst.update_backfill(backfill.with_status(BulkActionStatus.CANCELED))
+
+
+def submit_backfill(inst: dg.DagsterInstance, keys: list[str], *, title: str) -> PartitionBackfill:
+    from pipelines.definitions import defs
+
+    graph = defs.resolve_asset_graph()
+    backfill = PartitionBackfill.from_asset_partitions(
+        backfill_id=make_new_backfill_id(),
+        asset_graph=graph,
+        partition_names=keys,
+        asset_selection=sorted(graph.get_all_asset_keys()),
+        backfill_timestamp=time.time(),
+        tags={RANGE_TAG: f"{keys[0]}..{keys[-1]}", "redox-etl/kind": "backfill"},
+        dynamic_partitions_store=inst,
+        all_partitions=False,
+        title=title,
+        description="redox-etl backfill",
+        run_config={"ops": {name: {"config": {"refetch": False}} for name in _extract_names()}},
+    )
+    inst.add_backfill(backfill)
+    return backfill
+
+
+def _die_with_parent() -> None:
+    # Linux: the daemon gets SIGTERM when the command that started it dies, even by SIGKILL.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def daemon() -> Iterator[subprocess.Popen[bytes]]:
+    """``dagster-daemon run`` for the duration of the block (it runs the backfill and the queue)."""
+    exe = Path(sys.executable).with_name("dagster-daemon")
+    log = settings.home() / "dagster-daemon.log"
+    with log.open("ab") as sink:
+        # Our own venv's dagster-daemon with fixed arguments: no outside input reaches the command.
+        proc = subprocess.Popen(  # noqa: S603
+            [str(exe), "run", "-w", str(ROOT / "workspace.yaml")],
+            cwd=ROOT,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
+        try:
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def backfill(
+    start: dt.date,
+    end: dt.date,
+    *,
+    on_progress: Progress | None = None,
+    poll_s: float = 1.0,
+) -> tuple[str, int, int]:
+    """Backfill [start, end], resuming whatever an interrupted backfill left; returns
+    (final status, partitions done, partitions targeted)."""
+    inst = instance()
+    keys = partition_keys(start, end)
+    fail_orphaned_runs(inst)
+    _cancel_open_backfills(inst)
+    todo = missing_partitions(inst, keys)
+    if not todo:
+        if on_progress:
+            on_progress(len(keys), len(keys), "already complete")
+        return BulkActionStatus.COMPLETED_SUCCESS.value, len(keys), len(keys)
+    submitted = submit_backfill(inst, todo, title=f"redox-etl {keys[0]}..{keys[-1]}")
+    with daemon() as proc:
+        while True:
+            time.sleep(poll_s)
+            current = inst.get_backfill(submitted.backfill_id)
+            done = len(keys) - len(missing_partitions(inst, keys))
+            status = current.status if current else BulkActionStatus.FAILED
+            if on_progress:
+                on_progress(done, len(keys), status.value.lower())
+            if status not in (BulkActionStatus.REQUESTED, BulkActionStatus.CANCELING):
+                break
+            if proc.poll() is not None:
+                log = settings.home() / "dagster-daemon.log"
+                raise RuntimeError(f"dagster-daemon exited with code {proc.returncode}; see {log}")
+    done = len(keys) - len(missing_partitions(inst, keys))
+    return status.value, done, len(keys)

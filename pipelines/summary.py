@@ -1,0 +1,42 @@
+"""The end-of-run summary: rows per table and surface, requests spent, budget used, quarantined.
+
+Counts only: nothing here reads a patient field, so the summary is safe to print and to paste.
+"""
+
+from rich.console import Console
+from rich.table import Table
+
+from resources.redox.settings import RedoxSettings
+from resources.warehouse import Warehouse
+
+TABLES = ("patients", "encounters", "results", "appointments")
+
+
+def print_summary(console: Console, *, run_id: str | None = None) -> None:
+    warehouse = Warehouse()
+    table = Table(title="Warehouse after sync", show_lines=False)
+    for column in ("table", "surface", "rows", "quarantined"):
+        table.add_column(column, justify="right" if column in ("rows", "quarantined") else "left")
+    quarantined = {
+        (r[0], r[1]): r[2]
+        for r in warehouse.query(
+            "SELECT entity, source_surface, count(*) FROM quarantine GROUP BY ALL"
+        ).rows()
+    }
+    for name in TABLES:
+        rows = warehouse.query(f"SELECT source_surface, count(*) FROM {name} GROUP BY ALL ORDER BY 1").rows()
+        for surface, count in rows:
+            table.add_row(name, surface, f"{count:,}", f"{quarantined.get((name, surface), 0):,}")
+    console.print(table)
+    if run_id:
+        calls = warehouse.query(
+            "SELECT count(*) AS requests, count(*) FILTER (WHERE status = 429) AS refused, "
+            "count(*) FILTER (WHERE attempt > 1) AS retries FROM api_calls WHERE run_id = ?",
+            [run_id],
+        ).row(0)
+        limit = RedoxSettings.from_env().rate_limit
+        console.print(
+            f"Requests spent: {calls[0]:,} ({calls[2]:,} retries, {calls[1]:,} refused with 429); "
+            f"budget: {limit.limit:,} per {limit.seconds:g} s, so this run used "
+            f"{calls[0] / limit.limit:.1%} of one window."
+        )
