@@ -26,14 +26,16 @@ its slot), never later than the start clock. ``advance`` writes at event times i
 (old clock, new clock].
 """
 
-import bisect
+import contextlib
 import dataclasses
+import gc
 import heapq
 import itertools
 import math
+import operator
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import Final
 from zoneinfo import ZoneInfo
@@ -52,7 +54,6 @@ from sandbox.model import (
     Record,
     Result,
     Surface,
-    Version,
 )
 from sandbox.store import Store
 
@@ -90,12 +91,15 @@ NOISE_KINDS: Final = (
     "missing-email",
 )
 _NOISE_WEIGHTS: Final[dict[str, float]] = {
-    "hyphenated": 5,
-    "married-name": 6,
+    # Relative weights among the kinds a person is eligible for (a hyphenated-name variant needs a
+    # compound name, a married name an adult woman, a day/month swap a day <= 12), so rarely
+    # eligible kinds weigh more to show up at all in a small world.
+    "hyphenated": 25,
+    "married-name": 12,
     "nickname": 12,
     "typo": 15,
-    "name-swap": 3,
-    "dob-swap": 6,
+    "name-swap": 4,
+    "dob-swap": 10,
     "missing-ssn": 9,
     "ssn-digit": 5,
     "moved": 12,
@@ -228,8 +232,8 @@ class _Vec:
 
     def weighted(self, n: int, weights: Sequence[float]) -> pl.Series:
         """Indexes into ``weights``, drawn in proportion to them."""
-        cum = list(itertools.accumulate(weights))
-        idx = pl.Series(cum).search_sorted(self.u(n) * cum[-1], side="right")
+        cum = [float(c) for c in itertools.accumulate(weights)]
+        idx = pl.Series(cum, dtype=pl.Float64).search_sorted(self.u(n) * cum[-1], side="right")
         return idx.clip(0, len(weights) - 1).cast(pl.Int64)
 
     def uuids(self, n: int) -> pl.Series:
@@ -372,7 +376,7 @@ def _canonical(v: _Vec, ids: _Ids, first_person: int, m: int, today: date) -> pl
             "has_middle": v.u(m) < 0.65,
             "family_a": family_a,
             "family_b": family_b,
-            "hyphen": v.u(m) < 0.05,
+            "hyphen": v.u(m) < 0.08,
             "age_days": age_days,
             "has_ssn": v.u(m) < 0.9,
             "ssn_q": ids.ssn.series(index),
@@ -481,8 +485,9 @@ def _carve_hard_groups(
     dob_fix: dict[int, date] = {}
     given_fix: dict[int, str] = {}
     middle_fix: dict[int, str | None] = {}
-    for a in anchors:
-        kind = rng.choices(HARD_GROUPS, _HARD_WEIGHTS)[0]
+    for n, a in enumerate(anchors):
+        # Every kind of group exists whenever there is room for three, however the dice fall.
+        kind = HARD_GROUPS[n] if n < len(HARD_GROUPS) else rng.choices(HARD_GROUPS, _HARD_WEIGHTS)[0]
         members = [a, a + 1]
         if kind == "household" and rng.random() < _HOUSEHOLD_OF_THREE:
             members.append(a + 2)
@@ -828,7 +833,7 @@ def generate_patient_frame(n: int, seed: int) -> pl.DataFrame:
     ).select(*(pl.col(c).cast(t) for c, t in _FRAME_SCHEMA.items()), "person_id")
 
 
-# -- clinical records (per record, in Python) -----------------------------------------------------
+# -- clinical records (vectorized) ----------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -858,6 +863,11 @@ def _dt(ts: int) -> datetime:
     return datetime.fromtimestamp(ts, UTC)
 
 
+def _dts(values: list[int | None]) -> list[datetime | None]:
+    fromts = datetime.fromtimestamp
+    return [None if x is None else fromts(x, UTC) for x in values]
+
+
 def _poisson(rng: random.Random, lam: float) -> int:
     if lam <= 0:
         return 0
@@ -871,41 +881,105 @@ def _poisson(rng: random.Random, lam: float) -> int:
         k += 1
 
 
-@dataclasses.dataclass(frozen=True)
-class _Provider:
-    id: str
-    name: str
+def _poisson_vec(v: _Vec, n: int, lam: float) -> pl.Series:
+    """``n`` Poisson(lam) counts by inverse CDF (one lambda for all rows)."""
+    cdf, term, k = [], math.exp(-lam), 0
+    total = term
+    while total < 1 - 1e-12 and k < 1000:
+        cdf.append(total)
+        k += 1
+        term *= lam / k
+        total += term
+    cdf.append(1.0)
+    return pl.Series(cdf).search_sorted(v.u(n), side="right").cast(pl.Int64).clip(0, len(cdf) - 1)
 
 
-# Heap events: (time, tiebreak, what, surface, source_id).
-_Event = tuple[int, int, str, str, str]
+def _repeat(owners: pl.DataFrame, counts: pl.Series) -> pl.DataFrame:
+    """Each owner row repeated ``counts`` times, in order."""
+    index = pl.int_range(owners.height, eager=True).repeat_by(counts).explode().drop_nulls()
+    return owners[index]
+
+
+_CLASSES: Final = tuple(_CLASS_WEIGHTS)
+_AMBULATORY: Final = _CLASSES.index("ambulatory")
+_VIRTUAL: Final = _CLASSES.index("virtual")
+
+
+def _flat(options: dict[str, tuple[object, ...]]) -> tuple[list[object], list[int], list[int]]:
+    """Per-class option lists flattened: values, and each class's (offset, count) by class index."""
+    values: list[object] = []
+    offsets, counts = [], []
+    for klass in _CLASSES:
+        offsets.append(len(values))
+        counts.append(len(options[klass]))
+        values.extend(options[klass])
+    return values, offsets, counts
+
+
+def _by_class(options: dict[str, tuple[object, ...]], klass: pl.Expr, u: pl.Expr) -> pl.Expr:
+    """An index into ``_flat(options)[0]``: a uniform pick among the row's class's options."""
+    _, offsets, counts = _flat(options)
+    offset = klass.replace_strict(dict(enumerate(offsets)), return_dtype=pl.Int64)
+    count = klass.replace_strict(dict(enumerate(counts)), return_dtype=pl.Int64)
+    return offset + (u * count).floor().cast(pl.Int64)
+
+
+def _pick(values: Sequence[object], index: pl.Expr, dtype: pl.DataType) -> pl.Expr:
+    return pl.lit(pl.Series(values, dtype=dtype)).gather(index)
+
+
+def _analyte_table() -> pl.DataFrame:
+    rows = []
+    for p, panel in enumerate(names.PANEL_WEIGHTS):
+        for a in names.PANELS[panel]:
+            if len(a) == 5:
+                rows.append((p, a[0], a[1], None, 0, None, None, None, None, None, None, a[2], a[3], a[4]))
+            else:
+                code, display, unit, dec, low, high, c_lo, c_hi, mean, sd = a  # type: ignore[misc]
+                rows.append(
+                    (p, code, display, unit, dec, low or None, high, c_lo, c_hi, mean, sd, None, None, None)
+                )
+    return pl.DataFrame(
+        rows,
+        schema={
+            "panel": pl.Int64(),
+            "code": pl.String(),
+            "display": pl.String(),
+            "unit": pl.String(),
+            "decimals": pl.Int64(),
+            "ref_low": pl.Float64(),
+            "ref_high": pl.Float64(),
+            "crit_low": pl.Float64(),
+            "crit_high": pl.Float64(),
+            "mean": pl.Float64(),
+            "sd": pl.Float64(),
+            "normal_text": pl.String(),
+            "abnormal_text": pl.String(),
+            "p_abnormal": pl.Float64(),
+        },
+        orient="row",
+    ).with_columns(position=pl.int_range(pl.len()))
 
 
 class _Clinic:
-    """Makes clinical records for surface patients and schedules what later happens to them."""
+    """Makes clinical records in batches (polars columns, then record objects), and the identifiers
+    they carry. A batch is described by its owners (surface, patient) and per-row time inputs."""
 
-    def __init__(self, rng: random.Random, ids: _Ids, tz: ZoneInfo) -> None:
-        self.rng = rng
+    def __init__(self, ids: _Ids, tz: ZoneInfo, seed: int) -> None:
         self.ids = ids
         self.tz = tz
         self._offsets: dict[int, int] = {}
-        self.visit_counter = 0
-        self.order_counter = {"fhir": 0, "datamodel": 0}
-        prng = random.Random(rng.getrandbits(64))
-        self.providers = tuple(
-            _Provider(
-                f"1{ids.npi(i):09d}",
-                f"{prng.choice(_MALE if prng.random() < 0.5 else _FEMALE)} {prng.choice(_SIMPLE_FAMILY)}",
-            )
-            for i in range(150)
-        )
-        self.class_names = tuple(_CLASS_WEIGHTS)
-        self.class_cum = list(itertools.accumulate(_CLASS_WEIGHTS.values()))
-        self.panel_names = tuple(names.PANEL_WEIGHTS)
-        self.panel_cum = list(itertools.accumulate(names.PANEL_WEIGHTS.values()))
+        self.counter = {"encounters": 0, "appointments": 0, "fhir": 0, "datamodel": 0}
+        prng = random.Random(f"redox-sandbox:{seed}:providers")
+        self.provider_ids = [f"1{ids.npi(i):09d}" for i in range(150)]
+        self.provider_names = [
+            f"{prng.choice(_MALE if prng.random() < 0.5 else _FEMALE)} {prng.choice(_SIMPLE_FAMILY)}"
+            for _ in range(150)
+        ]
+        self.analytes = _analyte_table()
 
-    # time helpers: clinical times are drawn as local wall-clock times in the EHR's zone.
-    def _offset(self, day: int) -> int:
+    def offset(self, day: int) -> int:
+        """Seconds the EHR's zone is ahead of UTC at noon on ``day`` (days since 1970-01-01)."""
         off = self._offsets.get(day)
         if off is None:
             noon = datetime.fromordinal(day + _EPOCH_ORDINAL).replace(hour=12, tzinfo=self.tz)
@@ -913,204 +987,370 @@ class _Clinic:
             off = self._offsets[day] = int(delta.total_seconds()) if delta else 0
         return off
 
-    def local(self, day: int, second: int) -> int:
-        """UTC epoch seconds of a local wall-clock time on day ``day`` (days since 1970-01-01)."""
-        return day * _DAY + second - self._offset(day)
-
-    def clinic_slot(self, lo: int, hi: int) -> int:
-        """A quarter-hour slot in clinic hours (08:00-16:45 local) within [lo, hi), or lo if none."""
-        rng = self.rng
-        for _ in range(8):
-            day = rng.randrange(lo // _DAY - 1, hi // _DAY + 1)
-            t = self.local(day, 8 * 3600 + 900 * rng.randrange(36))
-            if lo <= t < hi:
-                return t
-        return lo
-
-    def any_time(self, lo: int, hi: int) -> int:
-        return self.rng.randrange(lo, max(hi, lo + 1))
-
-    def provider(self) -> _Provider:
-        # A few busy providers see many patients, as in a real practice.
-        return self.providers[min(int(self.rng.paretovariate(1.2)) - 1, len(self.providers) - 1)]
-
-    def encounter_id(self, surface: str) -> str:
-        if surface == "fhir":
-            return _uuid(self.rng)
-        self.visit_counter += 1
-        return str(self.ids.visit(2 * self.visit_counter) + 100_000_000)
-
-    def appointment_id(self, surface: str) -> str:
-        if surface == "fhir":
-            return _uuid(self.rng)
-        self.visit_counter += 1
-        return str(self.ids.visit(2 * self.visit_counter + 1) + 100_000_000)
-
-    def order_id(self, surface: str) -> str:
-        self.order_counter[surface] += 1
-        return str(self.ids.order[surface](self.order_counter[surface]) + 100_000_000)
-
-    # records
-    def encounter(
-        self, surface: Surface, patient: str, start: int, now: int, *, klass: str | None = None
-    ) -> tuple[Encounter, int, int | None]:
-        """An encounter starting at ``start``; returns it, its first last_updated, and the time it
-        will finish if it is still in progress at ``now``."""
-        rng = self.rng
-        if klass is None:
-            klass = self.class_names[bisect.bisect_right(self.class_cum, rng.random() * self.class_cum[-1])]
-        minutes = {
-            "ambulatory": lambda: rng.choice((15, 20, 30, 40, 60)),
-            "virtual": lambda: rng.choice((10, 15, 20, 30)),
-            "emergency": lambda: rng.randint(120, 600),
-            "observation": lambda: rng.randint(8 * 60, 40 * 60),
-            "inpatient": lambda: rng.randint(24 * 60, 8 * 24 * 60),
-        }[klass]()
-        end = start + 60 * minutes
-        code, system, display = rng.choice(names.ENCOUNTER_TYPES[klass])
-        provider = self.provider()
-        finishes: int | None = None
-        end_at: datetime | None = _dt(end)
-        roll = rng.random()
-        if end > now:
-            status, end_at, finishes = "in-progress", None, end
-            updated = min(now, start + rng.randint(60, 1800))
-        elif roll < 0.03:
-            status, end_at = "cancelled", None
-            updated = min(now, start + rng.randint(0, 3600))
-        elif roll < 0.045:
-            status = "entered-in-error"
-            updated = min(now, end + rng.randint(3600, 3 * _DAY))
-        else:
-            status = "finished"
-            updated = min(now, end + rng.randint(300, _DAY))
-        record = Encounter(
-            surface=surface,
-            source_id=self.encounter_id(surface),
-            patient_source_id=patient,
-            encounter_class=klass,
-            type_code=code,
-            type_system=system,
-            type_display=display,
-            status=status,
-            start_at=_dt(start),
-            end_at=end_at,
-            location=f"{rng.choice(names.FACILITIES)} - {rng.choice(names.DEPARTMENTS[klass])}",
-            attending_provider_id=provider.id,
-            attending_provider_name=provider.name,
-            reason=rng.choice(names.REASONS[klass]) if rng.random() < 0.85 else None,
-        )
-        return record, updated, finishes
-
-    def lab_value(self, analyte: names.Analyte) -> tuple[float, str]:
-        _, _, _, decimals, low, high, crit_low, crit_high, mean, sd = analyte
-        rng = self.rng
-        value = rng.gauss(mean, sd * (2.2 if rng.random() < 0.08 else 1.0))
-        value = round(max(value, 10.0**-decimals), decimals)
-        if crit_low is not None and value < crit_low:
-            flag = "critical_low"
-        elif crit_high is not None and value > crit_high:
-            flag = "critical_high"
-        elif low > 0 and value < low:
-            flag = "low"
-        elif value > high:
-            flag = "high"
-        else:
-            flag = "normal"
-        return value, flag
-
-    def order(
-        self, surface: Surface, patient: str, effective: int, now: int
-    ) -> list[tuple[Result, int, bool]]:
-        """One lab order's results; each with its first last_updated and whether it is preliminary."""
-        rng = self.rng
-        panel = self.panel_names[bisect.bisect_right(self.panel_cum, rng.random() * self.panel_cum[-1])]
-        order_id = self.order_id(surface)
-        recent = now - effective < 36 * 3600
-        preliminary = recent and rng.random() < 0.5
-        if preliminary:
-            updated = min(now, effective + rng.randint(600, 3600))
-        else:
-            updated = min(now, effective + rng.randint(3600, _DAY))
-        error = rng.random() < 0.003
-        out = []
-        for analyte in names.PANELS[panel]:
-            code, display = analyte[0], analyte[1]
-            if len(analyte) == 5:
-                _, _, normal, abnormal, p = analyte
-                positive = rng.random() < p
-                value_num, value_text, unit = None, abnormal if positive else normal, None
-                low = high = None
-                ref_text: str | None = normal
-                flag = "abnormal" if positive else "normal"
-            else:
-                value_num, flag = self.lab_value(analyte)  # type: ignore[arg-type]
-                value_text, unit, ref_text = None, analyte[2], None
-                low = analyte[4] if analyte[4] > 0 else None  # type: ignore[operator]
-                high = analyte[5]  # type: ignore[misc]
-            status = "entered-in-error" if error else ("preliminary" if preliminary else "final")
-            result = Result(
-                surface=surface,
-                source_id=_uuid(rng) if surface == "fhir" else f"{order_id}|{code}",
-                patient_source_id=patient,
-                order_id=order_id,
-                code=code,
-                code_system=names.LOINC,
-                display=display,
-                value_num=value_num,
-                value_text=value_text,
-                unit=unit,  # type: ignore[arg-type]
-                reference_low=low,  # type: ignore[arg-type]
-                reference_high=high,  # type: ignore[arg-type]
-                reference_text=ref_text,
-                abnormal_flag=flag,
-                status=status,
-                effective_at=_dt(effective),
+    def slots(self, v: _Vec, lo: pl.Series, hi: pl.Series) -> pl.Series:
+        """Quarter-hour slots in clinic hours (08:00-16:45 local) in [lo, hi) per row. Draws outside
+        the window are redrawn a few times, then clamped (only windows shorter than a day get that)."""
+        m = lo.len()
+        frame = pl.DataFrame({"lo": lo, "hi": hi, "t": pl.Series([None] * m, dtype=pl.Int64)})
+        first_day = frame.select((pl.col("lo") // _DAY - 1).min()).item() or 0
+        last_day = frame.select((pl.col("hi") // _DAY + 1).max()).item() or 0
+        offsets = {d: self.offset(d) for d in range(first_day, last_day + 1)}
+        for _ in range(6):
+            day = (
+                pl.col("lo") // _DAY
+                - 1
+                + (pl.lit(v.u(m)) * (pl.col("hi") // _DAY - pl.col("lo") // _DAY + 3)).floor()
             )
-            out.append((result, updated, preliminary))
-        return out
+            day = day.cast(pl.Int64)
+            draw = day * _DAY + 8 * 3600 + 900 * (pl.lit(v.u(m)) * 36).floor().cast(pl.Int64)
+            draw = draw - day.replace_strict(offsets, return_dtype=pl.Int64, default=0)
+            bad = pl.col("t").is_null() | (pl.col("t") < pl.col("lo")) | (pl.col("t") >= pl.col("hi"))
+            frame = frame.with_columns(t=pl.when(bad).then(draw).otherwise("t"))
+        return frame.select(
+            pl.col("t").clip(pl.col("lo"), pl.max_horizontal("lo", pl.col("hi") - 1))
+        ).to_series()
 
-    def appointment(
-        self, surface: Surface, patient: str, start: int, now: int, *, booked_at: int | None = None
-    ) -> tuple[Appointment, int]:
-        rng = self.rng
-        duration = rng.choices(_DURATIONS, _DURATION_WEIGHTS)[0]
-        roll = rng.random()
-        if start > now:
-            status = "cancelled" if roll < 0.06 else "booked"
-            updated = booked_at if booked_at is not None else now - rng.randint(3600, 60 * _DAY)
-            if status == "cancelled":
-                updated = min(now, updated + rng.randint(3600, 5 * _DAY))
-        else:
-            if roll < 0.82:
-                status, updated = "fulfilled", start + 60 * duration + rng.randint(0, _DAY)
-            elif roll < 0.89:
-                status, updated = "noshow", start + rng.randint(3600, _DAY)
-            elif roll < 0.98:
-                status, updated = "cancelled", start - rng.randint(3600, 14 * _DAY)
-            elif roll < 0.995:
-                status, updated = "arrived", start + rng.randint(0, 900)
-            else:
-                status, updated = "entered-in-error", start + rng.randint(0, 3 * _DAY)
-            updated = min(now, updated)
-        code, display = rng.choices(names.APPOINTMENT_TYPES, (5, 4, 2, 1, 0.3))[0]
-        provider = self.provider()
-        record = Appointment(
-            surface=surface,
-            source_id=self.appointment_id(surface),
-            patient_source_id=patient,
-            status=status,
-            start_at=_dt(start),
-            end_at=_dt(start + 60 * duration),
-            duration_min=duration,
-            type_code=code,
-            type_display=display,
-            location=f"{rng.choice(names.FACILITIES)} - {rng.choice(names.DEPARTMENTS['ambulatory'])}",
-            provider_id=provider.id,
-            provider_name=provider.name,
-            reason=rng.choice(names.APPOINTMENT_REASONS) if rng.random() < 0.8 else None,
+    def _provider(self, v: _Vec, m: int) -> pl.Series:
+        # A few busy providers see many patients, as in a real practice (Pareto).
+        rank = ((v.u(m) + 1e-9).pow(-1 / 1.2)).floor().cast(pl.Int64).clip(1, len(self.provider_ids)) - 1
+        return rank
+
+    def _visit_numbers(self, kind: str, is_dm: pl.Series) -> pl.Series:
+        """VisitNumbers for the Data Model rows: encounters take even slots, appointments odd ones."""
+        start = self.counter[kind]
+        rank = is_dm.cast(pl.Int64).cum_sum() - 1 + start
+        self.counter[kind] = start + int(is_dm.sum())
+        parity = 0 if kind == "encounters" else 1
+        return (self.ids.visit.series(rank * 2 + parity) + 100_000_000).cast(pl.String)
+
+    def encounters(
+        self,
+        v: _Vec,
+        owners: pl.DataFrame,
+        *,
+        lo: pl.Series,
+        hi: pl.Series,
+        now: pl.Series,
+        start: pl.Series | None = None,
+        klass: pl.Series | None = None,
+    ) -> pl.DataFrame:
+        """Encounters for ``owners`` (surface, patient), starting in [lo, hi) or at ``start``, as seen
+        at ``now``: columns of ``Encounter`` plus ``updated`` (first last_updated) and ``finishes``
+        (when an in-progress one will end)."""
+        m = owners.height
+        if klass is None:
+            klass = v.weighted(m, tuple(_CLASS_WEIGHTS.values()))
+        if start is None:
+            any_time = lo + (v.u(m) * (hi - lo)).floor().cast(pl.Int64)
+            slot = self.slots(v, lo, hi)
+            start = pl.select(
+                pl.when(pl.lit(klass).is_in([_AMBULATORY, _VIRTUAL]))
+                .then(pl.lit(slot))
+                .otherwise(pl.lit(any_time))
+            ).to_series()
+        u = {name: v.u(m) for name in ("dur", "status", "upd", "type", "fac", "dept", "reason", "has_reason")}
+        types, _, _ = _flat(names.ENCOUNTER_TYPES)  # type: ignore[arg-type]
+        depts, _, _ = _flat(names.DEPARTMENTS)  # type: ignore[arg-type]
+        reasons, _, _ = _flat(names.REASONS)  # type: ignore[arg-type]
+        k = pl.col("klass")
+        ud = pl.col("u_dur")
+        minutes = (
+            pl.when(k == _CLASSES.index("ambulatory"))
+            .then(_pick((15, 20, 30, 40, 60), (ud * 5).floor().cast(pl.Int64), pl.Int64()))
+            .when(k == _CLASSES.index("virtual"))
+            .then(_pick((10, 15, 20, 30), (ud * 4).floor().cast(pl.Int64), pl.Int64()))
+            .when(k == _CLASSES.index("emergency"))
+            .then(120 + (ud * 481).floor().cast(pl.Int64))
+            .when(k == _CLASSES.index("observation"))
+            .then(480 + (ud * 1921).floor().cast(pl.Int64))
+            .otherwise(1440 + (ud * 10081).floor().cast(pl.Int64))
         )
-        return record, updated
+        is_dm = owners["surface"] == "datamodel"
+        frame = owners.with_columns(
+            klass=klass,
+            start=start,
+            now=now,
+            **{f"u_{n}": s for n, s in u.items()},
+            uuid=v.uuids(m),
+            visit=self._visit_numbers("encounters", is_dm),
+            provider=self._provider(v, m),
+        ).with_columns(end=pl.col("start") + 60 * minutes)
+        us, uu = pl.col("u_status"), pl.col("u_upd")
+        status = (
+            pl.when(pl.col("end") > pl.col("now"))
+            .then(pl.lit("in-progress"))
+            .when(us < 0.03)
+            .then(pl.lit("cancelled"))
+            .when(us < 0.045)
+            .then(pl.lit("entered-in-error"))
+            .otherwise(pl.lit("finished"))
+        )
+        frame = frame.with_columns(status=status)
+        st = pl.col("status")
+        updated = (
+            pl.when(st == "in-progress")
+            .then(pl.col("start") + 60 + (uu * 1740).floor().cast(pl.Int64))
+            .when(st == "cancelled")
+            .then(pl.col("start") + (uu * 3600).floor().cast(pl.Int64))
+            .when(st == "entered-in-error")
+            .then(pl.col("end") + 3600 + (uu * 2 * _DAY).floor().cast(pl.Int64))
+            .otherwise(pl.col("end") + 300 + (uu * _DAY).floor().cast(pl.Int64))
+        )
+        type_idx = _by_class(names.ENCOUNTER_TYPES, k, pl.col("u_type"))  # type: ignore[arg-type]
+        return frame.select(
+            "surface",
+            source_id=pl.when(pl.col("surface") == "fhir").then("uuid").otherwise("visit"),
+            patient_source_id="patient",
+            encounter_class=_pick(_CLASSES, k, pl.String()),
+            type_code=_pick([t[0] for t in types], type_idx, pl.String()),  # type: ignore[index]
+            type_system=_pick([t[1] for t in types], type_idx, pl.String()),  # type: ignore[index]
+            type_display=_pick([t[2] for t in types], type_idx, pl.String()),  # type: ignore[index]
+            status="status",
+            start_at="start",
+            end_at=pl.when(st.is_in(["in-progress", "cancelled"]).not_()).then("end"),
+            location=pl.concat_str(
+                [
+                    _pick(
+                        names.FACILITIES,
+                        (pl.col("u_fac") * len(names.FACILITIES)).floor().cast(pl.Int64),
+                        pl.String(),
+                    ),
+                    pl.lit(" - "),
+                    _pick(depts, _by_class(names.DEPARTMENTS, k, pl.col("u_dept")), pl.String()),  # type: ignore[arg-type]
+                ]
+            ),
+            attending_provider_id=_pick(self.provider_ids, pl.col("provider"), pl.String()),
+            attending_provider_name=_pick(self.provider_names, pl.col("provider"), pl.String()),
+            reason=pl.when(pl.col("u_has_reason") < 0.85).then(
+                _pick(reasons, _by_class(names.REASONS, k, pl.col("u_reason")), pl.String())  # type: ignore[arg-type]
+            ),
+            updated=pl.min_horizontal(updated, "now"),
+            finishes=pl.when(st == "in-progress").then("end"),
+        )
+
+    def orders(
+        self,
+        v: _Vec,
+        owners: pl.DataFrame,
+        *,
+        effective: pl.Series,
+        now: pl.Series,
+    ) -> pl.DataFrame:
+        """One lab order per owner row, collected at ``effective``: one row per result, columns of
+        ``Result`` plus ``updated`` and ``preliminary``."""
+        m = owners.height
+        surface_rank = pl.col("surface").cum_count().over("surface") - 1
+        orders = owners.with_columns(
+            panel=v.weighted(m, tuple(names.PANEL_WEIGHTS.values())),
+            effective=effective,
+            now=now,
+            u_prelim=v.u(m),
+            u_upd=v.u(m),
+            u_error=v.u(m),
+            order_no=pl.int_range(pl.len()),
+        ).with_columns(rank=surface_rank)
+        fhir_start, dm_start = self.counter["fhir"], self.counter["datamodel"]
+        is_fhir = pl.col("surface") == "fhir"
+        n_fhir = int((owners["surface"] == "fhir").sum())
+        self.counter["fhir"] += n_fhir
+        self.counter["datamodel"] += m - n_fhir
+        order_id = (
+            pl.when(is_fhir)
+            .then(self.ids.order["fhir"].series(pl.col("rank") + fhir_start))  # type: ignore[arg-type]
+            .otherwise(self.ids.order["datamodel"].series(pl.col("rank") + dm_start))  # type: ignore[arg-type]
+            + 100_000_000
+        ).cast(pl.String)
+        recent = (pl.col("now") - pl.col("effective")) < 36 * 3600
+        orders = orders.with_columns(
+            order_id=order_id,
+            preliminary=recent & (pl.col("u_prelim") < 0.5),
+            error=pl.col("u_error") < 0.003,
+        ).with_columns(
+            updated=pl.min_horizontal(
+                pl.when("preliminary")
+                .then(pl.col("effective") + 600 + (pl.col("u_upd") * 3000).floor().cast(pl.Int64))
+                .otherwise(
+                    pl.col("effective") + 3600 + (pl.col("u_upd") * (_DAY - 3600)).floor().cast(pl.Int64)
+                ),
+                "now",
+            )
+        )
+        rows = orders.join(self.analytes, on="panel", how="inner").sort("order_no", "position")
+        n = rows.height
+        # Box-Muller normals; one in twelve values drawn from a wider spread, so abnormals happen.
+        z = (-2.0 * (1.0 - v.u(n)).log()).sqrt() * (2 * math.pi * v.u(n)).cos()
+        wide = pl.Series(v.u(n) < 0.08)
+        rows = rows.with_columns(
+            z=z,
+            wide=wide,
+            u_text=v.u(n),
+            uuid=v.uuids(n),
+        )
+        scale = 10.0 ** pl.col("decimals").cast(pl.Float64)
+        raw = pl.col("mean") + pl.col("sd") * pl.col("z") * pl.when("wide").then(2.2).otherwise(1.0)
+        value = (pl.max_horizontal(raw, 1.0 / scale) * scale).round() / scale
+        rows = rows.with_columns(value=pl.when(pl.col("mean").is_not_null()).then(value))
+        val = pl.col("value")
+        flag = (
+            pl.when(pl.col("crit_low").is_not_null() & (val < pl.col("crit_low")))
+            .then(pl.lit("critical_low"))
+            .when(pl.col("crit_high").is_not_null() & (val > pl.col("crit_high")))
+            .then(pl.lit("critical_high"))
+            .when(pl.col("ref_low").is_not_null() & (val < pl.col("ref_low")))
+            .then(pl.lit("low"))
+            .when(val > pl.col("ref_high"))
+            .then(pl.lit("high"))
+            .otherwise(pl.lit("normal"))
+        )
+        positive = pl.col("u_text") < pl.col("p_abnormal")
+        is_text = pl.col("mean").is_null()
+        return rows.select(
+            "surface",
+            source_id=pl.when(is_fhir).then("uuid").otherwise(pl.format("{}|{}", "order_id", "code")),
+            patient_source_id="patient",
+            order_id="order_id",
+            code="code",
+            code_system=pl.lit(names.LOINC),
+            display="display",
+            value_num="value",
+            value_text=pl.when(is_text).then(
+                pl.when(positive).then("abnormal_text").otherwise("normal_text")
+            ),
+            unit="unit",
+            reference_low="ref_low",
+            reference_high="ref_high",
+            reference_text="normal_text",
+            abnormal_flag=pl.when(is_text)
+            .then(pl.when(positive).then(pl.lit("abnormal")).otherwise(pl.lit("normal")))
+            .otherwise(flag),
+            status=pl.when("error")
+            .then(pl.lit("entered-in-error"))
+            .when("preliminary")
+            .then(pl.lit("preliminary"))
+            .otherwise(pl.lit("final")),
+            effective_at="effective",
+            updated="updated",
+            preliminary="preliminary",
+        )
+
+    def appointments(
+        self,
+        v: _Vec,
+        owners: pl.DataFrame,
+        *,
+        start: pl.Series,
+        now: pl.Series,
+        booked_at: pl.Series | None = None,
+    ) -> pl.DataFrame:
+        """Appointments at ``start`` as seen at ``now``: future ones booked (a few cancelled), past
+        ones fulfilled, no-shows, cancelled, ... Columns of ``Appointment`` plus ``updated``.
+        With ``booked_at``, every one is a fresh booking made then."""
+        m = owners.height
+        is_dm = owners["surface"] == "datamodel"
+        frame = owners.with_columns(
+            start=start,
+            now=now,
+            booked=booked_at if booked_at is not None else pl.lit(None, dtype=pl.Int64),
+            duration=_pick(_DURATIONS, pl.lit(v.weighted(m, _DURATION_WEIGHTS)), pl.Int32()),
+            u_status=v.u(m),
+            u_upd=v.u(m),
+            u_book=v.u(m),
+            type_idx=v.weighted(m, (5, 4, 2, 1, 0.3)),
+            fac=v.ints(m, 0, len(names.FACILITIES)),
+            dept=v.ints(m, 0, len(names.DEPARTMENTS["ambulatory"])),
+            reason=v.ints(m, 0, len(names.APPOINTMENT_REASONS)),
+            has_reason=v.u(m) < 0.8,
+            provider=self._provider(v, m),
+            uuid=v.uuids(m),
+            visit=self._visit_numbers("appointments", is_dm),
+        )
+        us, uu = pl.col("u_status"), pl.col("u_upd")
+        future = pl.col("start") > pl.col("now")
+        fresh = pl.col("booked").is_not_null()
+        status = (
+            pl.when(fresh)
+            .then(pl.lit("booked"))
+            .when(future)
+            .then(pl.when(us < 0.06).then(pl.lit("cancelled")).otherwise(pl.lit("booked")))
+            .when(us < 0.82)
+            .then(pl.lit("fulfilled"))
+            .when(us < 0.89)
+            .then(pl.lit("noshow"))
+            .when(us < 0.98)
+            .then(pl.lit("cancelled"))
+            .when(us < 0.995)
+            .then(pl.lit("arrived"))
+            .otherwise(pl.lit("entered-in-error"))
+        )
+        frame = frame.with_columns(status=status)
+        st = pl.col("status")
+        booked = pl.col("now") - 3600 - (pl.col("u_book") * 60 * _DAY).floor().cast(pl.Int64)
+        updated = (
+            pl.when(fresh)
+            .then("booked")
+            .when(future & (st == "booked"))
+            .then(booked)
+            .when(future)
+            .then(booked + 3600 + (uu * 5 * _DAY).floor().cast(pl.Int64))
+            .when(st == "fulfilled")
+            .then(pl.col("start") + 60 * pl.col("duration") + (uu * _DAY).floor().cast(pl.Int64))
+            .when(st == "noshow")
+            .then(pl.col("start") + 3600 + (uu * _DAY).floor().cast(pl.Int64))
+            .when(st == "cancelled")
+            .then(pl.col("start") - 3600 - (uu * 14 * _DAY).floor().cast(pl.Int64))
+            .when(st == "arrived")
+            .then(pl.col("start") + (uu * 900).floor().cast(pl.Int64))
+            .otherwise(pl.col("start") + (uu * 3 * _DAY).floor().cast(pl.Int64))
+        )
+        return frame.select(
+            "surface",
+            source_id=pl.when(pl.col("surface") == "fhir").then("uuid").otherwise("visit"),
+            patient_source_id="patient",
+            status="status",
+            start_at="start",
+            end_at=pl.col("start") + 60 * pl.col("duration"),
+            duration_min="duration",
+            type_code=_pick([t[0] for t in names.APPOINTMENT_TYPES], pl.col("type_idx"), pl.String()),
+            type_display=_pick([t[1] for t in names.APPOINTMENT_TYPES], pl.col("type_idx"), pl.String()),
+            location=pl.concat_str(
+                [
+                    _pick(names.FACILITIES, pl.col("fac"), pl.String()),
+                    pl.lit(" - "),
+                    _pick(names.DEPARTMENTS["ambulatory"], pl.col("dept"), pl.String()),
+                ]
+            ),
+            provider_id=_pick(self.provider_ids, pl.col("provider"), pl.String()),
+            provider_name=_pick(self.provider_names, pl.col("provider"), pl.String()),
+            reason=pl.when("has_reason").then(
+                _pick(names.APPOINTMENT_REASONS, pl.col("reason"), pl.String())
+            ),
+            updated=pl.min_horizontal(updated, "now"),
+        )
+
+    @staticmethod
+    def lab_value(rng: random.Random, code: str) -> tuple[float, str]:
+        """A fresh value and its flag for analyte ``code`` (a corrected result's new value)."""
+        _, _, _, decimals, low, high, crit_low, crit_high, mean, sd = _ANALYTES[code]
+        value = round(max(rng.gauss(mean, sd), 10.0**-decimals), decimals)
+        if crit_low is not None and value < crit_low:
+            return value, "critical_low"
+        if crit_high is not None and value > crit_high:
+            return value, "critical_high"
+        if low > 0 and value < low:
+            return value, "low"
+        return value, "high" if value > high else "normal"
+
+
+_ENCOUNTER_FIELDS: Final = tuple(f.name for f in dataclasses.fields(Encounter))
+_RESULT_FIELDS: Final = tuple(f.name for f in dataclasses.fields(Result))
+_APPOINTMENT_FIELDS: Final = tuple(f.name for f in dataclasses.fields(Appointment))
+_TIME_FIELDS: Final = frozenset({"start_at", "end_at", "effective_at"})
+
+
+def _records(frame: pl.DataFrame, cls: type, fields: tuple[str, ...]) -> list:  # type: ignore[type-arg]
+    """Record objects from a batch frame (epoch-second time columns become aware datetimes)."""
+    columns = [_dts(frame[f].to_list()) if f in _TIME_FIELDS else frame[f].to_list() for f in fields]
+    return [cls(*row) for row in zip(*columns, strict=True)]
 
 
 # -- the world ------------------------------------------------------------------------------------
@@ -1118,54 +1358,48 @@ class _Clinic:
 
 def _patient(row: dict[str, object]) -> Patient:
     idents = row["identifiers"]
-    assert isinstance(idents, list)
     noise = row["noise"]
-    assert isinstance(noise, list)
+    assert isinstance(idents, list) and isinstance(noise, list)
     return Patient(
         surface=row["source_surface"],  # type: ignore[arg-type]
         source_id=row["source_id"],  # type: ignore[arg-type]
         person_id=row["person_id"],  # type: ignore[arg-type]
         identifiers=tuple(Identifier(i["system"], i["value"]) for i in idents),
-        given_name=row["given_name"],  # type: ignore[arg-type]
-        middle_name=row["middle_name"],  # type: ignore[arg-type]
-        family_name=row["family_name"],  # type: ignore[arg-type]
-        birth_date=row["birth_date"],  # type: ignore[arg-type]
-        sex=row["sex"],  # type: ignore[arg-type]
-        ssn=row["ssn"],  # type: ignore[arg-type]
-        address_line=row["address_line"],  # type: ignore[arg-type]
-        address_city=row["address_city"],  # type: ignore[arg-type]
-        address_state=row["address_state"],  # type: ignore[arg-type]
-        address_postal_code=row["address_postal_code"],  # type: ignore[arg-type]
-        phone=row["phone"],  # type: ignore[arg-type]
-        email=row["email"],  # type: ignore[arg-type]
         noise=tuple(noise),
+        **{f: row[f] for f in _DEMOGRAPHICS},  # type: ignore[arg-type]
     )
 
 
 def _person(row: dict[str, object]) -> Person:
     return Person(
         person_id=row["person_id"],  # type: ignore[arg-type]
-        given_name=row["given_name"],  # type: ignore[arg-type]
-        middle_name=row["middle_name"],  # type: ignore[arg-type]
-        family_name=row["family_name"],  # type: ignore[arg-type]
-        birth_date=row["birth_date"],  # type: ignore[arg-type]
-        sex=row["sex"],  # type: ignore[arg-type]
-        ssn=row["ssn"],  # type: ignore[arg-type]
-        address_line=row["address_line"],  # type: ignore[arg-type]
-        address_city=row["address_city"],  # type: ignore[arg-type]
-        address_state=row["address_state"],  # type: ignore[arg-type]
-        address_postal_code=row["address_postal_code"],  # type: ignore[arg-type]
-        phone=row["phone"],  # type: ignore[arg-type]
-        email=row["email"],  # type: ignore[arg-type]
         hard_group=row["hard_group"],  # type: ignore[arg-type]
+        **{f: row[f] for f in _DEMOGRAPHICS},  # type: ignore[arg-type]
     )
+
+
+# Heap events: (time, tiebreak, what, surface, source_id, payload). The tiebreak is unique, so
+# payloads are never compared.
+_Event = tuple[int, int, str, str, str, object]
+_FRAME_KINDS: Final[dict[Kind, tuple[type, tuple[str, ...]]]] = {
+    "encounters": (Encounter, _ENCOUNTER_FIELDS),
+    "results": (Result, _RESULT_FIELDS),
+    "appointments": (Appointment, _APPOINTMENT_FIELDS),
+}
+# Walk-in mix for visits that start "now" during advance (no one is admitted for a week by booking).
+_WALK_IN: Final = {"ambulatory": 60, "emergency": 15, "inpatient": 5, "observation": 5, "virtual": 15}
+
+
+def _const(n: int, value: int) -> pl.Series:
+    return pl.repeat(value, n, dtype=pl.Int64, eager=True)
 
 
 class World:
     """The synthetic world: persons (truth), the store both surfaces serve, and the clock's future.
 
     ``persons`` maps person_id to Person; ``patients_of`` maps person_id to its surface patients'
-    (surface, source_id); ``groups`` maps a hard-group id to its member person_ids.
+    (surface, source_id); ``groups`` maps a hard-group id to its member person_ids. ``clock0`` is
+    where the clock started (the end of the configured range).
     """
 
     def __init__(self, config: PopulationConfig) -> None:
@@ -1178,8 +1412,8 @@ class World:
         self.patients_of: dict[str, list[tuple[Surface, str]]] = {}
         self.groups: dict[str, list[str]] = {}
         self._ids = _Ids.of(self.config.seed)
-        self._rng = random.Random(f"redox-sandbox:{self.config.seed}:build")
-        self._clinic = _Clinic(self._rng, self._ids, ZoneInfo(self.config.fhir_tz))
+        self._clinic = _Clinic(self._ids, ZoneInfo(self.config.fhir_tz), self.config.seed)
+        self._use_stream("build")
         self._events: list[_Event] = []
         self._tiebreak = itertools.count()
         self._next_person = 0
@@ -1190,23 +1424,32 @@ class World:
         # Booked appointments whose slot has not come yet (pruned lazily when picked).
         self._booked: list[tuple[Surface, str]] = []
 
+    def _use_stream(self, name: str) -> None:
+        self._rng = random.Random(f"redox-sandbox:{self.config.seed}:{name}")
+        self._vec = _Vec(self._rng)
+
     @property
     def clock(self) -> datetime:
         return self.store.clock
 
     # -- building -------------------------------------------------------------------------------
 
-    def _schedule(self, at: int, what: str, surface: str, source_id: str) -> None:
-        heapq.heappush(self._events, (at, next(self._tiebreak), what, surface, source_id))
+    def _schedule(
+        self, at: int, what: str, surface: str = "", source_id: str = "", payload: object = None
+    ) -> None:
+        heapq.heappush(self._events, (at, next(self._tiebreak), what, surface, source_id, payload))
 
     def _put(self, kind: Kind, record: Record, at: int | None = None) -> None:
         self.store.put(kind, record, at=None if at is None else _dt(at))
-        if kind != "patients":
+        if kind == "patients":
+            assert isinstance(record, Patient)
+            self.patients_of[record.person_id].append((record.surface, record.source_id))
+            self._patient_ids[record.surface].append(record.source_id)
+        else:
             self._record_ids.setdefault((kind, record.surface), []).append(record.source_id)
 
-    def _add_people(self, count: int, created: list[int] | None = None) -> list[Patient]:
-        """Make ``count`` persons with their patient copies, put the patients (at ``created[i]``
-        for person i, or backdated across the range when building), and return the new patients."""
+    def _add_people(self, count: int) -> list[Patient]:
+        """Make ``count`` persons and their patient copies (not yet stored), in person order."""
         batch = _people(
             self._rng,
             self._ids,
@@ -1228,72 +1471,74 @@ class World:
             if row["group_id"] is not None:
                 self.groups.setdefault(row["group_id"], []).append(person.person_id)
         patients = [_patient(row) for row in batch.patients.iter_rows(named=True)]
-        # Put in person order (both copies of a person together), so seq order is stable and natural.
         patients.sort(key=lambda p: (order[p.person_id], p.surface != "fhir"))
-        lo, hi = _ts(self.start_at), _ts(self.clock)
-        for patient in patients:
-            self.patients_of[patient.person_id].append((patient.surface, patient.source_id))
-            self._patient_ids[patient.surface].append(patient.source_id)
-            if created is None:
-                at = self._rng.randrange(lo, hi) if hi > lo else hi
-            else:
-                at = created[order[patient.person_id]]
-            self.store.put("patients", patient, at=_dt(at))
         return patients
 
-    def _history(self, patient: Patient, lo: int, now: int) -> None:
-        """A patient's visits, labs and appointments from ``lo`` to ``now`` (and booked beyond)."""
-        rng, clinic, surface, pid = self._rng, self._clinic, patient.surface, patient.source_id
-        days = (now - lo) / _DAY
-        encounters = []
-        for _ in range(_poisson(rng, ENCOUNTERS_PER_90D * days / 90)):
-            klass = clinic.class_names[
-                bisect.bisect_right(clinic.class_cum, rng.random() * clinic.class_cum[-1])
-            ]
-            start = (
-                clinic.clinic_slot(lo, now)
-                if klass in ("ambulatory", "virtual")
-                else clinic.any_time(lo, now)
-            )
-            enc, updated, finishes = clinic.encounter(surface, pid, start, now, klass=klass)
-            self._put("encounters", enc, updated)
-            encounters.append(start)
-            if finishes is not None:
-                self._schedule(finishes, "finish", surface, enc.source_id)
-        for _ in range(_poisson(rng, ORDERS_PER_90D * days / 90)):
-            if encounters and rng.random() < 0.6:
-                effective = min(now - 60, rng.choice(encounters) + rng.randint(600, 3 * 3600))
-            else:
-                effective = clinic.clinic_slot(lo, now)
-            self._put_order(surface, pid, max(lo, effective), now)
-        horizon = now + FUTURE_DAYS * _DAY
-        for _ in range(_poisson(rng, APPOINTMENTS_PER_90D * (horizon - lo) / _DAY / 90)):
-            start = clinic.clinic_slot(lo, horizon)
-            appt, updated = clinic.appointment(surface, pid, start, now)
-            self._put("appointments", appt, max(min(updated, now), _ts(self.start_at) - 60 * _DAY))
-            if appt.status == "booked":
-                self._booked.append((surface, appt.source_id))
-                self._schedule(start + 60 * appt.duration_min, "complete", surface, appt.source_id)
+    def _put_batch(self, kind: Kind, frame: pl.DataFrame, *, at: list[int] | None = None) -> None:
+        """Store a batch frame's records, each at its ``updated`` time (build) or schedule each to
+        appear at ``at[i]`` (advance), with the follow-up events its state implies."""
+        cls, fields = _FRAME_KINDS[kind]
+        records = _records(frame, cls, fields)
+        follow = frame["finishes"].to_list() if kind == "encounters" else [None] * len(records)
+        if at is not None:
+            for record, when, finishes in zip(records, at, follow, strict=True):
+                self._schedule(when, "put", record.surface, record.source_id, (kind, record, finishes))
+            return
+        rng = self._rng
+        now = _ts(self.clock)
+        updated = frame["updated"].to_list()
+        for record, stamp, finishes in zip(records, updated, follow, strict=True):
+            self._put(kind, record, stamp)
+            self._follow_up(kind, record, finishes, now, rng)
 
-    def _put_order(self, surface: Surface, patient: str, effective: int, now: int) -> int:
-        results = self._clinic.order(surface, patient, effective, now)
-        for result, updated, preliminary in results:
-            self._put("results", result, updated)
-            if preliminary:
-                self._schedule(
-                    effective + self._rng.randint(12 * 3600, 48 * 3600), "finalize", surface, result.source_id
-                )
-        return len(results)
+    def _follow_up(
+        self, kind: Kind, record: Record, finishes: int | None, now: int, rng: random.Random
+    ) -> None:
+        if kind == "encounters" and finishes is not None:
+            self._schedule(finishes, "finish", record.surface, record.source_id)
+        elif kind == "results" and record.status == "preliminary":  # type: ignore[union-attr]
+            assert isinstance(record, Result)
+            due = max(now + 60, _ts(record.effective_at) + rng.randint(12 * 3600, 48 * 3600))
+            self._schedule(due, "finalize", record.surface, record.source_id)
+        elif kind == "appointments" and record.status == "booked":  # type: ignore[union-attr]
+            assert isinstance(record, Appointment)
+            self._booked.append((record.surface, record.source_id))
+            self._schedule(_ts(record.end_at), "complete", record.surface, record.source_id)
 
     def _build(self) -> None:
         patients = self._add_people(self.config.patients)
         lo, now = _ts(self.start_at), _ts(self.clock)
+        rng, v, clinic = self._rng, self._vec, self._clinic
         for patient in patients:
-            self._history(patient, lo, now)
-        # Everything else (advance's draws) comes from its own stream, so that building a world and
-        # then advancing it is reproducible whatever build consumed.
-        self._rng = random.Random(f"redox-sandbox:{self.config.seed}:advance")
-        self._clinic.rng = self._rng
+            self._put("patients", patient, rng.randrange(lo, now) if now > lo else now)
+        owners = pl.DataFrame(
+            {"surface": [p.surface for p in patients], "patient": [p.source_id for p in patients]},
+            schema={"surface": pl.String(), "patient": pl.String()},
+        )
+        n, days = owners.height, (now - lo) / _DAY
+
+        visits = _repeat(owners, _poisson_vec(v, n, ENCOUNTERS_PER_90D * days / 90))
+        m = visits.height
+        frame = clinic.encounters(v, visits, lo=_const(m, lo), hi=_const(m, now), now=_const(m, now))
+        self._put_batch("encounters", frame)
+
+        labs = _repeat(owners, _poisson_vec(v, n, ORDERS_PER_90D * days / 90))
+        m = labs.height
+        slot = clinic.slots(v, _const(m, lo), _const(m, now))
+        any_time = lo + (v.u(m) * (now - lo)).floor().cast(pl.Int64)
+        effective = pl.select(
+            pl.when(pl.lit(v.u(m)) < 0.65).then(pl.lit(slot)).otherwise(pl.lit(any_time))
+        ).to_series()
+        self._put_batch("results", clinic.orders(v, labs, effective=effective, now=_const(m, now)))
+
+        horizon = now + FUTURE_DAYS * _DAY
+        booked = _repeat(owners, _poisson_vec(v, n, APPOINTMENTS_PER_90D * (horizon - lo) / _DAY / 90))
+        m = booked.height
+        start = clinic.slots(v, _const(m, lo), _const(m, horizon))
+        self._put_batch("appointments", clinic.appointments(v, booked, start=start, now=_const(m, now)))
+        # Advance draws from its own stream, so a world advanced after build is reproducible
+        # whatever build consumed.
+        self._use_stream("advance")
 
     # -- advancing ------------------------------------------------------------------------------
 
@@ -1306,52 +1551,86 @@ class World:
         old = self.clock
         new = old + delta
         lo, hi = _ts(old), _ts(new)
-        rng, days = self._rng, delta / timedelta(days=1)
-        n_patients = sum(len(v) for v in self._patient_ids.values())
-        n_results = sum(len(self._record_ids.get(("results", s), ())) for s in SURFACES)
-        span = hi - lo
-        if span >= 1:
-            rates = {
-                "new_person": _NEW_PERSONS_PER_DAY * len(self.persons),
-                "new_encounter": ENCOUNTERS_PER_90D / 90 * n_patients,
-                "new_order": ORDERS_PER_90D / 90 * n_patients,
-                "new_appointment": APPOINTMENTS_PER_90D / 90 * n_patients,
-                "reschedule": _RESCHEDULE_PER_DAY * n_patients,
-                "cancel": _CANCEL_PER_DAY * n_patients,
-                "correct": _CORRECT_PER_DAY * n_results,
-                "error": _ERROR_PER_DAY * n_patients,
-                "patient_update": _PATIENT_UPDATE_PER_DAY * n_patients,
-            }
-            new_people_at: list[int] = []
-            for what, per_day in rates.items():
-                for _ in range(_poisson(rng, per_day * days)):
-                    at = lo + rng.randint(1, span)
-                    if what == "new_person":
-                        new_people_at.append(at)
-                    else:
-                        self._schedule(at, what, "", "")
-            if new_people_at:
-                new_people_at.sort()
-                # New persons' patients are made up front (one vectorized batch) and appear at
-                # their own times; their first visit is scheduled with them.
-                self.store.clock = new
-                fresh = self._add_people(len(new_people_at), created=new_people_at)
-                self.store.clock = old
-                counts["new_persons"] = len(new_people_at)
-                counts["new_patients"] = len(fresh)
-                for patient in fresh:
-                    created = _ts(
-                        self.store.current("patients", patient.surface, patient.source_id).last_updated
-                    )  # type: ignore[union-attr]
-                    self._schedule(
-                        created + rng.randint(300, 3600), "first_visit", patient.surface, patient.source_id
-                    )
+        if hi > lo:
+            self._plan(lo, hi, delta / timedelta(days=1), counts)
         while self._events and self._events[0][0] <= hi:
-            at, _, what, surface, sid = heapq.heappop(self._events)
-            self.store.clock = _dt(max(at, lo + 1) if at <= lo else at)
-            self._apply(what, surface, sid, at, hi, counts)  # type: ignore[arg-type]
+            at, _, what, surface, sid, payload = heapq.heappop(self._events)
+            self.store.clock = max(old, _dt(at))
+            self._apply(what, surface, sid, payload, at, counts)  # type: ignore[arg-type]
         self.store.clock = new
         return counts
+
+    def _plan(self, lo: int, hi: int, days: float, counts: dict[str, int]) -> None:
+        """Draw what happens in (lo, hi]: new people and visits are made now, in batches, and
+        scheduled to appear at their times; state changes are scheduled and decided when due."""
+        rng, v, clinic = self._rng, self._vec, self._clinic
+        n_patients = sum(len(ids) for ids in self._patient_ids.values())
+        n_results = sum(len(self._record_ids.get(("results", s), ())) for s in SURFACES)
+
+        def times(per_day: float) -> list[int]:
+            return sorted(lo + rng.randint(1, hi - lo) for _ in range(_poisson(rng, per_day * days)))
+
+        for what, per_day in (
+            ("reschedule", _RESCHEDULE_PER_DAY * n_patients),
+            ("cancel", _CANCEL_PER_DAY * n_patients),
+            ("correct", _CORRECT_PER_DAY * n_results),
+            ("error", _ERROR_PER_DAY * n_patients),
+            ("patient_update", _PATIENT_UPDATE_PER_DAY * n_patients),
+        ):
+            for at in times(per_day):
+                self._schedule(at, what)
+
+        # Visits of existing patients (picked before anyone new exists).
+        visit_at = times(ENCOUNTERS_PER_90D / 90 * n_patients) if n_patients else []
+        order_at = times(ORDERS_PER_90D / 90 * n_patients) if n_patients else []
+        book_at = times(APPOINTMENTS_PER_90D / 90 * n_patients) if n_patients else []
+        visitors = [self._random_patient() for _ in visit_at]
+        orderers = [self._random_patient() for _ in order_at]
+        bookers = [self._random_patient() for _ in book_at]
+
+        # New persons: their patients appear at their own times, then come in for a first visit and
+        # often book a follow-up.
+        person_at = times(_NEW_PERSONS_PER_DAY * len(self.persons))
+        counts["new_persons"] = len(person_at)
+        if person_at:
+            fresh = self._add_people(len(person_at))
+            people = dict.fromkeys(p.person_id for p in fresh)
+            created_at = dict(zip(people, person_at, strict=True))
+            for patient in fresh:
+                created = created_at[patient.person_id]
+                self._schedule(created, "put", patient.surface, patient.source_id, ("patients", patient))
+                visitors.append((patient.surface, patient.source_id))
+                visit_at.append(created + rng.randint(300, 3600))
+                if rng.random() < 0.6:
+                    bookers.append((patient.surface, patient.source_id))
+                    book_at.append(created + rng.randint(3600, 4 * 3600))
+
+        if visit_at:
+            m = len(visit_at)
+            start = pl.Series(visit_at, dtype=pl.Int64)
+            klass = v.weighted(m, [_WALK_IN[c] for c in _CLASSES])
+            frame = clinic.encounters(
+                v, _owners(visitors), lo=start, hi=start, now=start, start=start, klass=klass
+            )
+            self._put_batch("encounters", frame, at=visit_at)
+        if order_at:
+            t = pl.Series(order_at, dtype=pl.Int64)
+            frame = clinic.orders(v, _owners(orderers), effective=t, now=t)
+            # An order's results all land together, at the order's time.
+            order_of = dict(
+                zip(frame["order_id"].unique(maintain_order=True).to_list(), order_at, strict=True)
+            )
+            self._put_batch("results", frame, at=[order_of[o] for o in frame["order_id"].to_list()])
+        if book_at:
+            t = pl.Series(book_at, dtype=pl.Int64)
+            start = clinic.slots(v, t + _DAY, t + 60 * _DAY)
+            frame = clinic.appointments(v, _owners(bookers), start=start, now=t, booked_at=t)
+            self._put_batch("appointments", frame, at=book_at)
+
+    def _random_patient(self) -> tuple[Surface, str]:
+        fhir, dm = self._patient_ids["fhir"], self._patient_ids["datamodel"]
+        i = self._rng.randrange(len(fhir) + len(dm))
+        return ("fhir", fhir[i]) if i < len(fhir) else ("datamodel", dm[i - len(fhir)])
 
     def _pick(self, kind: Kind) -> tuple[Surface, str] | None:
         """A random existing record of ``kind``, from either surface in proportion to its size."""
@@ -1362,86 +1641,69 @@ class World:
         i = self._rng.randrange(len(fhir) + len(dm))
         return ("fhir", fhir[i]) if i < len(fhir) else ("datamodel", dm[i - len(fhir)])
 
-    def _pick_booked(self, now: int) -> Version | None:
+    def _pick_booked(self, now: int) -> Appointment | None:
+        """A random booked appointment more than an hour away, or None."""
         while self._booked:
             i = self._rng.randrange(len(self._booked))
             surface, sid = self._booked[i]
-            version = self.store.current("appointments", surface, sid)
-            assert version is not None
-            record = version.record
-            assert isinstance(record, Appointment)
-            if record.status == "booked" and _ts(record.start_at) > now + 3600:
-                return version
+            appt = self._current("appointments", surface, sid)
+            assert isinstance(appt, Appointment)
+            if appt.status == "booked" and _ts(appt.start_at) > now + 3600:
+                return appt
             self._booked[i] = self._booked[-1]
             self._booked.pop()
         return None
 
-    def _random_patient(self) -> tuple[Surface, str]:
-        fhir, dm = self._patient_ids["fhir"], self._patient_ids["datamodel"]
-        i = self._rng.randrange(len(fhir) + len(dm))
-        return ("fhir", fhir[i]) if i < len(fhir) else ("datamodel", dm[i - len(fhir)])
+    def _current(self, kind: Kind, surface: Surface, source_id: str) -> Record:
+        version = self.store.current(kind, surface, source_id)
+        assert version is not None
+        return version.record
 
-    def _apply(self, what: str, surface: Surface, sid: str, at: int, hi: int, counts: dict[str, int]) -> None:
-        rng, clinic, store = self._rng, self._clinic, self.store
-        if what in ("new_encounter", "first_visit"):
-            if what == "new_encounter":
-                surface, sid = self._random_patient()
-            klass = rng.choices(
-                ("ambulatory", "virtual", "emergency", "observation", "inpatient"), (60, 15, 15, 5, 5)
-            )[0]
-            enc, _, finishes = clinic.encounter(surface, sid, at, at, klass=klass)
-            self._put("encounters", enc)
-            counts["new_encounters"] += 1
-            if finishes is not None:
-                self._schedule(finishes, "finish", surface, enc.source_id)
-            if what == "first_visit" and rng.random() < 0.6:
-                start = clinic.clinic_slot(at + _DAY, at + 45 * _DAY)
-                self._book(surface, sid, start, at, counts)
-        elif what == "new_order":
-            surface, sid = self._random_patient()
-            results = clinic.order(surface, sid, at, at)
-            for result, _, preliminary in results:
-                self._put("results", result)
-                if preliminary:
-                    self._schedule(
-                        at + rng.randint(2 * 3600, 24 * 3600), "finalize", surface, result.source_id
-                    )
-            counts["new_results"] += len(results)
-        elif what == "new_appointment":
-            surface, sid = self._random_patient()
-            self._book(surface, sid, clinic.clinic_slot(at + _DAY, at + 60 * _DAY), at, counts)
+    def _apply(
+        self, what: str, surface: Surface, sid: str, payload: object, at: int, counts: dict[str, int]
+    ) -> None:
+        """Carry out one due event at time ``at`` (the store clock is already there)."""
+        rng = self._rng
+        if what == "put":
+            assert isinstance(payload, tuple)
+            kind, record = payload[0], payload[1]
+            self._put(kind, record)
+            counts[f"new_{kind}"] += 1
+            finishes = None
+            if kind == "encounters":
+                assert isinstance(record, Encounter)
+                # Walk-ins were drawn as in progress; they finish after their drawn length.
+                finishes = payload[2]
+            self._follow_up(kind, record, finishes, at, rng)
         elif what in ("reschedule", "cancel"):
-            version = self._pick_booked(at)
-            if version is None:
+            appt = self._pick_booked(at)
+            if appt is None:
                 return
-            appt = version.record
-            assert isinstance(appt, Appointment)
             if what == "cancel":
                 self._put("appointments", dataclasses.replace(appt, status="cancelled"))
                 counts["cancelled"] += 1
                 return
-            start = clinic.clinic_slot(at + 3600, _ts(appt.start_at) + 21 * _DAY)
-            if start == _ts(appt.start_at):
+            old_start = _ts(appt.start_at)
+            start = self._clinic.slots(self._vec, _const(1, at + 3600), _const(1, old_start + 21 * _DAY))[0]
+            if start == old_start:
                 return
-            moved = dataclasses.replace(appt, start_at=_dt(start), end_at=_dt(start + 60 * appt.duration_min))
-            self._put("appointments", moved)
-            self._schedule(start + 60 * appt.duration_min, "complete", appt.surface, appt.source_id)
+            end = start + 60 * appt.duration_min
+            self._put("appointments", dataclasses.replace(appt, start_at=_dt(start), end_at=_dt(end)))
+            self._schedule(end, "complete", appt.surface, appt.source_id)
             counts["rescheduled"] += 1
         elif what == "correct":
             for _ in range(5):
                 picked = self._pick("results")
                 if picked is None:
                     return
-                version = store.current("results", *picked)
-                assert version is not None
-                result = version.record
+                result = self._current("results", *picked)
                 assert isinstance(result, Result)
                 if result.status == "final" and result.value_num is not None:
-                    value, flag = clinic.lab_value(_ANALYTES[result.code])
-                    self._put(
-                        "results",
-                        dataclasses.replace(result, status="corrected", value_num=value, abnormal_flag=flag),
+                    value, flag = _Clinic.lab_value(rng, result.code)
+                    corrected = dataclasses.replace(
+                        result, status="corrected", value_num=value, abnormal_flag=flag
                     )
+                    self._put("results", corrected)
                     counts["corrected"] += 1
                     return
         elif what == "error":
@@ -1449,21 +1711,17 @@ class World:
             picked = self._pick(kind)
             if picked is None:
                 return
-            version = store.current(kind, *picked)
-            assert version is not None
-            record = version.record
-            if record.status != "entered-in-error":  # type: ignore[union-attr]
-                self._put(kind, dataclasses.replace(record, status="entered-in-error"))  # type: ignore[type-var]
+            record = self._current(kind, *picked)
+            assert isinstance(record, Encounter | Result | Appointment)
+            if record.status != "entered-in-error":
+                self._put(kind, dataclasses.replace(record, status="entered-in-error"))
                 counts["entered_in_error"] += 1
         elif what == "patient_update":
-            surface, sid = self._random_patient()
-            version = store.current("patients", surface, sid)
-            assert version is not None
-            patient = version.record
+            patient = self._current("patients", *self._random_patient())
             assert isinstance(patient, Patient)
             line, city, state, postal = _new_address(rng)
             noise = patient.noise if "moved" in patient.noise else (*patient.noise, "moved")
-            updated = dataclasses.replace(
+            moved = dataclasses.replace(
                 patient,
                 address_line=line,
                 address_city=city,
@@ -1471,42 +1729,27 @@ class World:
                 address_postal_code=postal,
                 noise=noise,
             )
-            self.store.put("patients", updated)
+            self.store.put("patients", moved)
             counts["patients_updated"] += 1
         elif what == "finish":
-            version = store.current("encounters", surface, sid)
-            assert version is not None
-            enc = version.record
+            enc = self._current("encounters", surface, sid)
             assert isinstance(enc, Encounter)
             if enc.status == "in-progress":
                 self._put("encounters", dataclasses.replace(enc, status="finished", end_at=_dt(at)))
                 counts["finished_encounters"] += 1
         elif what == "complete":
-            version = store.current("appointments", surface, sid)
-            assert version is not None
-            appt = version.record
+            appt = self._current("appointments", surface, sid)
             assert isinstance(appt, Appointment)
             if appt.status == "booked" and _ts(appt.end_at) == at:
                 status = "fulfilled" if rng.random() < 0.9 else "noshow"
                 self._put("appointments", dataclasses.replace(appt, status=status))
                 counts["appointments_completed"] += 1
         elif what == "finalize":
-            version = store.current("results", surface, sid)
-            assert version is not None
-            result = version.record
+            result = self._current("results", surface, sid)
             assert isinstance(result, Result)
             if result.status == "preliminary":
                 self._put("results", dataclasses.replace(result, status="final"))
                 counts["results_finalized"] += 1
-
-    def _book(self, surface: Surface, patient: str, start: int, now: int, counts: dict[str, int]) -> None:
-        appt, _ = self._clinic.appointment(surface, patient, start, now, booked_at=now)
-        if appt.status != "booked":
-            appt = dataclasses.replace(appt, status="booked")
-        self._put("appointments", appt)
-        self._booked.append((surface, appt.source_id))
-        self._schedule(start + 60 * appt.duration_min, "complete", surface, appt.source_id)
-        counts["new_appointments"] += 1
 
     # -- truth ----------------------------------------------------------------------------------
 
@@ -1519,14 +1762,38 @@ class World:
         Extras for diagnostics: ``hard_groups`` (group_id, person_id, hard_group) and ``noise``
         (source_surface, source_id, person_id, noise).
         """
-        return _truth(self)
+        with _no_gc():
+            return _truth(self)
+
+
+def _owners(picks: list[tuple[Surface, str]]) -> pl.DataFrame:
+    return pl.DataFrame(
+        {"surface": [p[0] for p in picks], "patient": [p[1] for p in picks]},
+        schema={"surface": pl.String(), "patient": pl.String()},
+    )
 
 
 def build(config: PopulationConfig) -> World:
     """Generate the world ``config`` describes, with every record in its store."""
     world = World(config)
-    world._build()
+    with _no_gc():
+        world._build()
+        world.store.refresh()
     return world
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector. Building allocates a few hundred thousand long-lived,
+    acyclic objects, and the collector would otherwise keep re-traversing them (about a third of
+    build time) for nothing."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 _TS: Final = pl.Datetime("us", "UTC")
@@ -1602,20 +1869,37 @@ _TRUTH: Final[dict[Kind, dict[str, tuple[str, pl.DataType]]]] = {
 }
 
 
+_ARROW: Final[dict[pl.DataType, pa.DataType]] = {
+    pl.String(): pa.large_string(),
+    pl.Float64(): pa.float64(),
+    pl.Int32(): pa.int32(),
+    pl.Int64(): pa.int64(),
+    pl.Date(): pa.date32(),
+    _TS: pa.timestamp("us", tz="UTC"),
+    _ID_LIST: pa.large_list(pa.struct([("system", pa.large_string()), ("value", pa.large_string())])),
+}
+
+
 def _truth(world: World) -> dict[str, pl.DataFrame]:
+    # Arrow converts Python columns (datetimes above all) far faster than polars' any-value path.
     out: dict[str, pl.DataFrame] = {}
     for kind, columns in _TRUTH.items():
         versions = [v for surface in SURFACES for v in world.store.query(kind, surface)]
-        data: dict[str, list[object]] = {}
-        for column, (attr, _) in columns.items():
-            values = [getattr(v.record, attr) for v in versions]
+        attrs = [attr for attr, _ in columns.values()]
+        values = list(zip(*map(operator.attrgetter(*attrs), (v.record for v in versions)), strict=True))
+        if not values:
+            values = [() for _ in attrs]
+        arrays: dict[str, pa.Array] = {}
+        for (column, (attr, dtype)), column_values in zip(columns.items(), values, strict=True):
             if attr == "identifiers":
-                values = [[{"system": i.system, "value": i.value} for i in ids] for ids in values]
-            data[column] = values
-        data["last_updated"] = [v.last_updated for v in versions]
-        data["version_id"] = [v.version_id for v in versions]
+                column_values = tuple([(i.system, i.value) for i in ids] for ids in column_values)
+            arrays[column] = pa.array(column_values, type=_ARROW[dtype])
+        arrays["last_updated"] = pa.array([v.last_updated for v in versions], type=_ARROW[_TS])
+        arrays["version_id"] = pa.array([v.version_id for v in versions], type=pa.int64())
         schema = {c: t for c, (_, t) in columns.items()} | {"last_updated": _TS, "version_id": pl.Int64()}
-        out[kind] = pl.DataFrame(data, schema=schema)
+        frame = pl.from_arrow(pa.table(arrays))
+        assert isinstance(frame, pl.DataFrame)
+        out[kind] = frame.cast(schema)  # type: ignore[arg-type]
     rows = [(pid, surface, sid) for pid, patients in world.patients_of.items() for surface, sid in patients]
     out["persons"] = pl.DataFrame(
         rows,

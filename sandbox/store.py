@@ -18,6 +18,7 @@ prefix plus a short tail nearly linear, which keeps bulk loading and small advan
 """
 
 import bisect
+import operator
 import threading
 from collections import OrderedDict
 from collections.abc import Collection, Hashable
@@ -71,11 +72,25 @@ def clinical_time(record: Record) -> datetime | None:
 
 
 def _micros(t: datetime) -> int:
-    return (t - _EPOCH) // _US
+    # Float rounding can be off by a microsecond; index ranges are padded (_PAD) and every candidate
+    # is checked exactly, so that never changes an answer.
+    return round(t.timestamp() * 1_000_000)
+
+
+_PAD = 1000
+_TIME_ATTR: dict[Kind, str] = {
+    "encounters": "start_at",
+    "results": "effective_at",
+    "appointments": "start_at",
+}
 
 
 class _Table:
-    """All versions of one (kind, surface), with the indexes queries use."""
+    """All versions of one (kind, surface), with the indexes queries use.
+
+    Writes only append the version (``pending``); ``refresh`` folds pending versions into the
+    indexes and sorts them, once, before the next read.
+    """
 
     __slots__ = (
         "by_identifier",
@@ -83,11 +98,13 @@ class _Table:
         "by_time",
         "by_updated",
         "ids",
-        "unsorted",
+        "kind",
+        "pending",
         "versions",
     )
 
-    def __init__(self) -> None:
+    def __init__(self, kind: Kind) -> None:
+        self.kind = kind
         self.versions: dict[str, list[Version]] = {}
         self.ids: list[str] = []
         # (micros, source_id) for every clinical time / last_updated any version ever had; a record
@@ -96,14 +113,30 @@ class _Table:
         self.by_updated: list[tuple[int, str]] = []
         self.by_patient: dict[str, set[str]] = {}
         self.by_identifier: dict[tuple[str, str], set[str]] = {}
-        self.unsorted = False
+        self.pending: list[Version] = []
 
-    def sort(self) -> None:
-        if self.unsorted:
-            self.ids.sort()
+    def refresh(self) -> None:
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, []
+        self.by_updated.extend([(_micros(v.last_updated), v.record.source_id) for v in pending])
+        if self.kind == "patients":
+            for v in pending:
+                patient = v.record
+                assert isinstance(patient, Patient)
+                for ident in patient.identifiers:
+                    self.by_identifier.setdefault((ident.system, ident.value), set()).add(patient.source_id)
+        else:
+            when = operator.attrgetter(_TIME_ATTR[self.kind])
+            self.by_time.extend([(_micros(when(v.record)), v.record.source_id) for v in pending])
+            by_patient = self.by_patient
+            for v in pending:
+                record = v.record
+                assert not isinstance(record, Patient)
+                by_patient.setdefault(record.patient_source_id, set()).add(record.source_id)
             self.by_time.sort()
-            self.by_updated.sort()
-            self.unsorted = False
+        self.ids.sort()
+        self.by_updated.sort()
 
 
 def _as_of(versions: list[Version], seq: int) -> Version | None:
@@ -116,9 +149,9 @@ def _as_of(versions: list[Version], seq: int) -> Version | None:
 
 
 def _time_range(index: list[tuple[int, str]], bounds: Bounds) -> set[str]:
-    """Ids with some indexed time inside ``bounds`` (a superset: inclusiveness is checked later)."""
-    start = 0 if bounds.lo is None else bisect.bisect_left(index, (_micros(bounds.lo),))
-    stop = len(index) if bounds.hi is None else bisect.bisect_left(index, (_micros(bounds.hi) + 1,))
+    """Ids with some indexed time near ``bounds`` (a superset: each is checked exactly later)."""
+    start = 0 if bounds.lo is None else bisect.bisect_left(index, (_micros(bounds.lo) - _PAD,))
+    stop = len(index) if bounds.hi is None else bisect.bisect_left(index, (_micros(bounds.hi) + _PAD,))
     return {sid for _, sid in index[start:stop]}
 
 
@@ -144,12 +177,6 @@ class Store:
         self._queries: OrderedDict[Hashable, tuple[list[Version], list[str]]] = OrderedDict()
         self._lock = threading.RLock()
 
-    def _table(self, kind: Kind, surface: Surface) -> _Table:
-        table = self._tables.get((kind, surface))
-        if table is None:
-            table = self._tables[(kind, surface)] = _Table()
-        return table
-
     # -- writes ---------------------------------------------------------------------------------
 
     def put(self, kind: Kind, record: Record, *, at: datetime | None = None) -> Version:
@@ -162,34 +189,33 @@ class Store:
         if stamp.tzinfo is None:
             raise ValueError("last_updated must be timezone-aware")
         with self._lock:
-            table = self._table(kind, record.surface)
+            table = self._tables.get((kind, record.surface))
+            if table is None:
+                table = self._tables[(kind, record.surface)] = _Table(kind)
             sid = record.source_id
             history = table.versions.get(sid)
-            version_id = 1
-            previous: Version | None = None
             if history is None:
                 history = table.versions[sid] = []
                 table.ids.append(sid)
+                version_id = 1
             else:
                 previous = history[-1]
                 version_id = previous.version_id + 1
                 if stamp <= previous.last_updated:
                     stamp = previous.last_updated + _ONE_MS
-            self.head_seq += 1
-            version = Version(kind, record, self.head_seq, stamp, version_id)
+            seq = self.head_seq = self.head_seq + 1
+            version = Version(kind, record, seq, stamp, version_id)
             history.append(version)
             self._log.append(version)
-            table.by_updated.append((_micros(stamp), sid))
-            when = clinical_time(record)
-            if when is not None and (previous is None or clinical_time(previous.record) != when):
-                table.by_time.append((_micros(when), sid))
-            if isinstance(record, Patient):
-                for ident in record.identifiers:
-                    table.by_identifier.setdefault((ident.system, ident.value), set()).add(sid)
-            elif previous is None or previous.record.patient_source_id != record.patient_source_id:  # type: ignore[union-attr]
-                table.by_patient.setdefault(record.patient_source_id, set()).add(sid)
-            table.unsorted = True
+            table.pending.append(version)
             return version
+
+    def refresh(self) -> None:
+        """Fold every pending write into the indexes now (a server calls this before it listens, so
+        the first request does not pay for a bulk load)."""
+        with self._lock:
+            for table in self._tables.values():
+                table.refresh()
 
     # -- reads ----------------------------------------------------------------------------------
 
@@ -292,7 +318,7 @@ class Store:
         table = self._tables.get((kind, surface))
         if table is None:
             return []
-        table.sort()
+        table.refresh()
         candidates: set[str] | None = None
         if source_ids is not None:
             candidates = {sid for sid in source_ids if sid in table.versions}
@@ -327,9 +353,7 @@ class Store:
                 version = found
             record = version.record
             if (
-                patient_ids is not None
-                and kind != "patients"
-                and record.patient_source_id not in patient_ids  # type: ignore[union-attr]
+                patient_ids is not None and kind != "patients" and record.patient_source_id not in patient_ids  # type: ignore[union-attr]
             ):
                 continue
             if identifier is not None and not any(
