@@ -549,18 +549,29 @@ class FhirSurface:
         cache_size: int = 512,
     ) -> None:
         self._store = store
+        self._resource_tag = f"fhir-json|{tz}"
         self.fhir_base = fhir_base
         self.tz = tz
         self.faults = faults
         self._cipher = AESGCM(AESGCM.generate_key(bit_length=128))
         self._results: collections.OrderedDict[tuple[Any, ...], _Result] = collections.OrderedDict()
         self._cache_size = cache_size
-        self._tz_key = str(tz)
+
+    @property
+    def fhir_base(self) -> str:
+        return self._fhir_base
+
+    @fhir_base.setter
+    def fhir_base(self, value: str) -> None:
+        # Entries embed fullUrl, so their cache key names the base they were built for.
+        self._fhir_base = value
+        self._entry_tag = f"fhir-entry|{self._resource_tag}|{value}"
 
     # -- cached rendering -----------------------------------------------------------------------
 
     def resource_bytes(self, resource: str, version: Version) -> bytes:
-        key = (version.kind, "fhir", version.record.source_id, version.version_id, "fhir-json", self._tz_key)
+        # seq names one version store-wide, so (tag, seq) is as good a key as (kind, id, version).
+        key = (self._resource_tag, version.seq)
         cache = self._store().cache
         cached = cache.get(key)
         if cached is None:
@@ -571,23 +582,22 @@ class FhirSurface:
     def render(self, resource: str, version: Version) -> dict[str, Any]:
         return RENDERERS[resource](version, self.tz)
 
-    def _entry(self, resource: str, version: Version, body: bytes | None = None) -> bytes:
-        if body is not None:
-            return self._wrap(resource, version, body)
-        key = (
-            version.kind,
-            "fhir",
-            version.record.source_id,
-            version.version_id,
-            "fhir-entry",
-            self._tz_key,
-            self.fhir_base,
-        )
+    def _entries(self, resource: str, page: list[Version], bodies: list[bytes | None]) -> bytes:
+        """The entries of one page: cached bytes joined, rendering only versions never served."""
         cache = self._store().cache
-        cached = cache.get(key)
-        if cached is None:
-            cached = cache[key] = self._wrap(resource, version, self.resource_bytes(resource, version))
-        return cached
+        tag = self._entry_tag
+        out = []
+        for version, body in zip(page, bodies, strict=True):
+            if body is not None:
+                out.append(self._wrap(resource, version, body))
+                continue
+            cached = cache.get((tag, version.seq))
+            if cached is None:
+                cached = cache[(tag, version.seq)] = self._wrap(
+                    resource, version, self.resource_bytes(resource, version)
+                )
+            out.append(cached)
+        return b",".join(out)
 
     def _wrap(self, resource: str, version: Version, body: bytes) -> bytes:
         url = f"{self.fhir_base}/{resource}/{version.record.source_id}"
@@ -681,7 +691,7 @@ class FhirSurface:
         encoded = json.dumps(head, separators=(",", ":")).encode()
         if not page:
             return Page(200, encoded)
-        entries = b",".join(self._entry(resource, v, b) for v, b in zip(page, bodies, strict=True))
+        entries = self._entries(resource, page, bodies)
         return Page(200, b"".join((encoded[:-1], b',"entry":[', entries, b"]}")))
 
     def _self_url(self, resource: str, cursor: str | None) -> str:
