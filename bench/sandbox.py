@@ -1,0 +1,195 @@
+"""`python -m bench sandbox`: how fast the sandbox starts and how many FHIR search pages it serves.
+
+The server runs in its own process (``serve_in_subprocess``), rate limiting off, so it has a GIL to
+itself; several client processes walk day-window searches (Encounter, Observation, Appointment,
+``_count`` pages, following every next link) over HTTP/1.1 keep-alive for a fixed time. Clients use
+http.client and read the next link with a regex instead of parsing the page, so they stay cheaper
+than the server they measure. Each figure is the median of ``--repeat`` runs.
+
+Target (issue 2): at 10,000 patients, startup < 10 s and >= 500 pages/s on loopback.
+"""
+
+import argparse
+import http.client
+import multiprocessing
+import re
+import statistics
+import sys
+import time
+import urllib.parse
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+NEXT = re.compile(rb'"relation":"next","url":"([^"]+)"')
+RESOURCES = ("Encounter", "Observation", "Appointment")
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+
+
+def _token(credentials: dict[str, Any]) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    from sandbox import auth
+
+    private = serialization.load_pem_private_key(credentials["private_key_pem"].encode(), None)
+    key = auth.KeyPair(credentials["kid"], credentials["algorithm"], private)  # type: ignore[arg-type]
+    assertion = auth.make_assertion(credentials["client_id"], key, credentials["token_url"])
+    response = httpx.post(
+        credentials["token_url"],
+        data={
+            "grant_type": "client_credentials",
+            "client_assertion_type": auth.ASSERTION_TYPE,
+            "client_assertion": assertion,
+        },
+    )
+    response.raise_for_status()
+    return str(response.json()["access_token"])
+
+
+def _client(args: tuple[str, str, list[str], int, float, int]) -> tuple[int, int]:
+    """One client process: walk day windows until the deadline; return (pages, bytes).
+
+    http.client, not httpx: httpx's per-request work (URL validation, h11) costs more CPU than the
+    server spends on a page, and on a small machine the clients share cores with the server.
+    """
+    fhir_base, token, days, count, seconds, offset = args
+    base = urllib.parse.urlsplit(fhir_base)
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/x-www-form-urlencoded"}
+    connection = http.client.HTTPConnection(base.hostname or "127.0.0.1", base.port, timeout=60)
+    pages = size = 0
+    deadline = time.monotonic() + seconds
+    windows = [(r, d) for d in days for r in RESOURCES]
+    i = offset
+    while time.monotonic() < deadline:
+        resource, day = windows[i % len(windows)]
+        i += 1
+        day_after = (datetime.fromisoformat(day) + timedelta(days=1)).date().isoformat()
+        form = urllib.parse.urlencode({"date": [f"ge{day}", f"lt{day_after}"], "_count": count}, doseq=True)
+        connection.request("POST", f"{base.path}/{resource}/_search", body=form, headers=headers)
+        while True:
+            response = connection.getresponse()
+            body = response.read()
+            if response.status != 200:
+                raise RuntimeError(f"{resource} search answered {response.status}")
+            pages += 1
+            size += len(body)
+            match = NEXT.search(body, 0, 4096)
+            if not match or time.monotonic() >= deadline:
+                break
+            link = urllib.parse.urlsplit(match.group(1).decode())
+            connection.request("GET", f"{link.path}?{link.query}", headers=headers)
+    connection.close()
+    return pages, size
+
+
+def _days(credentials: dict[str, Any], n: int) -> list[str]:
+    """Days with data: the most recent ``n`` days before the sandbox clock."""
+    stats = httpx.get(f"{credentials['base_url']}/sandbox/stats").json()
+    clock = datetime.fromisoformat(stats["clock"]).astimezone(UTC)
+    return [(clock - timedelta(days=k)).date().isoformat() for k in range(1, n + 1)]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench sandbox", description=__doc__)
+    parser.add_argument("--patients", type=int, default=10_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=10.0, help="duration of one throughput run")
+    parser.add_argument("--clients", type=int, default=2, help="client processes")
+    parser.add_argument("--count", type=int, default=50, help="_count per page")
+    parser.add_argument("--days", type=int, default=30, help="distinct day windows the clients cycle through")
+    parser.add_argument("--write", action="store_true", help="write the figures into docs/benchmarks.md")
+    args = parser.parse_args(argv)
+
+    from sandbox.server import serve_in_subprocess
+
+    command = "uv run --frozen python -m bench sandbox " + " ".join(argv)
+    print(f"# {command}".rstrip())
+    startups: list[float] = []
+    throughputs: list[float] = []
+    sizes: list[float] = []
+    context = multiprocessing.get_context("spawn")
+    for run in range(args.repeat):
+        began = time.perf_counter()
+        with serve_in_subprocess(patients=args.patients, rate_limit=None, token_ttl=3600) as running:
+            startup = time.perf_counter() - began
+            startups.append(startup)
+            credentials = running.credentials
+            token = _token(credentials)
+            days = _days(credentials, args.days)
+            jobs = [
+                (credentials["fhir_base"], token, days, args.count, args.seconds, k * 7)
+                for k in range(args.clients)
+            ]
+            with context.Pool(args.clients) as pool:
+                # Warm-up: one short pass so imports and first-render costs are not measured.
+                pool.map(_client, [(*job[:4], 1.0, job[5]) for job in jobs])
+                began = time.perf_counter()
+                results = pool.map(_client, jobs)
+                elapsed = time.perf_counter() - began
+            pages = sum(p for p, _ in results)
+            throughputs.append(pages / elapsed)
+            sizes.append(sum(s for _, s in results) / max(pages, 1) / 1024)
+            print(
+                f"run {run + 1}: startup {startup:.2f} s, {pages} pages in {elapsed:.1f} s = "
+                f"{pages / elapsed:.0f} pages/s ({sizes[-1]:.0f} KiB/page)"
+            )
+    startup_median = statistics.median(startups)
+    pages_median = statistics.median(throughputs)
+    print(f"startup median {startup_median:.2f} s (target < 10 s)")
+    print(f"throughput median {pages_median:.0f} pages/s (target >= 500)")
+    if args.write:
+        _write_docs(
+            command, args, startup_median, pages_median, statistics.median(sizes), startups, throughputs
+        )
+    return 0
+
+
+def _write_docs(
+    command: str,
+    args: argparse.Namespace,
+    startup: float,
+    pages: float,
+    kib: float,
+    startups: list[float],
+    throughputs: list[float],
+) -> None:
+    section = "\n".join(
+        [
+            "## Sandbox",
+            "",
+            f"Measured {datetime.now(UTC).date().isoformat()} on this machine "
+            f"({multiprocessing.cpu_count()} CPUs, Python {sys.version.split()[0]}):",
+            "",
+            "```",
+            command,
+            "```",
+            "",
+            "| figure | median | runs | target |",
+            "|---|---|---|---|",
+            f"| startup at {args.patients:,} patients (spawn to credentials.json) | {startup:.2f} s | "
+            + ", ".join(f"{s:.2f}" for s in startups)
+            + " | < 10 s |",
+            f"| FHIR search pages/s ({args.clients} client processes, _count={args.count}, "
+            f"~{kib:.0f} KiB/page, rate limit off) | {pages:.0f} | "
+            + ", ".join(f"{t:.0f}" for t in throughputs)
+            + " | >= 500 |",
+            "",
+            "The server runs in its own process; clients walk Encounter/Observation/Appointment day-window",
+            "searches over keep-alive connections and follow every next link (see bench/sandbox.py).",
+            "",
+        ]
+    )
+    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\n"
+    match = re.search(r"^## Sandbox\n.*?(?=^## |\Z)", text, flags=re.S | re.M)
+    if match:
+        text = text[: match.start()] + section + "\n" + text[match.end() :].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    DOCS.write_text(text.rstrip("\n") + "\n")
+    print(f"wrote the Sandbox section of {DOCS}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
