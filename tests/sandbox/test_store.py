@@ -176,7 +176,10 @@ def test_query_as_of_ignores_later_versions_and_records() -> None:
 
 def test_query_window_follows_the_as_of_version_of_a_moved_record() -> None:
     store = Store(T0)
-    day1, day2 = Bounds(T0, hi=T0 + timedelta(days=1)), Bounds(T0 + timedelta(days=1), hi=T0 + timedelta(days=2))
+    day1, day2 = (
+        Bounds(T0, hi=T0 + timedelta(days=1)),
+        Bounds(T0 + timedelta(days=1), hi=T0 + timedelta(days=2)),
+    )
     store.put("appointments", appointment("a1", T0 + timedelta(hours=9)))
     seq = store.head_seq
     store.put("appointments", appointment("a1", T0 + timedelta(days=1, hours=9)))  # rescheduled
@@ -293,7 +296,9 @@ def test_result_records_are_indexed_by_effective_time() -> None:
         effective_at=T0 + timedelta(hours=2),
     )
     store.put("results", result)
-    assert ids(store.query("results", "datamodel", when=Bounds(T0, hi=T0 + timedelta(hours=3)))) == ["o1|718-7"]
+    assert ids(store.query("results", "datamodel", when=Bounds(T0, hi=T0 + timedelta(hours=3)))) == [
+        "o1|718-7"
+    ]
     corrected = dataclasses.replace(result, status="corrected", value_num=11.0)
     store.put("results", corrected)
     assert store.query("results", "datamodel")[0].record.status == "corrected"  # type: ignore[union-attr]
@@ -318,7 +323,9 @@ def test_queries_are_fast_at_sandbox_scale() -> None:
     window = Bounds(T0 - timedelta(days=1), hi=T0)
     after = None
     for _ in range(14):  # page through a cached day, as a FHIR cursor does
-        page = store.query("encounters", "fhir", when=window, as_of_seq=store.head_seq, after=after, limit=100)
+        page = store.query(
+            "encounters", "fhir", when=window, as_of_seq=store.head_seq, after=after, limit=100
+        )
         after = page[-1].record.source_id
     warm = time.process_time() - began
     assert cold < 2.0, cold  # 80 uncached queries
