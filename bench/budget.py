@@ -24,10 +24,21 @@ from typing import Any
 
 import httpx
 
-# Workers are spawned: they import this module afresh, and wait for a common start time so that
-# imports and token fetches do not count against the measured windows.
-STARTUP_ALLOWANCE_S = 12.0
+# Workers are spawned and import the client afresh (seconds each on a small machine); they report
+# ready, then all start at one moment, so imports and token fetches do not count against the run.
+START_DELAY_S = 1.0
+READY_TIMEOUT_S = 120.0
 SEARCH_PARAMS = {"_id": "bench-no-such-patient"}
+
+
+def _start_signal(rendezvous: str) -> float:
+    """Say this worker is ready, then wait (nothing else runs yet) for the parent's common start time."""
+    folder = Path(rendezvous)
+    (folder / f"ready-{os.getpid()}").touch()
+    go = folder / "go"
+    while not go.exists():
+        time.sleep(0.05)
+    return float(go.read_text())
 
 
 async def _budgeted(
@@ -38,7 +49,7 @@ async def _budgeted(
     margin: float,
     seconds: float,
     concurrency: int,
-    start_at: float,
+    rendezvous: str,
 ) -> dict[str, Any]:
     from resources.redox.client import RedoxClient
     from resources.redox.settings import RateSpec, RedoxSettings
@@ -53,6 +64,7 @@ async def _budgeted(
     )
     async with RedoxClient(settings, run_id=f"bench-{os.getpid()}") as client:
         await client.authorizer("oauth").authorization()  # token before the clock starts
+        start_at = _start_signal(rendezvous)
         await asyncio.sleep(max(0.0, start_at - time.time()))
         deadline = start_at + seconds
 
@@ -76,7 +88,7 @@ async def _budgeted(
 
 
 async def _naive(
-    credentials_path: str, seconds: float, concurrency: int, start_at: float, backoff: float
+    credentials_path: str, seconds: float, concurrency: int, rendezvous: str, backoff: float
 ) -> dict[str, Any]:
     from resources.redox.auth import ASSERTION_TYPE, client_assertion
     from resources.redox.settings import RedoxSettings
@@ -95,6 +107,7 @@ async def _naive(
             },
         )
         headers = {"Authorization": f"Bearer {token.json()['access_token']}"}
+        start_at = _start_signal(rendezvous)
         await asyncio.sleep(max(0.0, start_at - time.time()))
         deadline = start_at + seconds
         url = f"{settings.fhir_base}/Patient/_search"
@@ -121,7 +134,7 @@ def _tally(stamps: list[tuple[float, int | None]], start: float, end: float) -> 
         "ok": sum(1 for _, s in inside if s is not None and 200 <= s < 300),
         "received_429": sum(1 for _, s in stamps if s == 429),
         "attempts": len(stamps),
-        "first": min((t for t, _ in inside), default=None),
+        "first_request_after_start_s": min((t for t, _ in inside), default=start) - start,
     }
 
 
@@ -163,35 +176,40 @@ def run_phase(
         ) as sb,
     ):
         budget_path = str(Path(tmp) / "budget.sqlite")
-        start_at = time.time() + STARTUP_ALLOWANCE_S
+        rendezvous = Path(tmp) / "rendezvous"
+        rendezvous.mkdir()
         context = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=processes, mp_context=context) as pool:
             if kind == "budgeted":
-                futures = [
-                    pool.submit(
-                        budgeted_worker,
-                        str(sb.credentials_path),
-                        budget_path,
-                        limit,
-                        window,
-                        margin,
-                        seconds,
-                        concurrency,
-                        start_at,
-                    )
-                    for _ in range(processes)
-                ]
+                args: tuple[Any, ...] = (
+                    str(sb.credentials_path),
+                    budget_path,
+                    limit,
+                    window,
+                    margin,
+                    seconds,
+                    concurrency,
+                    str(rendezvous),
+                )
+                futures = [pool.submit(budgeted_worker, *args) for _ in range(processes)]
             else:
-                futures = [
-                    pool.submit(
-                        naive_worker, str(sb.credentials_path), seconds, concurrency, start_at, backoff
-                    )
-                    for _ in range(processes)
-                ]
+                args = (str(sb.credentials_path), seconds, concurrency, str(rendezvous), backoff)
+                futures = [pool.submit(naive_worker, *args) for _ in range(processes)]
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while len(list(rendezvous.glob("ready-*"))) < processes:
+                if time.monotonic() > deadline or any(f.done() for f in futures):
+                    # A worker died or hangs: its exception (if any) says why.
+                    for future in futures:
+                        if future.done():
+                            future.result()
+                    raise TimeoutError("bench workers did not get ready")
+                time.sleep(0.05)
+            staged = rendezvous / "go.tmp"
+            staged.write_text(str(time.time() + START_DELAY_S))
+            staged.replace(rendezvous / "go")  # atomic: a worker never reads a half-written time
             results = [f.result() for f in futures]
         stats = sandbox_stats(sb.base_url)
     ok = sum(r["ok"] for r in results)
-    late = max((r["first"] - start_at for r in results if r["first"] is not None), default=0.0)
     return {
         "client": kind,
         "processes": processes,
@@ -202,7 +220,7 @@ def run_phase(
         "server_429": stats["responses_429"],
         "server_peak_in_window": max(stats["rate_limit"]["peak_in_window"].values(), default=0),
         "limit": limit,
-        "slowest_start_s": late,
+        "slowest_start_s": max(r["first_request_after_start_s"] for r in results),
     }
 
 

@@ -16,8 +16,9 @@ Invariants kept here:
   not offer (its buckets have fixed rates);
 - per-destination sub-limits are separate buckets acquired before the global one, so they can only
   make a request wait longer, never let it past the global budget;
-- waiting happens on a worker thread (the limiter's blocking wait and its file lock are synchronous),
-  so the event loop never blocks or spins.
+- waiting happens on the budget's own event-loop thread (pyrate-limiter's async wait, which
+  re-stamps each retry with the clock), so the caller's event loop never blocks or spins and a
+  cancelled request gives its place back.
 """
 
 import asyncio
@@ -29,11 +30,11 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
-from pyrate_limiter import AbstractBucket, Limiter, Rate, SQLiteBucket
+from filelock import FileLock
+from pyrate_limiter import AbstractBucket, Limiter, Rate, SQLiteBucket, SQLiteQueries
 
 from resources.redox.settings import BudgetBackend, RateSpec, RedoxSettings
 
@@ -46,6 +47,9 @@ MAX_SLOWDOWN = 8
 # slowed budget probe again soon without hammering.
 BASE_PAUSE_S = 1.0
 MAX_PAUSE_S = 30.0
+# pyrate-limiter sleeps this much past the computed wait. Its default (50 ms) would cap a 20/s
+# pacing rate at 20/1.05 s, below the window's own average, so the window could never be spent.
+LIMITER_BUFFER_MS = 10
 
 
 def pacing_rates(rate: RateSpec, margin: float) -> list[Rate]:
@@ -222,6 +226,23 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
+def _sqlite_bucket(path: Path, table: str, rates: list[Rate]) -> SQLiteBucket:
+    """pyrate-limiter's SQLiteBucket under a cross-process file lock, as ``init_from_file`` builds it,
+    except that the lock is polled every 2 ms instead of 50 ms: at tens of requests per second from
+    several processes, a 50 ms poll makes the lock itself the bottleneck."""
+    lock = FileLock(f"{path}.lock", poll_interval=0.002)
+    conn = sqlite3.connect(path, isolation_level="DEFERRED", check_same_thread=False, timeout=30)
+    with lock:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(SQLiteQueries.CREATE_BUCKET_TABLE.format(table=table))
+        conn.execute(
+            SQLiteQueries.CREATE_INDEX_ON_TIMESTAMP.format(index_name=f"idx_{table}_ts", table_name=table)
+        )
+        conn.commit()
+    return SQLiteBucket(rates, conn, table, lock=lock)
+
+
 class _Backend:
     """Makes pyrate-limiter buckets and the penalty store for one storage backend."""
 
@@ -248,9 +269,7 @@ class _Backend:
     def bucket(self, name: str, rates: list[Rate]) -> AbstractBucket:
         if self.backend == "sqlite":
             assert self.path is not None
-            return SQLiteBucket.init_from_file(
-                rates, table=f"redox_budget_{_slug(name)}", db_path=str(self.path), use_file_lock=True
-            )
+            return _sqlite_bucket(self.path, f"redox_budget_{_slug(name)}", rates)
         if self.backend == "redis":
             from pyrate_limiter import RedisBucket
 
@@ -277,7 +296,6 @@ class RateBudget:
         backend: BudgetBackend = "sqlite",
         path: Path | None = None,
         url: str | None = None,
-        max_waiters: int = 16,
     ) -> None:
         self.key = key
         self.rate = rate
@@ -285,18 +303,24 @@ class RateBudget:
         self._backend = _Backend(backend, path=path, url=url)
         self._rates = pacing_rates(rate, margin)
         self._max_weight = min(MAX_SLOWDOWN, min(r.limit for r in self._rates))
-        self._global = Limiter(self._backend.bucket(key, self._rates))
+        self._global = Limiter(self._backend.bucket(key, self._rates), buffer_ms=LIMITER_BUFFER_MS)
         self._sub: dict[str, Limiter] = {}
         for destination, spec in (sub_limits or {}).items():
             self._sub[destination] = Limiter(
-                self._backend.bucket(f"{key}/{destination}", pacing_rates(spec, margin))
+                self._backend.bucket(f"{key}/{destination}", pacing_rates(spec, margin)),
+                buffer_ms=LIMITER_BUFFER_MS,
             )
-        # The limiter's wait is blocking by design (file lock, time.sleep); it runs here, off the loop.
-        self._executor = ThreadPoolExecutor(max_waiters, thread_name_prefix="redox-budget")
+        # All waiting happens on this budget's own event loop thread: pyrate-limiter's async wait
+        # re-stamps an item with the clock on every retry (its blocking wait advances the stamp by the
+        # planned sleep instead, which drifts under load), and the file lock and SQLite calls it makes
+        # block only that thread, never the caller's loop.
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="redox-budget", daemon=True)
+        self._thread.start()
         self._closed = False
 
     @classmethod
-    def from_settings(cls, settings: RedoxSettings, *, max_waiters: int | None = None) -> "RateBudget":
+    def from_settings(cls, settings: RedoxSettings) -> "RateBudget":
         return cls(
             key=settings.host,
             rate=settings.rate_limit,
@@ -305,7 +329,6 @@ class RateBudget:
             backend=settings.budget_backend,
             path=settings.budget_path,
             url=settings.budget_url.get_secret_value() if settings.budget_url else None,
-            max_waiters=max_waiters or settings.max_in_flight + 2,
         )
 
     @property
@@ -314,17 +337,24 @@ class RateBudget:
         return self._rates[-1].limit
 
     async def acquire(self, destination: str | None = None) -> float:
-        """Wait for a slot (and the destination's, if it has a sub-limit); returns seconds waited."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.acquire_blocking, destination)
+        """Wait for a slot (and the destination's, if it has a sub-limit); returns seconds waited.
+
+        Cancelling the caller cancels the wait, so an abandoned request spends no slot.
+        """
+        return await asyncio.wrap_future(
+            asyncio.run_coroutine_threadsafe(self._take(destination), self._loop)
+        )
 
     def acquire_blocking(self, destination: str | None = None) -> float:
         """The synchronous form of ``acquire``, for threads and plain scripts."""
+        return asyncio.run_coroutine_threadsafe(self._take(destination), self._loop).result()
+
+    async def _take(self, destination: str | None) -> float:
         started = time.monotonic()
         penalty = self._backend.penalties.read(self.key)
         now = time.time()
         if penalty.pause_until > now:
-            time.sleep(penalty.pause_until - now)
+            await asyncio.sleep(penalty.pause_until - now)
             now = time.time()
         weight = min(self._max_weight, penalty.weight(now))
         chain = []
@@ -332,17 +362,21 @@ class RateBudget:
             chain.append((self._sub[destination], f"{self.key}/{destination}"))
         chain.append((self._global, self.key))
         for limiter, name in chain:
-            if not limiter.try_acquire(name, weight=weight):
-                # blocking try_acquire only refuses a weight that can never fit the rate.
+            if not await limiter.try_acquire_async(name, weight=weight):
+                # A blocking acquire only refuses a weight that can never fit the rate.
                 raise RuntimeError(f"rate budget {name} cannot admit weight {weight}")
         return time.monotonic() - started
 
     async def slow_down(self, *, retry_after: float | None = None) -> Penalty:
         """Record a 429 for every process: pause, then run at a fraction of the rate for a window."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.slow_down_blocking, retry_after)
+        return await asyncio.wrap_future(
+            asyncio.run_coroutine_threadsafe(self._slow_down(retry_after), self._loop)
+        )
 
     def slow_down_blocking(self, retry_after: float | None = None) -> Penalty:
+        return asyncio.run_coroutine_threadsafe(self._slow_down(retry_after), self._loop).result()
+
+    async def _slow_down(self, retry_after: float | None) -> Penalty:
         now = time.time()
         penalty = self._backend.penalties.update(
             self.key, lambda p: p.after_429(now, retry_after=retry_after, window_s=self.rate.seconds)
@@ -363,7 +397,18 @@ class RateBudget:
         if self._closed:
             return
         self._closed = True
-        self._executor.shutdown(wait=False, cancel_futures=True)
+
+        async def cancel_waiters() -> None:
+            current = asyncio.current_task()
+            waiting = [t for t in asyncio.all_tasks() if t is not current]
+            for task in waiting:
+                task.cancel()
+            await asyncio.gather(*waiting, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(cancel_waiters(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
         for limiter in (self._global, *self._sub.values()):
             limiter.close()
         self._backend.close()
