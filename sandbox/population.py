@@ -37,7 +37,7 @@ import random
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime, timedelta
-from typing import Final
+from typing import Any, Final
 from zoneinfo import ZoneInfo
 
 import polars as pl
@@ -151,8 +151,8 @@ _DAY = 86_400
 _EPOCH_ORDINAL: Final = date(1970, 1, 1).toordinal()
 _LETTERS: Final = "abcdefghijklmnopqrstuvwxyz"
 
-# Unique-id spaces: an affine map (a * i + b) mod n with gcd(a, n) == 1 is a bijection on [0, n), so
-# counter i -> id is collision-free and looks random, with no set of used ids to keep.
+# Unique-id spaces: a keyed bijection on [0, n) (see _Perm) turns a running counter into ids that are
+# collision-free and look random, with no set of used ids to keep.
 _MRN_SPACE: Final = 90_000_000  # 8-digit MRNs: FHIR takes even slots, Data Model odd ones
 _VISIT_SPACE: Final = 900_000_000  # 9-digit VisitNumbers: encounters even, appointments odd
 _ORDER_SPACE: Final = 900_000_000
@@ -161,24 +161,57 @@ _SSN_SPACE: Final = 100 * 99 * 9999  # area 900-999, group 01-99, serial 0001-99
 _NPI_SPACE: Final = 900_000_000
 
 
+_MIX: Final = 0x9E3779B1  # odd, golden-ratio multiplier: multiply mod 2**32, keep the high bits
+
+
 @dataclasses.dataclass(frozen=True)
 class _Perm:
-    a: int
-    b: int
+    """A keyed pseudo-random bijection on [0, n): a four-round Feistel network on the smallest even
+    number of bits that covers n, with values that land at or above n walked again until they fall
+    inside (format-preserving encryption's cycle walking). Unlike an affine map, consecutive
+    counters give unrelated ids, so ids leak neither order nor which copies were made together."""
+
     n: int
+    half: int
+    keys: tuple[int, ...]
+
+    def _once(self, x: int) -> int:
+        h = self.half
+        left, right = x >> h, x & ((1 << h) - 1)
+        for k in self.keys:
+            left, right = right, left ^ ((((right + k) * _MIX) & 0xFFFFFFFF) >> (32 - h))
+        return (left << h) | right
 
     def __call__(self, i: int) -> int:
-        return (self.a * i + self.b) % self.n
+        if not 0 <= i < self.n:
+            raise ValueError("identifier space exhausted")
+        x = self._once(i)
+        while x >= self.n:
+            x = self._once(x)
+        return x
+
+    def _once_series(self, x: pl.Series) -> pl.Series:
+        h = self.half
+        left, right = x // (1 << h), x % (1 << h)
+        for k in self.keys:
+            left, right = right, left ^ ((((right + k) * _MIX) % (1 << 32)) // (1 << (32 - h)))
+        return left * (1 << h) + right
 
     def series(self, i: pl.Series) -> pl.Series:
-        return (i.cast(pl.Int64) * self.a + self.b) % self.n
+        x = self._once_series(i.cast(pl.Int64))
+        while True:
+            outside = x >= self.n
+            if not outside.any():
+                return x
+            x = pl.select(
+                pl.when(pl.lit(outside)).then(pl.lit(self._once_series(x))).otherwise(pl.lit(x))
+            ).to_series()
 
 
 def _perm(rng: random.Random, n: int) -> _Perm:
-    while True:
-        a = rng.randrange(n // 3, n - 1)
-        if math.gcd(a, n) == 1:
-            return _Perm(a, rng.randrange(n), n)
+    bits = max(2, (n - 1).bit_length())
+    half = (bits + 1) // 2
+    return _Perm(n, half, tuple(rng.getrandbits(half) for _ in range(4)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -679,7 +712,7 @@ def _people(
         linked=(u_surface < P_BOTH) & (v.u(m) < P_ENTERPRISE),
     ).with_columns(
         enterprise=pl.when("linked").then(
-            ids.enterprise.series(pl.col("index")).cast(pl.String).str.zfill(10)  # type: ignore[arg-type]
+            pl.lit(ids.enterprise.series(persons["index"]).cast(pl.String).str.zfill(10))
         )
     )
     fhir = persons.filter("on_fhir")
@@ -727,12 +760,14 @@ def _people(
                 series = series.clone()
                 series.scatter(idx, vals)
             columns.append(series)
-        rows_noise: list[list[str]] = [[] for _ in range(frame.height)]
-        for r, kinds in noise[surface].items():
-            rows_noise[r] = kinds
-        return frame.select("person_id", "enterprise").with_columns(
-            *columns, noise=pl.Series(rows_noise, dtype=pl.List(pl.String))
+        # Built as joined strings and split once: polars converts a million tiny Python lists slowly.
+        joined = pl.repeat("", frame.height, dtype=pl.String, eager=True)
+        if noise[surface]:
+            joined.scatter(list(noise[surface]), [",".join(k) for k in noise[surface].values()])
+        as_list = (
+            pl.when(joined == "").then(pl.lit([], dtype=pl.List(pl.String))).otherwise(joined.str.split(","))
         )
+        return frame.select("person_id", "enterprise").with_columns(*columns, noise=as_list)
 
     fhir_mrn = (
         ids.mrn.series(pl.int_range(fhir_start, fhir_start + n_fhir, eager=True) * 2) + 10_000_000
@@ -764,19 +799,14 @@ def _people(
     patients = pl.concat([fhir_out, dm_out], how="vertical")
     is_fhir = pl.col("source_surface") == "fhir"
     patients = patients.with_columns(
-        identifiers=pl.concat_list(
-            [
-                pl.struct(
-                    system=pl.when(is_fhir).then(pl.lit(FHIR_MRN)).otherwise(pl.lit(DM_MRN)), value="mrn"
-                ),
-                pl.when(pl.col("ehrid").is_not_null()).then(
-                    pl.struct(system=pl.lit(DM_EHRID), value="ehrid")
-                ),
-                pl.when(pl.col("enterprise").is_not_null()).then(
-                    pl.struct(system=pl.lit(ENTERPRISE), value="enterprise")
-                ),
-            ]
-        ).list.drop_nulls(),
+        identifiers=_identifier_lists(
+            patients.select(
+                mrn_system=pl.when(is_fhir).then(pl.lit(FHIR_MRN)).otherwise(pl.lit(DM_MRN)),
+                mrn="mrn",
+                ehrid="ehrid",
+                enterprise="enterprise",
+            )
+        ),
         sex_source=pl.when(is_fhir).then("sex").otherwise(pl.col("sex").str.to_titlecase()),
     ).select(
         "source_surface",
@@ -789,6 +819,28 @@ def _people(
         "noise",
     )
     return _Batch(persons=persons, patients=patients, fhir_count=n_fhir, dm_count=n_dm)
+
+
+def _identifier_lists(ids: pl.DataFrame) -> pl.Series:
+    """The identifiers column, List(Struct{system, value}), from per-row MRN (always), EHRID and
+    enterprise id (when present). Assembled as an Arrow list array from offsets and a flat child:
+    polars' concat_list over structs is two orders of magnitude slower at a million rows."""
+    row = pl.int_range(pl.len(), dtype=pl.Int64)
+    parts = [
+        ids.select(row=row, pos=pl.lit(0), system="mrn_system", value="mrn"),
+        ids.select(row=row, pos=pl.lit(1), system=pl.lit(DM_EHRID), value="ehrid"),
+        ids.select(row=row, pos=pl.lit(2), system=pl.lit(ENTERPRISE), value="enterprise"),
+    ]
+    flat = pl.concat(parts).drop_nulls("value").sort("row", "pos")
+    counts = flat.group_by("row").len().sort("row")["len"].cast(pl.Int64)
+    offsets = pa.array([0, *itertools.accumulate(counts.to_list())], type=pa.int64())
+    child = pa.StructArray.from_arrays(
+        [flat["system"].to_arrow().cast(pa.large_string()), flat["value"].to_arrow().cast(pa.large_string())],
+        names=["system", "value"],
+    )
+    series = pl.from_arrow(pa.LargeListArray.from_arrays(offsets, child))
+    assert isinstance(series, pl.Series)
+    return series.alias("identifiers")
 
 
 _FRAME_SCHEMA: Final = pl.Schema(
@@ -829,7 +881,7 @@ def generate_patient_frame(n: int, seed: int) -> pl.DataFrame:
     offsets = _Vec(rng).ints(frame.height, 0, 400 * _DAY)
     base = datetime(2024, 1, 1, tzinfo=UTC)
     return frame.with_columns(
-        source_updated_at=pl.lit(base) + pl.duration(seconds=offsets),
+        source_updated_at=pl.lit(base) + pl.duration(seconds=pl.lit(offsets)),
     ).select(*(pl.col(c).cast(t) for c, t in _FRAME_SCHEMA.items()), "person_id")
 
 
@@ -929,13 +981,13 @@ def _pick(values: Sequence[object], index: pl.Expr, dtype: pl.DataType) -> pl.Ex
 
 
 def _analyte_table() -> pl.DataFrame:
-    rows = []
+    rows: list[tuple[object, ...]] = []
     for p, panel in enumerate(names.PANEL_WEIGHTS):
         for a in names.PANELS[panel]:
             if len(a) == 5:
                 rows.append((p, a[0], a[1], None, 0, None, None, None, None, None, None, a[2], a[3], a[4]))
             else:
-                code, display, unit, dec, low, high, c_lo, c_hi, mean, sd = a  # type: ignore[misc]
+                code, display, unit, dec, low, high, c_lo, c_hi, mean, sd = a
                 rows.append(
                     (p, code, display, unit, dec, low or None, high, c_lo, c_hi, mean, sd, None, None, None)
                 )
@@ -1154,10 +1206,11 @@ class _Clinic:
         n_fhir = int((owners["surface"] == "fhir").sum())
         self.counter["fhir"] += n_fhir
         self.counter["datamodel"] += m - n_fhir
+        rank = orders["rank"]
         order_id = (
             pl.when(is_fhir)
-            .then(self.ids.order["fhir"].series(pl.col("rank") + fhir_start))  # type: ignore[arg-type]
-            .otherwise(self.ids.order["datamodel"].series(pl.col("rank") + dm_start))  # type: ignore[arg-type]
+            .then(pl.lit(self.ids.order["fhir"].series(rank + fhir_start)))
+            .otherwise(pl.lit(self.ids.order["datamodel"].series(rank + dm_start)))
             + 100_000_000
         ).cast(pl.String)
         recent = (pl.col("now") - pl.col("effective")) < 36 * 3600
@@ -1347,7 +1400,7 @@ _APPOINTMENT_FIELDS: Final = tuple(f.name for f in dataclasses.fields(Appointmen
 _TIME_FIELDS: Final = frozenset({"start_at", "end_at", "effective_at"})
 
 
-def _records(frame: pl.DataFrame, cls: type, fields: tuple[str, ...]) -> list:  # type: ignore[type-arg]
+def _records(frame: pl.DataFrame, cls: type, fields: tuple[str, ...]) -> list[Any]:
     """Record objects from a batch frame (epoch-second time columns become aware datetimes)."""
     columns = [_dts(frame[f].to_list()) if f in _TIME_FIELDS else frame[f].to_list() for f in fields]
     return [cls(*row) for row in zip(*columns, strict=True)]
@@ -1666,15 +1719,15 @@ class World:
         rng = self._rng
         if what == "put":
             assert isinstance(payload, tuple)
-            kind, record = payload[0], payload[1]
-            self._put(kind, record)
-            counts[f"new_{kind}"] += 1
+            made, record = payload[0], payload[1]
+            self._put(made, record)
+            counts[f"new_{made}"] += 1
             finishes = None
-            if kind == "encounters":
+            if made == "encounters":
                 assert isinstance(record, Encounter)
                 # Walk-ins were drawn as in progress; they finish after their drawn length.
                 finishes = payload[2]
-            self._follow_up(kind, record, finishes, at, rng)
+            self._follow_up(made, record, finishes, at, rng)
         elif what in ("reschedule", "cancel"):
             appt = self._pick_booked(at)
             if appt is None:
@@ -1738,11 +1791,11 @@ class World:
                 self._put("encounters", dataclasses.replace(enc, status="finished", end_at=_dt(at)))
                 counts["finished_encounters"] += 1
         elif what == "complete":
-            appt = self._current("appointments", surface, sid)
-            assert isinstance(appt, Appointment)
-            if appt.status == "booked" and _ts(appt.end_at) == at:
+            booked = self._current("appointments", surface, sid)
+            assert isinstance(booked, Appointment)
+            if booked.status == "booked" and _ts(booked.end_at) == at:
                 status = "fulfilled" if rng.random() < 0.9 else "noshow"
-                self._put("appointments", dataclasses.replace(appt, status=status))
+                self._put("appointments", dataclasses.replace(booked, status=status))
                 counts["appointments_completed"] += 1
         elif what == "finalize":
             result = self._current("results", surface, sid)
