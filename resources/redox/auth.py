@@ -23,7 +23,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from resources.redox.errors import RedoxAuthError
+from resources.redox.errors import RedoxAuthError, RedoxConfigError
 from resources.redox.settings import RedoxSettings, SigningKey
 from resources.redox.transport import Transport
 
@@ -89,11 +89,8 @@ class OAuthAuthorizer:
 
     def __init__(self, *, settings: RedoxSettings, transport: Transport) -> None:
         if not settings.client_id or not settings.keys:
-            raise RedoxAuthError(
-                status=0,
-                server_text="",
-                endpoint="POST /v2/auth/token",
-                hint="set REDOX_CLIENT_ID, REDOX_KID and REDOX_PRIVATE_KEY or REDOX_PRIVATE_KEY_FILE",
+            raise RedoxConfigError(
+                "OAuth needs REDOX_CLIENT_ID, REDOX_KID and REDOX_PRIVATE_KEY or REDOX_PRIVATE_KEY_FILE"
             )
         self._client_id = settings.client_id
         self._token_url = settings.token_url
@@ -184,11 +181,8 @@ class LegacyAuthorizer:
 
     def __init__(self, *, settings: RedoxSettings, transport: Transport) -> None:
         if settings.api_key is None or settings.api_secret is None:
-            raise RedoxAuthError(
-                status=0,
-                server_text="",
-                endpoint="POST /auth/authenticate",
-                hint="set REDOX_API_KEY and REDOX_API_SECRET, or use OAuth (REDOX_DATAMODEL_AUTH=oauth)",
+            raise RedoxConfigError(
+                "legacy auth needs REDOX_API_KEY and REDOX_API_SECRET; or use OAuth (REDOX_DATAMODEL_AUTH=oauth)"
             )
         self._api_key = settings.api_key
         self._api_secret = settings.api_secret

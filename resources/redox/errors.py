@@ -127,7 +127,7 @@ class PageTotalMismatch(RedoxError):
         self.received = received
         self.pages = pages
         super().__init__(
-            f"{endpoint}: Bundle.total said {total} but {pages} page(s) held {received} entries. "
+            f"{endpoint}: Bundle.total said {total} but {pages} page(s) held {received} distinct entries. "
             "What to do: data changed during paging or the server dropped/duplicated a page; rerun the "
             "partition (landing replaces it atomically)"
         )

@@ -63,8 +63,9 @@ class Reply:
     """A successful response: the body's exact bytes, its parsed JSON, and where it came from."""
 
     status: int
-    raw: bytes
-    json: Any
+    # Bodies can hold PHI: never in a repr that might reach a log or a traceback.
+    raw: bytes = dataclasses.field(repr=False)
+    json: Any = dataclasses.field(repr=False)
     headers: httpx.Headers = dataclasses.field(repr=False)
     endpoint: str
     attempts: int

@@ -161,11 +161,10 @@ async def test_every_datamodel_query(tmp_path, plain, truth):
         visits = await client.datamodel.visit_query(start=start, end=end)
         booked = await client.datamodel.scheduling_booked(start=start, end=end)
         results = await client.datamodel.results_query(start=start, end=end)
-        patient = visits.json["Patients"][0]
-        identifiers = patient["Identifiers"][:1]
+        identifiers = results.json["Orders"][0]["Patient"]["Identifiers"][:1]
         found = await client.datamodel.patient_search(identifiers=identifiers)
         some = await client.datamodel.results_query(start=start, end=end, patients=[identifiers])
-    assert booked.json["Visits"] and results.json["Orders"]
+    assert visits.json["Patients"] and booked.json["Visits"] and results.json["Orders"]
     assert found.json["Patient"]["Identifiers"]
     assert 0 < len(some.json["Orders"]) <= len(results.json["Orders"])
 
