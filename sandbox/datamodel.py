@@ -182,8 +182,6 @@ class DataModelSurface:
         self.faults = faults
         self._rendered: dict[tuple[str, str, int], dict[str, Any]] = {}
         self._error_ids = itertools.count(19_500_000)
-        self._index_seq = -1
-        self._identifier_index: dict[tuple[str, str], set[str]] = {}
 
     # -- entry point ----------------------------------------------------------------------------
 
@@ -412,29 +410,21 @@ class DataModelSurface:
     def _resolve_identifiers(self, identifiers: object, field: str) -> set[str]:
         if not isinstance(identifiers, list):
             raise RequestError(f"{field} must be a list")
-        self._refresh_index()
+        store = self._store()
         found: set[str] = set()
         for item in identifiers:
             if not isinstance(item, dict) or not isinstance(item.get("ID"), str | int):
                 raise RequestError(f"{field}[] entries need an ID")
             value, kind = str(item["ID"]), str(item.get("IDType") or "")
             # 'MRN' is accepted for the MR identifier [I]; Redox payloads use both.
-            for candidate in {"MR", "MRN"} if kind.upper() in ("MR", "MRN") else {kind}:
-                found |= self._identifier_index.get((candidate, value), set())
+            kind = "MR" if kind.upper() in ("MR", "MRN") else kind
+            # IDType is the rendered system (see id_type); try every system that renders as it.
+            for system in (f"urn:redox:dm:{kind}", f"urn:oid:{kind}", kind):
+                found.update(
+                    v.record.source_id
+                    for v in store.query("patients", "datamodel", identifier=(system, value))
+                )
         return found
-
-    def _refresh_index(self) -> None:
-        store = self._store()
-        if self._index_seq == store.head_seq:
-            return
-        index: dict[tuple[str, str], set[str]] = {}
-        for version in store.query("patients", "datamodel"):
-            patient = version.record
-            assert isinstance(patient, Patient)
-            for identifier in patient.identifiers:
-                index.setdefault((id_type(identifier.system), identifier.value), set()).add(patient.source_id)
-            index.setdefault(("MR", patient.source_id), set()).add(patient.source_id)
-        self._identifier_index, self._index_seq = index, store.head_seq
 
     def _patients_filter(self, patients: object, field: str) -> set[str] | None:
         if patients is None or patients == []:

@@ -504,6 +504,17 @@ CLINICAL_PREDICATES: dict[str, Callable[[str], Predicate]] = {
 }
 
 
+def _indexed_identifier(resource: str, values: list[str]) -> tuple[str, str] | None:
+    """A ``system|value`` the store's identifier index can answer (the SSN is not an identifier
+    there); the per-record filter still checks every identifier parameter afterwards."""
+    if resource != "Patient" or len(values) != 1 or "," in values[0]:
+        return None
+    system, sep, value = values[0].partition("|")
+    if not sep or not system or not value or system == SSN_SYSTEM:
+        return None
+    return system, value
+
+
 def _record_filter(resource: str, params: dict[str, list[str]]) -> Callable[[Any], bool] | None:
     """Parameters the store does not index, checked per record: repeats AND, commas OR."""
     checks: list[tuple[Predicate, list[str]]] = []
@@ -749,6 +760,9 @@ class FhirSurface:
         )
         if patients is not None:
             query["patient_ids"] = patients
+        identifier = _indexed_identifier(resource, params.get("identifier", []))
+        if identifier is not None:
+            query["identifier"] = identifier
         when = self._window("date", params.get("date", []))
         if when is not None:
             query["when"] = when

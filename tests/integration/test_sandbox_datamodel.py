@@ -266,6 +266,7 @@ def test_logical_failures_are_200_with_errors(ask: Callable[..., httpx.Response]
         assert len(errors) == 1 and errors[0]["Text"]
 
 
+@pytest.mark.slow  # importing redox.factory (redox.generic) alone takes 10-20 s
 def test_responses_pass_redox_object_factory(sandbox: Running, ask: Callable[..., httpx.Response]) -> None:
     from redox.factory import redox_object_factory
 

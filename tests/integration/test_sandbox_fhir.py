@@ -209,19 +209,22 @@ def test_date_only_values_are_days_in_the_ehr_zone(sandbox: Running, client: htt
 def test_every_record_exactly_once_while_the_world_changes(bearer: Bearer) -> None:
     with serve_in_thread(patients=60, seed=11, rate_limit=None) as running:
         store = running.world.store
-        expected = {v.record.source_id for v in store.query("results", "fhir")}
+        snapshot = {v.record.source_id: v.version_id for v in store.query("results", "fhir")}
 
         def advance() -> None:
-            httpx.post(f"{running.base_url}/sandbox/advance", json={"days": 1}).raise_for_status()
+            httpx.post(f"{running.base_url}/sandbox/advance", json={"days": 2}).raise_for_status()
 
         creds = running.credentials
         with httpx.Client(base_url=creds["fhir_base"], headers=bearer(running)) as client:
-            seq_before = store.head_seq
             entries = _all_pages(client, "Observation", {"_count": "23"}, between=advance)
-        assert store.head_seq > seq_before, "advance should have written new versions"
+        head = {v.record.source_id: v.version_id for v in store.query("results", "fhir")}
+        # The world really changed under the pages: new records appeared, old ones got new versions.
+        assert set(head) - set(snapshot), "advance created no new results; the test proves nothing"
         ids = _ids(entries)
         assert len(ids) == len(set(ids)), "a record was repeated across pages"
-        assert set(ids) == expected, "a record was skipped or a new one leaked into the snapshot"
+        assert set(ids) == set(snapshot), "a record was skipped or a new one leaked into the snapshot"
+        served = {e["resource"]["id"]: int(e["resource"]["meta"]["versionId"]) for e in entries}
+        assert served == snapshot, "a page showed a version newer than the search's snapshot"
 
 
 def test_links_carry_no_phi(sandbox: Running, client: httpx.Client) -> None:

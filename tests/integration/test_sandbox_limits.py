@@ -209,3 +209,17 @@ def test_subprocess_server_and_cli(tmp_path: Any, bearer: Bearer) -> None:
         assert result.exit_code == 0, result.output
         assert (out / "persons.parquet").exists()
     assert running.process is not None and running.process.poll() is not None
+
+
+def test_fault_spec_parsing() -> None:
+    from sandbox.faults import FaultSpec
+
+    spec = FaultSpec.parse(
+        "5xx=0.03,timeout=0.01:30s,429=0.01,dup=0.01,malformed=0.002,slow=0.05:500ms,seed=9"
+    )
+    assert (spec.server_error, spec.timeout, spec.timeout_seconds, spec.too_many) == (0.03, 0.01, 30.0, 0.01)
+    assert (spec.dup, spec.malformed, spec.slow, spec.slow_seconds, spec.seed) == (0.01, 0.002, 0.05, 0.5, 9)
+    assert not FaultSpec.parse(None).active and not FaultSpec.parse("off").active
+    for bad in ("nonsense=0.1", "5xx", "5xx=2", "dup=0.1:2s", "5xx=0.6,429=0.6", "slow=0.1:fast"):
+        with pytest.raises(ValueError):
+            FaultSpec.parse(bad)
