@@ -11,7 +11,7 @@ Invariants kept here:
   window's average density paces requests evenly instead of spending the window in a burst;
 - a 429 (or ``Retry-After``) writes a penalty row into the same shared store: every process pauses
   until ``pause_until`` and then takes ``factor`` slots per request (so the whole budget runs at
-  ``1/factor`` speed) until ``slow_until``, one window after the last 429, when it recovers.
+  ``1/factor`` speed); the factor halves every tenth of a window without a 429 until it is 1 again.
   Weighted acquisition is pyrate-limiter's own mechanism; the penalty row is the small part it does
   not offer (its buckets have fixed rates);
 - per-destination sub-limits are separate buckets acquired before the global one, so they can only
@@ -46,7 +46,7 @@ MAX_SLOWDOWN = 8
 # With no Retry-After we cannot know when the server's window frees; a short pause per strike lets the
 # slowed budget probe again soon without hammering.
 BASE_PAUSE_S = 1.0
-MAX_PAUSE_S = 30.0
+MAX_PAUSE_S = 10.0
 # pyrate-limiter sleeps this much past the computed wait. Its default (50 ms) would cap a 20/s
 # pacing rate at 20/1.05 s, below the window's own average, so the window could never be spent.
 LIMITER_BUFFER_MS = 10
@@ -68,26 +68,44 @@ def pacing_rates(rate: RateSpec, margin: float) -> list[Rate]:
 
 @dataclasses.dataclass(frozen=True)
 class Penalty:
-    """The shared slow-down after a 429. Times are epoch seconds, so every process agrees on them."""
+    """The shared slow-down after a 429. Times are epoch seconds, so every process agrees on them.
+
+    After ``pause_until`` the budget runs at ``1/factor`` speed, and the factor halves every
+    ``recovery_step(window)`` seconds without a new 429 until it is back to 1 at ``slow_until``.
+    A 429 while still slowed doubles the factor (at most ``MAX_SLOWDOWN``).
+    """
 
     pause_until: float = 0.0
     slow_until: float = 0.0
     factor: int = 1
     strikes: int = 0
 
-    def weight(self, now: float) -> int:
-        return self.factor if now < self.slow_until else 1
+    def weight(self, now: float, *, window_s: float) -> int:
+        if now >= self.slow_until:
+            return 1
+        if now <= self.pause_until:
+            return self.factor
+        halvings = int((now - self.pause_until) / recovery_step(window_s))
+        return max(1, self.factor >> halvings)
 
     def after_429(self, now: float, *, retry_after: float | None, window_s: float) -> "Penalty":
-        strikes = self.strikes + 1 if now < self.slow_until else 1
-        factor = min(MAX_SLOWDOWN, 2**strikes)
+        current = self.weight(now, window_s=window_s)
+        strikes = self.strikes + 1 if current > 1 else 1
+        factor = min(MAX_SLOWDOWN, 2 * current)
         pause = retry_after if retry_after is not None else min(MAX_PAUSE_S, BASE_PAUSE_S * strikes)
+        pause_until = max(self.pause_until, now + pause)
+        # One halving step per doubling: from 8 back to 1 takes three steps.
         return Penalty(
-            pause_until=max(self.pause_until, now + pause),
-            slow_until=max(self.slow_until, now + pause + window_s),
-            factor=max(factor, self.factor if now < self.slow_until else 1),
+            pause_until=pause_until,
+            slow_until=pause_until + recovery_step(window_s) * math.log2(factor),
+            factor=factor,
             strikes=strikes,
         )
+
+
+def recovery_step(window_s: float) -> float:
+    """A tenth of the window: 30 s at Redox's 300 s, so one stray 429 costs half speed for 30 s."""
+    return window_s / 10
 
 
 class PenaltyStore(Protocol):
@@ -356,7 +374,7 @@ class RateBudget:
         if penalty.pause_until > now:
             await asyncio.sleep(penalty.pause_until - now)
             now = time.time()
-        weight = min(self._max_weight, penalty.weight(now))
+        weight = min(self._max_weight, penalty.weight(now, window_s=self.rate.seconds))
         chain = []
         if destination is not None and destination in self._sub:
             chain.append((self._sub[destination], f"{self.key}/{destination}"))
@@ -382,7 +400,8 @@ class RateBudget:
             self.key, lambda p: p.after_429(now, retry_after=retry_after, window_s=self.rate.seconds)
         )
         log.warning(
-            "Redox answered 429 for %s: the shared budget pauses %.1fs and runs at 1/%d speed until %s",
+            "Redox answered 429 for %s: the shared budget pauses %.1fs, then runs at 1/%d speed, "
+            "recovering fully by %s",
             self.key,
             max(0.0, penalty.pause_until - now),
             penalty.factor,

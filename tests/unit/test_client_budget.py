@@ -23,20 +23,26 @@ def test_pacing_rates_spread_the_window():
 
 
 def test_penalty_escalates_and_recovers():
-    p = Penalty().after_429(1000.0, retry_after=None, window_s=20)
-    assert p.factor == 2 and p.strikes == 1 and p.pause_until == 1001.0
-    assert p.weight(1005.0) == 2 and p.weight(p.slow_until + 0.1) == 1
-    p2 = p.after_429(1002.0, retry_after=None, window_s=20)
-    assert p2.factor == 4 and p2.strikes == 2
+    window = 20.0  # recovery step: 2 s
+    p = Penalty().after_429(1000.0, retry_after=None, window_s=window)
+    assert (p.factor, p.strikes, p.pause_until) == (2, 1, 1001.0)
+    assert p.weight(1001.5, window_s=window) == 2
+    assert p.weight(1003.5, window_s=window) == 1 and p.slow_until == 1003.0
+    # A 429 while slowed doubles the factor, up to the cap.
+    p2 = p.after_429(1002.0, retry_after=None, window_s=window)
+    assert (p2.factor, p2.strikes, p2.pause_until) == (4, 2, 1004.0)
     p3 = p2
     for i in range(5):
-        p3 = p3.after_429(1003.0 + i, retry_after=None, window_s=20)
+        p3 = p3.after_429(1004.0 + i, retry_after=None, window_s=window)
     assert p3.factor == MAX_SLOWDOWN
+    # Recovery halves the factor each step after the pause: 8, 4, 2, 1.
+    steps = [p3.weight(p3.pause_until + 0.1 + 2 * k, window_s=window) for k in range(4)]
+    assert steps == [8, 4, 2, 1]
     # Retry-After, when the server sends one, sets the pause.
-    assert Penalty().after_429(1000.0, retry_after=7.0, window_s=20).pause_until == 1007.0
-    # A 429 long after the slow period starts over.
-    fresh = p3.after_429(p3.slow_until + 1, retry_after=None, window_s=20)
-    assert fresh.strikes == 1 and fresh.factor == 2
+    assert Penalty().after_429(1000.0, retry_after=7.0, window_s=window).pause_until == 1007.0
+    # A 429 after full recovery starts over.
+    fresh = p3.after_429(p3.slow_until + 1, retry_after=None, window_s=window)
+    assert (fresh.strikes, fresh.factor) == (1, 2)
 
 
 def _budget(tmp_path, **kw) -> RateBudget:
