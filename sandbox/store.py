@@ -23,13 +23,12 @@ import threading
 from collections import OrderedDict
 from collections.abc import Collection, Hashable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sandbox.model import Appointment, Encounter, Kind, Patient, Record, Result, Surface, Version
 
 _ONE_MS = timedelta(milliseconds=1)
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_US = timedelta(microseconds=1)
+_ONE_US = timedelta(microseconds=1)
 _KIND_OF: dict[type, Kind] = {
     Patient: "patients",
     Encounter: "encounters",
@@ -71,13 +70,6 @@ def clinical_time(record: Record) -> datetime | None:
     return None
 
 
-def _micros(t: datetime) -> int:
-    # Float rounding can be off by a microsecond; index ranges are padded (_PAD) and every candidate
-    # is checked exactly, so that never changes an answer.
-    return round(t.timestamp() * 1_000_000)
-
-
-_PAD = 1000
 _TIME_ATTR: dict[Kind, str] = {
     "encounters": "start_at",
     "results": "effective_at",
@@ -107,10 +99,10 @@ class _Table:
         self.kind = kind
         self.versions: dict[str, list[Version]] = {}
         self.ids: list[str] = []
-        # (micros, source_id) for every clinical time / last_updated any version ever had; a record
+        # (time, source_id) for every clinical time / last_updated any version ever had; a record
         # whose time moved is found under each time, and the as-of version decides whether it matches.
-        self.by_time: list[tuple[int, str]] = []
-        self.by_updated: list[tuple[int, str]] = []
+        self.by_time: list[tuple[datetime, str]] = []
+        self.by_updated: list[tuple[datetime, str]] = []
         self.by_patient: dict[str, set[str]] = {}
         self.by_identifier: dict[tuple[str, str], set[str]] = {}
         self.pending: list[Version] = []
@@ -119,7 +111,7 @@ class _Table:
         if not self.pending:
             return
         pending, self.pending = self.pending, []
-        self.by_updated.extend([(_micros(v.last_updated), v.record.source_id) for v in pending])
+        self.by_updated.extend([(v.last_updated, v.record.source_id) for v in pending])
         if self.kind == "patients":
             for v in pending:
                 patient = v.record
@@ -128,7 +120,7 @@ class _Table:
                     self.by_identifier.setdefault((ident.system, ident.value), set()).add(patient.source_id)
         else:
             when = operator.attrgetter(_TIME_ATTR[self.kind])
-            self.by_time.extend([(_micros(when(v.record)), v.record.source_id) for v in pending])
+            self.by_time.extend([(when(v.record), v.record.source_id) for v in pending])
             by_patient = self.by_patient
             for v in pending:
                 record = v.record
@@ -148,10 +140,10 @@ def _as_of(versions: list[Version], seq: int) -> Version | None:
     return None
 
 
-def _time_range(index: list[tuple[int, str]], bounds: Bounds) -> set[str]:
-    """Ids with some indexed time near ``bounds`` (a superset: each is checked exactly later)."""
-    start = 0 if bounds.lo is None else bisect.bisect_left(index, (_micros(bounds.lo) - _PAD,))
-    stop = len(index) if bounds.hi is None else bisect.bisect_left(index, (_micros(bounds.hi) + _PAD,))
+def _time_range(index: list[tuple[datetime, str]], bounds: Bounds) -> set[str]:
+    """Ids with some indexed time inside ``bounds``, ends included (inclusiveness is checked later)."""
+    start = 0 if bounds.lo is None else bisect.bisect_left(index, (bounds.lo,))
+    stop = len(index) if bounds.hi is None else bisect.bisect_left(index, (bounds.hi + _ONE_US,))
     return {sid for _, sid in index[start:stop]}
 
 
