@@ -34,6 +34,7 @@ import itertools
 import math
 import operator
 import random
+import threading
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime, timedelta
@@ -1487,6 +1488,8 @@ class World:
         self._record_ids: dict[tuple[Kind, Surface], list[str]] = {}
         # Booked appointments whose slot has not come yet (pruned lazily when picked).
         self._booked: list[tuple[Surface, str]] = []
+        # advance and truth may be called from server worker threads; one at a time.
+        self._lock = threading.RLock()
 
     def _use_stream(self, name: str) -> None:
         self._rng = random.Random(f"redox-sandbox:{self.config.seed}:{name}")
@@ -1611,6 +1614,10 @@ class World:
         version stamped at its own time in (old clock, new clock]. Returns counts per change kind."""
         if delta < timedelta(0):
             raise ValueError("the sandbox clock only moves forward")
+        with self._lock:
+            return self._advance(delta)
+
+    def _advance(self, delta: timedelta) -> dict[str, int]:
         counts = dict.fromkeys(CHANGE_KINDS, 0)
         old = self.clock
         new = old + delta
@@ -1826,7 +1833,7 @@ class World:
         Extras for diagnostics: ``hard_groups`` (group_id, person_id, hard_group) and ``noise``
         (source_surface, source_id, person_id, noise).
         """
-        with _no_gc():
+        with self._lock, _no_gc():
             return _truth(self)
 
 
