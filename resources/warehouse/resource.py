@@ -144,6 +144,11 @@ class Warehouse(ConfigurableResource):
     busy_timeout_ms: int = Field(
         default=30_000, description="SQLite catalog busy timeout for every connection, in ms."
     )
+    sqlite_journal_mode: str = Field(
+        default="wal",
+        description="Journal mode the writer sets on a SQLite catalog. WAL lets readers read while the "
+        "writer commits; it needs a local filesystem (not NFS). Other modes make readers wait.",
+    )
 
     # ---- locations ---------------------------------------------------------------------------
 
@@ -200,8 +205,11 @@ class Warehouse(ConfigurableResource):
                 f"no lake at {spec.describe()}: nothing has been loaded yet (run `redox-etl sync`), "
                 "or REDOX_ETL_HOME / REDOX_ETL_LAKE / --lake points somewhere else"
             )
+        # Progress bars would write to the terminal from inside Dagster steps and CLI pipes, and an
+        # extension LOAD on a busy machine is slow enough to trigger one.
         con = duckdb.connect()
         try:
+            con.execute("SET enable_progress_bar = false")
             load_extensions(con, ("ducklake", *spec.extensions))
             con.execute("SET TimeZone = 'UTC'")
             options = []
@@ -218,7 +226,7 @@ class Warehouse(ConfigurableResource):
                 # by the writer, persistent in the file) lets readers read while the writer commits.
                 options.append(f"META_BUSY_TIMEOUT {int(self.busy_timeout_ms)}")
                 if not read_only:
-                    options.append("META_JOURNAL_MODE 'wal'")
+                    options.append(f"META_JOURNAL_MODE '{_q(self.sqlite_journal_mode)}'")
                     Path(spec.target).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             con.execute(f"ATTACH '{_q(spec.attach_uri)}' AS {LAKE} ({', '.join(options)})")
             con.execute(f"USE {LAKE}")
