@@ -36,7 +36,7 @@ from typing import Any, Final
 import duckdb
 import polars as pl
 
-from transforms.nicknames import FORMAL_NAMES
+from transforms.nicknames import FORMAL_NAMES, VARIANTS
 from transforms.schema import IDENTIFIER, NATURAL_KEY, PATIENTS, UTC_TS
 
 MODEL_FORMAT: Final = "redox-etl-identity/1"
@@ -272,14 +272,20 @@ _NICKNAME_FRAME: Final = pl.DataFrame(
     {
         "given_first": list(FORMAL_NAMES.keys()),
         "formal": [list(v) for v in FORMAL_NAMES.values()],
+        "given_variants": [list(VARIANTS[k]) for k in FORMAL_NAMES],
     },
-    schema={"given_first": pl.String(), "formal": pl.List(pl.String())},
+    schema={
+        "given_first": pl.String(),
+        "formal": pl.List(pl.String()),
+        "given_variants": pl.List(pl.String()),
+    },
 )
 
 #: Columns ``features`` adds; Splink sees only these (plus ``rid``).
 FEATURE_COLUMNS: Final = (
     "given",
     "given_formal",
+    "given_variants",
     "given_sx",
     "middle",
     "family",
@@ -299,6 +305,42 @@ FEATURE_COLUMNS: Final = (
 )
 
 
+def _given_features(given_name: pl.LazyFrame) -> pl.LazyFrame:
+    full = _letters(pl.col("given_name"))
+    return (
+        given_name.with_columns(
+            given=full.str.replace_all(" ", ""), given_first=full.str.split(" ").list.first()
+        )
+        .join(_NICKNAME_FRAME.lazy(), on="given_first", how="left")
+        .with_columns(
+            # The full given name stands for itself; a nickname also stands for its formal names.
+            given_formal=pl.concat_list(pl.col("given"), pl.col("formal").fill_null([]))
+            .list.drop_nulls()
+            .list.unique()
+            .list.sort(),
+            # Blocking key: the first formal name a nickname stands for (Bob and Robert block together).
+            given_sx=_soundex(pl.coalesce(pl.col("formal").list.first(), pl.col("given_first"))),
+        )
+        .select("given_name", "given", "given_formal", "given_variants", "given_sx")
+    )
+
+
+def _family_features(family_name: pl.LazyFrame) -> pl.LazyFrame:
+    full = _letters(pl.col("family_name"))
+    tokens = full.str.split(" ")
+    return family_name.with_columns(
+        family=full.str.replace_all(" ", ""),
+        # Hyphenated and compound names as a set of significant words, so "Smith-Jones" and "Smith"
+        # share one; particles (de, van, st) are not significant.
+        family_tokens=tokens.list.eval(
+            pl.element().filter((pl.element().str.len_chars() >= 2) & ~pl.element().is_in(_NAME_PARTICLES))
+        )
+        .list.unique()
+        .list.sort(),
+        family_sx=_soundex(tokens.list.first()),
+    )
+
+
 def features(patients: pl.LazyFrame) -> pl.LazyFrame:
     """The comparison columns for matching: names folded to ASCII letters, nickname groups,
     Soundex keys, birth-date parts, digits-only SSN/phone, a canonical street line and ZIP5."""
@@ -313,49 +355,36 @@ def features(patients: pl.LazyFrame) -> pl.LazyFrame:
         .str.strip_chars()
     )
     addr_tokens = addr.str.split(" ").list.eval(pl.element().replace(_STREET_WORDS))
-    given_full = _letters(pl.col("given_name"))
-    family_full = _letters(pl.col("family_name"))
     ssn = pl.col("ssn").str.replace_all(r"\D", "")
     phone = pl.col("phone").str.replace_all(r"\D", "").str.slice(-10)
     dob = pl.col("birth_date")
     sex = pl.col("sex").str.to_lowercase().str.strip_chars()
-    frame = patients.with_columns(
-        given=given_full.str.replace_all(" ", ""),
-        given_first=given_full.str.split(" ").list.first(),
-        middle=_letters(pl.col("middle_name")).str.replace_all(" ", ""),
-        family=family_full.str.replace_all(" ", ""),
-        family_tokens=family_full.str.split(" ")
-        .list.eval(
-            pl.element().filter((pl.element().str.len_chars() >= 2) & ~pl.element().is_in(_NAME_PARTICLES))
+    # Names repeat a lot (a million records hold a few thousand distinct names): derive name
+    # features once per distinct value and join them back.
+    given = _given_features(patients.select("given_name").unique())
+    family = _family_features(patients.select("family_name").unique())
+    frame = (
+        patients.join(given, on="given_name", how="left", nulls_equal=True, maintain_order="left")
+        .join(family, on="family_name", how="left", nulls_equal=True, maintain_order="left")
+        .with_columns(
+            middle=_letters(pl.col("middle_name")).str.replace_all(" ", ""),
+            dob=dob.dt.to_string("%Y-%m-%d"),
+            dob_y=dob.dt.year().cast(pl.Int32),
+            dob_m=dob.dt.month().cast(pl.Int32),
+            dob_d=dob.dt.day().cast(pl.Int32),
+            sex=pl.when(sex.is_in(["male", "female", "other"])).then(sex).otherwise(None),
+            ssn=pl.when(
+                (ssn.str.len_chars() == 9) & ~ssn.str.contains(r"^(000|666)|^\d{3}00|0000$|^123456789$")
+            )
+            .then(ssn)
+            .otherwise(None),
+            addr=addr_tokens.list.join(" ").replace("", None),
+            zip5=pl.col("address_postal_code").str.replace_all(r"\D", "").str.slice(0, 5).replace("", None),
+            phone=pl.when(phone.str.len_chars() == 10).then(phone).otherwise(None),
+            email=pl.col("email").str.strip_chars().str.to_lowercase().replace("", None),
         )
-        .list.unique()
-        .list.sort(),
-        family_first=family_full.str.split(" ").list.first(),
-        dob=dob.dt.to_string("%Y-%m-%d"),
-        dob_y=dob.dt.year().cast(pl.Int32),
-        dob_m=dob.dt.month().cast(pl.Int32),
-        dob_d=dob.dt.day().cast(pl.Int32),
-        sex=pl.when(sex.is_in(["male", "female", "other"])).then(sex).otherwise(None),
-        ssn=pl.when((ssn.str.len_chars() == 9) & ~ssn.str.contains(r"^(000|666)|^\d{3}00|0000$|^123456789$"))
-        .then(ssn)
-        .otherwise(None),
-        addr=addr_tokens.list.join(" ").replace("", None),
-        zip5=pl.col("address_postal_code").str.replace_all(r"\D", "").str.slice(0, 5).replace("", None),
-        phone=pl.when(phone.str.len_chars() == 10).then(phone).otherwise(None),
-        email=pl.col("email").str.strip_chars().str.to_lowercase().replace("", None),
-    )
-    frame = frame.join(_NICKNAME_FRAME.lazy(), on="given_first", how="left").with_columns(
-        # The full given name always stands for itself; a nickname also stands for its formal names.
-        given_formal=pl.concat_list(pl.col("given"), pl.col("formal").fill_null([]))
-        .list.drop_nulls()
-        .list.unique()
-        .list.sort(),
-        # Blocking key: the first formal name a nickname stands for, so Bob and Robert block together.
-        given_key=pl.coalesce(pl.col("formal").list.first(), pl.col("given_first")),
     )
     return frame.with_columns(
-        given_sx=_soundex(pl.col("given_key")),
-        family_sx=_soundex(pl.col("family_first")),
         # Day and month in either order, so a transposed birth date still blocks with the original.
         dob_key=pl.when(pl.col("dob_y").is_not_null()).then(
             pl.format(
@@ -365,7 +394,7 @@ def features(patients: pl.LazyFrame) -> pl.LazyFrame:
                 pl.max_horizontal("dob_m", "dob_d"),
             )
         ),
-    ).drop("given_first", "family_first", "formal", "given_key")
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -458,15 +487,31 @@ def _null(*cols: str) -> dict[str, Any]:
     return _level(sql, "missing", 0.0, null=True)
 
 
-# Two given names share a nickname group, or one is a slip away from a formal name the other stands
-# for (Charls vs Charlie -> Charles). The length guards keep the list scan off names in no group.
+# Two given names share a nickname group, or one is a slip away from some name of the other's
+# group (Jomes vs Jimmy -> James; Vkal vs Valerie -> Val). Names in no group skip the list scan, and
+# the costly edit distance only runs on the few variants a cheap filter leaves (DuckDB evaluates a
+# lambda body in full, so the filter is a separate step rather than an AND).
+def _slip_any(name: str, variants: str) -> str:
+    close = (
+        f"list_filter({variants}, lambda x: abs(length(x) - length({name})) <= 1 "
+        f"AND jaro_winkler_similarity({name}, x) >= 0.75)"
+    )
+    return (
+        f"(len({variants}) > 1 AND ("
+        f"list_bool_or(list_transform({variants}, lambda x: jaro_winkler_similarity({name}, x) >= 0.92)) OR "
+        f"(length({name}) >= 4 AND "
+        f"list_bool_or(list_transform({close}, lambda x: damerau_levenshtein({name}, x) <= 1)))))"
+    )
+
+
 _NICKNAME: Final = (
     "list_has_any(given_formal_l, given_formal_r) OR "
-    "(len(given_formal_r) > 1 AND "
-    "list_max(list_transform(given_formal_r, lambda x: jaro_winkler_similarity(given_l, x))) >= 0.92) OR "
-    "(len(given_formal_l) > 1 AND "
-    "list_max(list_transform(given_formal_l, lambda x: jaro_winkler_similarity(x, given_r))) >= 0.92)"
+    f"{_slip_any('given_l', 'given_variants_r')} OR {_slip_any('given_r', 'given_variants_l')}"
 )
+
+
+# Given and family names exchanged, tolerating a slip in either.
+_SWAPPED: Final = "jaro_winkler_similarity(given_l, family_r) >= 0.92 AND jaro_winkler_similarity(family_l, given_r) >= 0.92"
 
 
 def _typo(col: str) -> str:
@@ -499,7 +544,7 @@ def _comparisons() -> list[dict[str, Any]]:
             _null("given"),
             _level("given_l = given_r", "exact", 0.85, tf="given"),
             _level(_NICKNAME, "nickname", 0.05),
-            _level("given_l = family_r AND family_l = given_r", "swapped", 0.01),
+            _level(_SWAPPED, "swapped", 0.01),
             _level(
                 _typo("given"),
                 "typo",
@@ -519,7 +564,7 @@ def _comparisons() -> list[dict[str, Any]]:
         "comparison_levels": [
             _null("family"),
             _level("family_l = family_r", "exact", 0.85, tf="family"),
-            _level("given_l = family_r AND family_l = given_r", "swapped", 0.01),
+            _level(_SWAPPED, "swapped", 0.01),
             _level("list_has_any(family_tokens_l, family_tokens_r)", "shared token", 0.05),
             _level(
                 _typo("family"),
@@ -576,24 +621,27 @@ def _comparisons() -> list[dict[str, Any]]:
             _level("ELSE", "different", 0.05),
         ],
     }
-    addr = {
+    # Street line and ZIP are one fact (where the person lives), so they are one comparison: two
+    # comparisons would count a shared household address twice.
+    address = {
         "output_column_name": "address",
-        "comparison_description": "street line: exact, close",
+        "comparison_description": "home address: same line and ZIP, close line, same ZIP, same area",
         "comparison_levels": [
-            _null("addr"),
-            _level("addr_l = addr_r", "exact", 0.7),
-            _level("jaro_winkler_similarity(addr_l, addr_r) >= 0.9", "close", 0.1),
-            _level("ELSE", "different", 0.2),
-        ],
-    }
-    postal = {
-        "output_column_name": "postal_code",
-        "comparison_description": "ZIP5: exact, same 3-digit area",
-        "comparison_levels": [
-            _null("zip5"),
-            _level("zip5_l = zip5_r", "exact", 0.75, tf="zip5"),
-            _level("left(zip5_l, 3) = left(zip5_r, 3)", "same area", 0.1),
-            _level("ELSE", "different", 0.15),
+            _level(
+                "(addr_l IS NULL OR addr_r IS NULL) AND (zip5_l IS NULL OR zip5_r IS NULL)",
+                "missing",
+                0.0,
+                null=True,
+            ),
+            _level("addr_l = addr_r AND coalesce(zip5_l = zip5_r, true)", "same address", 0.7),
+            _level(
+                "jaro_winkler_similarity(addr_l, addr_r) >= 0.9 AND coalesce(zip5_l = zip5_r, true)",
+                "close address",
+                0.05,
+            ),
+            _level("zip5_l = zip5_r", "same postal code", 0.05, tf="zip5"),
+            _level("left(zip5_l, 3) = left(zip5_r, 3)", "same area", 0.08),
+            _level("ELSE", "different", 0.12),
         ],
     }
     phone = {
@@ -616,7 +664,7 @@ def _comparisons() -> list[dict[str, Any]]:
             _level("ELSE", "different", 0.15),
         ],
     }
-    return [given, family, middle, dob, sex, ssn, addr, postal, phone, email]
+    return [given, family, middle, dob, sex, ssn, address, phone, email]
 
 
 #: Candidate pairs: a pair is scored when it agrees on any one rule. Each rule is narrow enough to
@@ -703,6 +751,8 @@ def _session(
         config["memory_limit"] = memory_limit
     con = duckdb.connect(":memory:", config=config)
     try:
+        # The progress bar writes to stdout: noise in logs and CLI output.
+        con.execute("SET enable_progress_bar = false")
         db = DuckDBAPI(con)
         cols = ["rid", *FEATURE_COLUMNS]
         left_sdf = db.register(lhs.select(cols).to_arrow(), dataset_display_name="lhs")
@@ -870,6 +920,11 @@ def score_pairs(
         [
             pl.when(level["ssn"] == "different")
             .then(pl.lit(["ssn-differs"]))
+            .otherwise(pl.lit([], pl.List(pl.String()))),
+            # A birth date that is not even a slip away: a parent and child who share name and
+            # address (Jr/Sr) look alike on everything else.
+            pl.when(level["birth_date"] == "different")
+            .then(pl.lit(["dob-differs"]))
             .otherwise(pl.lit([], pl.List(pl.String()))),
             # Twins and same-family relatives agree on family, birth date and address but differ
             # in given name; only an identical SSN outweighs that.

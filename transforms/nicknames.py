@@ -172,6 +172,23 @@ def _build() -> Mapping[str, tuple[str, ...]]:
 FORMAL_NAMES: Final[Mapping[str, tuple[str, ...]]] = _build()
 
 
+def _variants() -> Mapping[str, tuple[str, ...]]:
+    members: dict[str, set[str]] = {}
+    for formal, variants in _GROUPS.items():
+        members.setdefault(formal, {formal}).update(variants)
+    return MappingProxyType(
+        {
+            name: tuple(sorted(set().union(*(members[f] for f in formals))))
+            for name, formals in FORMAL_NAMES.items()
+        }
+    )
+
+
+#: name -> every name of every group it belongs to (itself included): what a clerk may have typed
+#: for the same person, so a slip in a nickname can still be recognised.
+VARIANTS: Final[Mapping[str, tuple[str, ...]]] = _variants()
+
+
 def formal_names(name: str) -> tuple[str, ...]:
     """The formal names ``name`` may be short for, or ``(name,)`` when it is in no group."""
     return FORMAL_NAMES.get(name, (name,))

@@ -1,0 +1,179 @@
+"""The probabilistic pass: a Splink model trained on a small generated population, then used to
+score hand-made pairs that exercise each comparison level and conflict rule."""
+
+import json
+import logging
+from datetime import UTC, date, datetime
+from typing import Any
+
+import polars as pl
+import pytest
+
+from sandbox.population import generate_patient_frame
+from transforms import identity as idn
+from transforms.schema import PATIENTS
+
+NOW = datetime(2025, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture(scope="module")
+def population() -> pl.DataFrame:
+    return generate_patient_frame(1500, seed=11)
+
+
+@pytest.fixture(scope="module")
+def model(population: pl.DataFrame) -> dict[str, Any]:
+    left, right = idn.split_surfaces(population.drop("person_id"))
+    return idn.train_model(left, right, seed=1)
+
+
+def person(surface: str, source_id: str, **overrides: Any) -> dict[str, Any]:
+    base: dict[str, Any] = dict.fromkeys(PATIENTS.names())
+    base.update(
+        source_surface=surface,
+        source_id=source_id,
+        identifiers=[],
+        given_name="Margaret",
+        middle_name="Ann",
+        family_name="Okafor",
+        birth_date=date(1971, 4, 9),
+        sex="female",
+        ssn="931-22-4810",
+        address_line="4410 Sycamore Dr",
+        address_city="Tulsa",
+        address_state="OK",
+        address_postal_code="74105",
+        phone="+19185550147",
+        email="maggie.okafor@example.org",
+        source_updated_at=NOW,
+    )
+    base.update(overrides)
+    return base
+
+
+def score(model: dict[str, Any], left: dict[str, Any], right: dict[str, Any]) -> dict[str, Any]:
+    lhs = pl.DataFrame([left], schema=PATIENTS)
+    rhs = pl.DataFrame([right], schema=PATIENTS)
+    out = idn.score_pairs(lhs, rhs, model, min_match_weight=-1000)
+    assert out.height == 1, "the pair should be a blocking candidate"
+    row = out.row(0, named=True)
+    row["levels"] = {e["comparison"]: e["level"] for e in row["evidence"]}
+    return row
+
+
+def test_model_is_json_and_reproducible(population: pl.DataFrame, model: dict[str, Any]) -> None:
+    text = json.dumps(model)
+    assert json.loads(text) == model
+    assert model["format"] == idn.MODEL_FORMAT
+    left, right = idn.split_surfaces(population.drop("person_id"))
+    assert json.dumps(idn.train_model(left, right, seed=1), sort_keys=True) == json.dumps(
+        model, sort_keys=True
+    )
+
+
+def test_a_foreign_model_is_rejected(population: pl.DataFrame) -> None:
+    left, right = idn.split_surfaces(population.drop("person_id"))
+    with pytest.raises(ValueError, match="retrain"):
+        idn.score_pairs(left, right, {"link_type": "link_only"})
+
+
+def test_scored_pairs_carry_evidence_per_comparison(population: pl.DataFrame, model: dict[str, Any]) -> None:
+    left, right = idn.split_surfaces(population.drop("person_id"))
+    pairs = idn.score_pairs(left, right, model)
+    assert pairs.schema == idn.PAIRS
+    assert pairs.height > 0
+    names = {e["comparison"] for e in pairs["evidence"][0]}
+    assert names == {
+        "given_name",
+        "family_name",
+        "middle_name",
+        "birth_date",
+        "sex",
+        "ssn",
+        "address",
+        "phone",
+        "email",
+    }
+    # Cross-surface only, and the left input always on the left.
+    assert set(pairs["left_surface"]) == {"fhir"} and set(pairs["right_surface"]) == {"datamodel"}
+
+
+def test_identical_records_link(model: dict[str, Any]) -> None:
+    row = score(model, person("fhir", "f"), person("datamodel", "d"))
+    assert row["match_probability"] > 0.999999 and row["flags"] == []
+
+
+@pytest.mark.parametrize(
+    ("change", "comparison", "level"),
+    [
+        ({"given_name": "Maggie"}, "given_name", "nickname"),
+        ({"given_name": "Magie"}, "given_name", "nickname"),  # a slip in a nickname
+        ({"given_name": "Margret"}, "given_name", "nickname"),
+        ({"given_name": "Okafor", "family_name": "Margaret"}, "given_name", "swapped"),
+        ({"family_name": "Okafor-Bell"}, "family_name", "shared token"),
+        ({"family_name": "Okafro"}, "family_name", "typo"),
+        ({"birth_date": date(1971, 9, 4)}, "birth_date", "day-month swapped"),
+        ({"birth_date": date(1971, 4, 8)}, "birth_date", "one edit"),
+        ({"birth_date": date(1972, 4, 9)}, "birth_date", "one edit"),
+        ({"ssn": "931-22-4811"}, "ssn", "one edit"),
+        ({"ssn": None}, "ssn", "missing"),
+        ({"address_line": "4410 Sycamore Drive"}, "address", "same address"),
+        ({"address_line": "12 Elm St", "address_postal_code": "74105"}, "address", "same postal code"),
+        ({"phone": None, "email": None}, "phone", "missing"),
+    ],
+)
+def test_realistic_noise_still_links(
+    model: dict[str, Any], change: dict[str, Any], comparison: str, level: str
+) -> None:
+    row = score(model, person("fhir", "f"), person("datamodel", "d", **change))
+    assert row["levels"][comparison] == level
+    assert row["flags"] == []
+    assert row["match_probability"] >= idn.LINK_THRESHOLD
+
+
+def test_twin_is_flagged_not_linked(model: dict[str, Any]) -> None:
+    twin = person("datamodel", "d", given_name="Patricia", middle_name="Rose", ssn="944-10-2231", email=None)
+    row = score(model, person("fhir", "f"), twin)
+    assert "possible-relative" in row["flags"] and "ssn-differs" in row["flags"]
+    twin_no_ssn = dict(twin, ssn=None, middle_name=None)
+    row = score(model, person("fhir", "f", ssn=None), twin_no_ssn)
+    assert row["flags"] == ["possible-relative"]
+    links, _ = idn.decide(pl.DataFrame([{k: row[k] for k in idn.PAIRS.names()}], schema=idn.PAIRS), now=NOW)
+    assert links.height == 0
+
+
+def test_junior_and_senior_are_flagged(model: dict[str, Any]) -> None:
+    junior = person("datamodel", "d", birth_date=date(1998, 11, 23), ssn=None, email=None)
+    row = score(model, person("fhir", "f", email=None), junior)
+    assert "dob-differs" in row["flags"]
+
+
+def test_same_name_same_birth_date_stranger_does_not_link(model: dict[str, Any]) -> None:
+    stranger = person(
+        "datamodel",
+        "d",
+        middle_name="Louise",
+        ssn="955-61-0042",
+        address_line="88 Harbor Ct",
+        address_city="Denver",
+        address_state="CO",
+        address_postal_code="80205",
+        phone="+13035550199",
+        email="margaret.okafor71@example.com",
+    )
+    row = score(model, person("fhir", "f"), stranger)
+    assert row["match_probability"] < idn.REVIEW_THRESHOLD
+
+
+def test_no_patient_values_in_logs_or_output(
+    population: pl.DataFrame, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    sample = population.head(400).drop("person_id")
+    with caplog.at_level(logging.DEBUG):
+        idn.resolve(sample, now=NOW, seed=3)
+    out, err = capfd.readouterr()
+    text = "\n".join(r.getMessage() for r in caplog.records) + out + err
+    values = set(sample["family_name"].drop_nulls()) | set(sample["ssn"].drop_nulls())
+    values |= set(sample["birth_date"].drop_nulls().cast(pl.String))
+    leaked = [v for v in values if v in text]
+    assert leaked == []
