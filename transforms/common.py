@@ -179,23 +179,59 @@ def robust_decode(
     ``suspect`` is a regex over the raw body for what decoding would hide (a number where the
     source must send a string); matching pages take the repair path even when they decode.
     """
-    flagged = bodies.str.contains(suspect).fill_null(False) if suspect else None
-    if flagged is None or not flagged.any():
-        try:
-            return bodies.str.json_decode(dtype)
-        except pl.exceptions.PolarsError:
-            pass
-    flags = flagged.to_list() if flagged is not None else [False] * len(bodies)
+    # json_decode reads the column as one stream of JSON values: a blank body yields no row and a
+    # body holding two values yields two, silently shifting every row after it. Blank bodies are
+    # therefore always repaired, and a decode whose length differs from the input is a failure.
+    flagged = (bodies.str.strip_chars() == "").fill_null(False)
+    if suspect:
+        flagged = flagged | bodies.str.contains(suspect).fill_null(False)
+    if not flagged.any():
+        decoded = _decode_chunked(bodies, dtype)
+        if decoded is not None:
+            return decoded
     fixed: list[str | None] = []
-    for body, flag in zip(bodies, flags, strict=True):
-        if not flag and _decodes(body, dtype):
+    for body, flag in zip(bodies, flagged.to_list(), strict=True):
+        if not flag and _try_decode(pl.Series([body], dtype=pl.String), dtype) is not None:
             fixed.append(body)
             continue
         repaired = repair(body, False)
-        if not _decodes(repaired, dtype):
+        if _try_decode(pl.Series([repaired], dtype=pl.String), dtype) is None:
             repaired = repair(body, True)
         fixed.append(repaired)
-    return pl.Series(bodies.name, fixed, dtype=pl.String).str.json_decode(dtype)
+    out = _try_decode(pl.Series(bodies.name, fixed, dtype=pl.String), dtype)
+    if out is None:
+        raise RuntimeError("repaired pages still fail to decode: a repair function is incomplete")
+    return out
+
+
+# json_decode builds a document tree for its whole input before converting it (about ten times the
+# text's size), so pages are decoded a few megabytes at a time to keep peak memory flat.
+DECODE_CHUNK_BYTES: Final = 8 * 1024 * 1024
+
+
+def _decode_chunked(bodies: pl.Series, dtype: pl.DataType) -> pl.Series | None:
+    sizes = bodies.str.len_bytes().fill_null(0).to_list()
+    parts: list[pl.Series] = []
+    start, acc = 0, 0
+    for i, size in enumerate(sizes):
+        acc += size
+        if acc >= DECODE_CHUNK_BYTES or i == len(sizes) - 1:
+            part = _try_decode(bodies.slice(start, i + 1 - start), dtype)
+            if part is None:
+                return None
+            parts.append(part)
+            start, acc = i + 1, 0
+    if not parts:
+        return _try_decode(bodies, dtype)
+    return pl.concat(parts) if len(parts) > 1 else parts[0]
+
+
+def _try_decode(bodies: pl.Series, dtype: pl.DataType) -> pl.Series | None:
+    try:
+        out = bodies.str.json_decode(dtype)
+    except pl.exceptions.PolarsError:
+        return None
+    return out if len(out) == len(bodies) else None
 
 
 # polars annotates nested field dtypes as "a DataType instance or class" (its PolarsDataType).
@@ -225,14 +261,6 @@ def string_keys(dtype: pl.DataType) -> list[str]:
 def non_string_regex(keys: Iterable[str]) -> str:
     """Matches ``"key": <number|true|false>`` for any of ``keys`` in compact or spaced JSON."""
     return '"(?:' + "|".join(keys) + r')"\s*:\s*[-0-9tf]'
-
-
-def _decodes(body: str | None, dtype: pl.DataType) -> bool:
-    try:
-        pl.Series([body], dtype=pl.String).str.json_decode(dtype)
-    except pl.exceptions.PolarsError:
-        return False
-    return True
 
 
 def decode_expr(column: str, dtype: pl.DataType, repair: Repair, *, suspect: str | None = None) -> pl.Expr:
@@ -310,10 +338,12 @@ def fill_raw(
     """Set ``raw`` on quarantined rows: the marker's raw text, or the record cut out of its page.
 
     Good rows keep ``raw`` null: the warehouse never needs them, and copying every record's text
-    would double the memory of a batch. ``locate(row)`` returns the path of the record inside the
-    page, or None for a page-level problem (the whole body is then the raw).
+    would double the memory of a batch. The frame carries its page's ``body`` (a view, not a copy)
+    up to here and drops it right after, so in the streaming engine a page's text is freed as soon
+    as its rows pass. ``locate(row)`` returns the record's path inside the page, or None for a
+    page-level problem (the whole body is then the raw).
     """
-    cols = ["body", "quarantine_reason", RECORD_RAW, *columns]
+    cols = ["body", "_page", "quarantine_reason", RECORD_RAW, *columns]
 
     def fill(batch: pl.Series) -> pl.Series:
         rows = batch.struct.unnest()
@@ -328,7 +358,7 @@ def fill_raw(
             if steps is None:
                 out[row["_i"]] = row["body"]
                 continue
-            key = hash(row["body"])
+            key = row["_page"]
             if key not in cache:
                 cache[key] = load_json(row["body"])[0]
             found = raw_at(cache[key], steps)
@@ -339,7 +369,7 @@ def fill_raw(
 
     return frame.with_columns(
         pl.struct(cols).map_batches(fill, return_dtype=pl.String, is_elementwise=True).alias("raw")
-    )
+    ).drop("body")
 
 
 # --- dedupe and output ---------------------------------------------------------------------------
@@ -351,18 +381,27 @@ def dedupe(frame: pl.LazyFrame, *, prefer: Sequence[str] = ("source_updated_at",
     The kept row is the greatest by ``prefer`` (columns compared in order, nulls lowest), then the
     last seen (``_seq``, the record's position in the batch: page order, then order in the page).
     ``duplicates`` on the kept row says how many copies were dropped, so the count invariant holds.
-    Requires columns ``_seq``, ``quarantine_reason`` and the natural key.
+    Requires columns ``_seq``, ``quarantine_reason`` and the natural key. Row order is not kept.
+
+    One linear plan (window expressions, no filter-and-concat branches): a branched plan would make
+    polars decode the pages once per branch.
     """
-    key = list(schema.NATURAL_KEY)
-    is_good = pl.col("quarantine_reason").is_null()
-    good = (
-        frame.filter(is_good)
-        .with_columns((pl.len().over(key) - 1).cast(pl.UInt32).alias("duplicates"))
-        .sort([*key, *prefer, "_seq"], nulls_last=False)
-        .unique(subset=key, keep="last", maintain_order=False)
+    good = pl.col("quarantine_reason").is_null() & pl.col("source_id").is_not_null()
+    # Quarantined rows each get a group of their own ("\x00" cannot start a surface name).
+    group = (
+        pl.when(good)
+        .then(pl.concat_str([pl.col("source_surface"), pl.col("source_id")], separator="\x1f"))
+        .otherwise(pl.concat_str([pl.lit("\x00"), pl.col("_seq").cast(pl.String)]))
     )
-    bad = frame.filter(~is_good).with_columns(pl.lit(0, dtype=pl.UInt32).alias("duplicates"))
-    return pl.concat([good, bad], how="vertical").sort("_seq")
+    return (
+        frame.with_columns(group.alias("_group"))
+        .with_columns(
+            pl.col("_seq").sort_by([*prefer, "_seq"], nulls_last=False).last().over("_group").alias("_keep"),
+            (pl.len().over("_group") - 1).cast(pl.UInt32).alias("duplicates"),
+        )
+        .filter(pl.col("_seq") == pl.col("_keep"))
+        .drop("_group", "_keep")
+    )
 
 
 def finish(frame: pl.LazyFrame, table: str) -> pl.LazyFrame:

@@ -556,9 +556,8 @@ def _finish(frames: list[pl.LazyFrame], decoded: pl.LazyFrame, table: str) -> pl
     merged = merged.with_columns([_blank_to_null(pl.col(c)).alias(c) for c in string_cols])
     if "_rank" not in merged.collect_schema().names():
         merged = merged.with_columns(pl.lit(0).alias("_rank"))
-    deduped = common.dedupe(merged, prefer=("_rank", "source_updated_at"))
-    with_raw = common.fill_raw(deduped, _locate, ["_path"])
-    return common.finish(with_raw, table)
+    with_raw = common.fill_raw(merged, _locate, ["_path"])
+    return common.finish(common.dedupe(with_raw, prefer=("_rank", "source_updated_at")), table)
 
 
 def _locate(row: dict[str, Any]) -> list[str | int] | None:

@@ -261,21 +261,30 @@ def _explode(pages: pl.LazyFrame, entity: str) -> pl.LazyFrame:
     resource_type = RESOURCE_TYPES[entity]
     page_dtype = _page_dtype(entity)
     b = pl.col("_b")
-    decoded = pages.select(
-        pl.col("raw_ref"),
-        pl.col("body"),
-        common.decode_expr(
-            "body",
-            page_dtype,
-            _repairer(entity),
-            suspect=common.non_string_regex(common.string_keys(page_dtype)),
-        ).alias("_b"),
-    ).with_columns(
-        pl.coalesce(
-            b.struct.field(common.PAGE_ERROR),
-            pl.when(b.is_null()).then(pl.lit("page: not a JSON object")),
-            pl.when(b.struct.field("resourceType") != "Bundle").then(pl.lit("page: not a FHIR Bundle")),
-        ).alias("_page_reason")
+    decoded = (
+        pages.select(
+            pl.col("raw_ref"),
+            pl.col("body"),
+            common.decode_expr(
+                "body",
+                page_dtype,
+                _repairer(entity),
+                suspect=common.non_string_regex(common.string_keys(page_dtype)),
+            ).alias("_b"),
+        )
+        .with_row_index("_page")
+        .with_columns(
+            pl.coalesce(
+                b.struct.field(common.PAGE_ERROR),
+                pl.when(b.is_null()).then(pl.lit("page: not a JSON object")),
+                pl.when(b.struct.field("resourceType") == "OperationOutcome").then(
+                    pl.lit("page: OperationOutcome instead of a Bundle")
+                ),
+                pl.when(b.struct.field("resourceType").ne_missing("Bundle")).then(
+                    pl.lit("page: not a FHIR Bundle")
+                ),
+            ).alias("_page_reason")
+        )
     )
     entry_list = pl.col("_entries")
     page_bad = pl.col("_page_reason").is_not_null()
@@ -382,9 +391,8 @@ def _finish(frame: pl.LazyFrame, table: str, checks: list[tuple[pl.Expr, str]]) 
         # A page or entry level problem makes every field check noise, so it stands alone.
         pl.coalesce(pl.col("_reason"), common.reasons(*checks)).alias("quarantine_reason")
     )
-    deduped = common.dedupe(located)
-    with_raw = common.fill_raw(deduped, _locate, ["_idx"])
-    return common.finish(with_raw, table)
+    with_raw = common.fill_raw(located, _locate, ["_idx"])
+    return common.finish(common.dedupe(with_raw), table)
 
 
 def _ends_before_start(start: pl.Expr, end: pl.Expr) -> pl.Expr:

@@ -209,6 +209,7 @@ DM_ABNORMAL_FLAG: Final[Table] = {
     "a": "abnormal",
     "very abnormal": "abnormal",
     "aa": "abnormal",
+    "unknown": "unknown",
 }
 
 # (surface, field) -> table. `field` is the schema.VALUESETS key; the column it fills is given by
