@@ -164,7 +164,12 @@ Repair = Callable[[str | None, bool], str]
 
 
 def robust_decode(
-    bodies: pl.Series, dtype: pl.DataType, repair: Repair, *, suspect: str | None = None
+    bodies: pl.Series,
+    dtype: pl.DataType,
+    repair: Repair,
+    *,
+    suspect: str | None = None,
+    accept: Callable[[pl.Series], pl.Series] | None = None,
 ) -> pl.Series:
     """Decode JSON bodies to ``dtype`` in one vectorized call; never raise on bad input.
 
@@ -178,22 +183,31 @@ def robust_decode(
 
     ``suspect`` is a regex over the raw body for what decoding would hide (a number where the
     source must send a string); matching pages take the repair path even when they decode.
+    ``accept(decoded) -> Boolean Series`` says which decoded pages have the right overall shape;
+    the others are repaired too, so the caller sees one kind of page-level error only.
     """
     # json_decode reads the column as one stream of JSON values: a blank body yields no row and a
     # body holding two values yields two, silently shifting every row after it. Blank bodies are
     # therefore always repaired, and a decode whose length differs from the input is a failure.
-    flagged = (bodies.str.strip_chars() == "").fill_null(False)
+    flagged = (bodies.str.strip_chars() == "").fill_null(True)
     if suspect:
         flagged = flagged | bodies.str.contains(suspect).fill_null(False)
     if not flagged.any():
         decoded = _decode_chunked(bodies, dtype)
         if decoded is not None:
-            return decoded
+            if accept is None:
+                return decoded
+            ok = accept(decoded).fill_null(False)
+            if ok.all():
+                return decoded
+            flagged = ~ok
     fixed: list[str | None] = []
     for body, flag in zip(bodies, flagged.to_list(), strict=True):
-        if not flag and _try_decode(pl.Series([body], dtype=pl.String), dtype) is not None:
-            fixed.append(body)
-            continue
+        if not flag:
+            single = _try_decode(pl.Series([body], dtype=pl.String), dtype)
+            if single is not None and (accept is None or accept(single).fill_null(False).all()):
+                fixed.append(body)
+                continue
         repaired = repair(body, False)
         if _try_decode(pl.Series([repaired], dtype=pl.String), dtype) is None:
             repaired = repair(body, True)
@@ -263,9 +277,18 @@ def non_string_regex(keys: Iterable[str]) -> str:
     return '"(?:' + "|".join(keys) + r')"\s*:\s*[-0-9tf]'
 
 
-def decode_expr(column: str, dtype: pl.DataType, repair: Repair, *, suspect: str | None = None) -> pl.Expr:
+def decode_expr(
+    column: str,
+    dtype: pl.DataType,
+    repair: Repair,
+    *,
+    suspect: str | None = None,
+    accept: Callable[[pl.Series], pl.Series] | None = None,
+) -> pl.Expr:
     return pl.col(column).map_batches(
-        lambda s: robust_decode(s, dtype, repair, suspect=suspect), return_dtype=dtype, is_elementwise=True
+        lambda s: robust_decode(s, dtype, repair, suspect=suspect, accept=accept),
+        return_dtype=dtype,
+        is_elementwise=True,
     )
 
 

@@ -160,6 +160,10 @@ def _marker(entry: Any, reason: str) -> dict[str, Any]:
     return marker
 
 
+def _is_bundle(decoded: pl.Series) -> pl.Series:
+    return (decoded.struct.field("resourceType") == "Bundle").fill_null(False)
+
+
 def _repairer(entity: str) -> common.Repair:
     resource_type = RESOURCE_TYPES[entity]
     entry_dtype = _entry_dtype(entity)
@@ -168,7 +172,8 @@ def _repairer(entity: str) -> common.Repair:
         page, problem = common.load_json(body)
         problem = problem or _page_problem(page)
         if problem:
-            return common.dumps({common.PAGE_ERROR: problem})
+            # One null entry: the page becomes exactly one (quarantined) row when exploded.
+            return common.dumps({common.PAGE_ERROR: problem, "entry": [None]})
         out: list[dict[str, Any]] = []
         for entry in page.get("entry") or []:
             kind, reason = _classify(entry, resource_type)
@@ -270,32 +275,16 @@ def _explode(pages: pl.LazyFrame, entity: str) -> pl.LazyFrame:
                 page_dtype,
                 _repairer(entity),
                 suspect=common.non_string_regex(common.string_keys(page_dtype)),
+                accept=_is_bundle,
             ).alias("_b"),
         )
         .with_row_index("_page")
-        .with_columns(
-            pl.coalesce(
-                b.struct.field(common.PAGE_ERROR),
-                pl.when(b.is_null()).then(pl.lit("page: not a JSON object")),
-                pl.when(b.struct.field("resourceType") == "OperationOutcome").then(
-                    pl.lit("page: OperationOutcome instead of a Bundle")
-                ),
-                pl.when(b.struct.field("resourceType").ne_missing("Bundle")).then(
-                    pl.lit("page: not a FHIR Bundle")
-                ),
-            ).alias("_page_reason")
-        )
+        .with_columns(b.struct.field(common.PAGE_ERROR).alias("_page_reason"))
     )
-    entry_list = pl.col("_entries")
     page_bad = pl.col("_page_reason").is_not_null()
     exploded = (
-        decoded.with_columns(
-            pl.when(page_bad)
-            .then(pl.concat_list(pl.lit(None, dtype=_entry_dtype(entity))))
-            .otherwise(b.struct.field("entry"))
-            .alias("_entries")
-        )
-        .with_columns(pl.int_ranges(0, entry_list.list.len(), dtype=pl.Int32).alias("_idx"))
+        decoded.with_columns(b.struct.field("entry").alias("_entries"))
+        .with_columns(pl.int_ranges(0, pl.col("_entries").list.len(), dtype=pl.Int32).alias("_idx"))
         .drop("_b")
         .explode(["_entries", "_idx"], keep_nulls=False)
     )

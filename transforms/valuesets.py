@@ -272,8 +272,8 @@ def is_unmapped(source: pl.Expr, surface: str, field: str) -> pl.Expr:
 def unmapped_counts(frame: pl.DataFrame, table: str, surface: str) -> dict[str, int]:
     """Per coded column, how many rows carried a source code the ValueSet table does not know.
 
-    Counts only, never the codes themselves in metadata would be harmless, but counts are what the
-    asset reports; look the codes up in the warehouse (``<column>_source``) to extend a table.
+    Counts, for asset metadata; the codes themselves are in the warehouse (``<column>_source``),
+    which is where to look when extending a table.
     """
     out: dict[str, int] = {}
     for column, field in CODED_COLUMNS[table]:
