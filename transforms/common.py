@@ -153,11 +153,6 @@ def reasons(*checks: tuple[pl.Expr, str]) -> pl.Expr:
     return pl.when(joined == "").then(None).otherwise(joined)
 
 
-def merge_reasons(*exprs: pl.Expr) -> pl.Expr:
-    joined = pl.concat_str(list(exprs), separator=REASON_SEP, ignore_nulls=True)
-    return pl.when(joined == "").then(None).otherwise(joined)
-
-
 # --- decoding ------------------------------------------------------------------------------------
 
 Repair = Callable[[str | None, bool], str]

@@ -405,6 +405,9 @@ def _decoded(pages: pl.LazyFrame, entity: str) -> pl.LazyFrame:
             meta.struct.field("EventType").alias("_event"),
             meta.struct.field("EventDateTime").alias("_event_at"),
         )
+        # Every chain and the page-error rows read this frame; without the cache the pages would be
+        # decoded once per reader.
+        .cache()
     )
 
 
@@ -580,10 +583,6 @@ def _located(decoded: pl.LazyFrame, chain: Chain, columns: list[pl.Expr], entity
         .with_columns(columns)
         .with_columns(marker.alias("quarantine_reason"))
     )
-
-
-def _ctx_struct_safe(frame_schema: pl.Schema, name: str) -> bool:
-    return isinstance(frame_schema.get(name), pl.Struct)
 
 
 # --- entities ------------------------------------------------------------------------------------
