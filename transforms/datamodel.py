@@ -937,3 +937,12 @@ def patients(pages: pl.LazyFrame, *, preferred_id_types: Sequence[str] = DEFAULT
         )
         frames.append(_recheck(frame, checks))
     return _finish(frames, decoded, "patients")
+
+
+# entity -> normalizer, for callers that loop over the four streams.
+NORMALIZERS: Final = {
+    "patients": patients,
+    "encounters": encounters,
+    "results": results,
+    "appointments": appointments,
+}

@@ -616,3 +616,12 @@ def appointments(pages: pl.LazyFrame) -> pl.LazyFrame:
         ),
     ]
     return _finish(frame, "appointments", checks)
+
+
+# entity -> normalizer, for callers that loop over the four streams.
+NORMALIZERS: Final = {
+    "patients": patients,
+    "encounters": encounters,
+    "results": results,
+    "appointments": appointments,
+}
