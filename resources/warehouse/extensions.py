@@ -76,5 +76,15 @@ def load_extensions(con: duckdb.DuckDBPyConnection, names: Iterable[str]) -> Non
         )
 
 
+def storage_extensions(location: str) -> tuple[str, ...]:
+    """Extensions a data path needs: httpfs for S3/GCS/R2/HTTP, azure for Azure; none for a folder."""
+    scheme = location.partition("://")[0].lower() if "://" in location else ""
+    if scheme in ("s3", "s3a", "s3n", "gs", "gcs", "r2", "http", "https", "hf"):
+        return ("httpfs",)
+    if scheme in ("az", "azure", "abfss"):
+        return ("azure",)
+    return ()
+
+
 def _quote(text: str) -> str:
     return text.replace("'", "''")

@@ -13,13 +13,15 @@ Invariants:
 - nothing about a row's contents is logged or put in an exception: table names, counts, snapshot ids.
 """
 
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from pydantic import Field
 from resources import settings
 from resources.warehouse.catalog import CatalogSpec, parse_catalog
 from resources.warehouse.ddl import columns_sql, duckdb_type, normalize_type, quote_ident
-from resources.warehouse.extensions import load_extensions
+from resources.warehouse.extensions import load_extensions, storage_extensions
 from resources.warehouse.lock import held_by_this_process, writer_lock
 from transforms.schema import (
     API_CALLS,
@@ -200,24 +202,56 @@ class Warehouse(ConfigurableResource):
 
     def _open(self, *, read_only: bool) -> duckdb.DuckDBPyConnection:
         spec = self.catalog_spec
-        if read_only and spec.exists() is False:
+        exists = spec.exists()
+        if read_only and exists is False:
             raise LakeNotFoundError(
                 f"no lake at {spec.describe()}: nothing has been loaded yet (run `redox-etl sync`), "
                 "or REDOX_ETL_HOME / REDOX_ETL_LAKE / --lake points somewhere else"
             )
-        # Progress bars would write to the terminal from inside Dagster steps and CLI pipes, and an
-        # extension LOAD on a busy machine is slow enough to trigger one.
+        if exists is False:
+            # Creating the lake: a one-off instance; the next call finds the catalog and caches.
+            con = self._attach(spec, read_only=read_only, create=True)
+        else:
+            key = (
+                os.getpid(),  # an instance inherited through fork is never reused
+                spec.attach_uri,
+                self.data_location,
+                read_only,
+                self.busy_timeout_ms,
+                self.sqlite_journal_mode,
+                _catalog_identity(spec),  # a lake deleted and recreated at the same path is new
+            )
+            con = _cached_cursor(key, lambda: self._attach(spec, read_only=read_only, create=False))
+        try:
+            # Session settings: every connection shows TIMESTAMPTZ in UTC and, from inside Dagster
+            # steps and CLI pipes, never draws progress bars.
+            con.execute("SET TimeZone = 'UTC'")
+            con.execute("SET enable_progress_bar = false")
+            con.execute(f"USE {LAKE}")
+        except BaseException:
+            con.close()
+            raise
+        return con
+
+    def _attach(self, spec: CatalogSpec, *, read_only: bool, create: bool) -> duckdb.DuckDBPyConnection:
+        """A new in-memory DuckDB instance with the extensions loaded and the lake attached."""
+        if spec.kind != "sqlite" and not read_only and not self._data_path_configured():
+            raise ValueError(
+                "a Postgres catalog needs REDOX_LAKE_DATA_PATH (or Warehouse(data_path=...)) set to the "
+                "same data location on every writer, e.g. s3://bucket/lake/"
+            )
         con = duckdb.connect()
         try:
+            # An extension LOAD on a busy machine is slow enough to draw a progress bar otherwise.
             con.execute("SET enable_progress_bar = false")
-            load_extensions(con, ("ducklake", *spec.extensions))
-            con.execute("SET TimeZone = 'UTC'")
+            load_extensions(con, ("ducklake", *spec.extensions, *storage_extensions(self.data_location)))
             options = []
             if read_only:
                 options.append("READ_ONLY")
-            elif spec.exists() is not True:
-                # Only at creation: an existing catalog pins its data path, and passing a different one
-                # (e.g. after the lake folder moved) would be an error rather than a useful default.
+            elif create or (spec.kind != "sqlite" and self._data_path_configured()):
+                # An existing catalog pins its data path, and passing a different one (e.g. after
+                # the lake folder moved) is an error rather than a useful default, so only at
+                # creation; for Postgres creation is not knowable here, so only when configured.
                 self._prepare_data_path()
                 options.append(f"DATA_PATH '{_q(self.data_location)}'")
             if spec.kind == "sqlite":
@@ -229,11 +263,13 @@ class Warehouse(ConfigurableResource):
                     options.append(f"META_JOURNAL_MODE '{_q(self.sqlite_journal_mode)}'")
                     Path(spec.target).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             con.execute(f"ATTACH '{_q(spec.attach_uri)}' AS {LAKE} ({', '.join(options)})")
-            con.execute(f"USE {LAKE}")
         except BaseException:
             con.close()
             raise
         return con
+
+    def _data_path_configured(self) -> bool:
+        return bool(self.data_path or os.environ.get("REDOX_LAKE_DATA_PATH"))
 
     def _prepare_data_path(self) -> None:
         location = self.data_location
@@ -495,6 +531,26 @@ class Warehouse(ConfigurableResource):
                 [stream, ts.astimezone(dt.UTC), _utcnow(), run_id],
             )
 
+    def replace_table(self, name: str, frame: pl.DataFrame, *, run_id: str) -> int:
+        """Replace a derived table (e.g. identity links) with ``frame``, whole, in one transaction.
+
+        For tables computed from the lake rather than loaded into it; the loaded tables have their
+        own methods above and are refused here.
+        """
+        if name in lake_schemas():
+            raise ValueError(f"{name!r} is a loaded table; use merge/replace_quarantine/... instead")
+        if not name.isidentifier():
+            raise ValueError(f"table name {name!r} must be a plain identifier")
+        target = f"{LAKE}.main.{quote_ident(name)}"
+        with (
+            self.writer() as con,
+            _registered(con, "_incoming", frame),
+            _transaction(con, message=f"replace {name}", extra={"run_id": run_id}),
+        ):
+            con.execute(f"CREATE OR REPLACE TABLE {target} AS SELECT * FROM _incoming")
+        log.info("replaced %s: %d row(s)", name, frame.height)
+        return frame.height
+
     # ---- reads -------------------------------------------------------------------------------
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> pl.DataFrame:
@@ -552,6 +608,40 @@ class Warehouse(ConfigurableResource):
 
 
 # ---- helpers ---------------------------------------------------------------------------------
+
+# Loading the extensions (signature checks) and attaching cost ~0.2 s per DuckDB instance, more than
+# most writes here; so each process keeps a few attached instances and hands out cursors, which are
+# independent connections (own transaction, own session settings) to the same instance.
+_INSTANCES_KEPT = 8
+_instances: "collections.OrderedDict[tuple[object, ...], duckdb.DuckDBPyConnection]" = (
+    collections.OrderedDict()
+)
+_instances_guard = threading.Lock()
+
+
+def _cached_cursor(
+    key: tuple[object, ...], attach: Callable[[], duckdb.DuckDBPyConnection]
+) -> duckdb.DuckDBPyConnection:
+    """A new connection (cursor) to the process's instance for ``key``, attaching it if needed."""
+    with _instances_guard:
+        base = _instances.get(key)
+        if base is None:
+            base = _instances[key] = attach()
+            while len(_instances) > _INSTANCES_KEPT:
+                # Dropped, not closed: close() would end the instance under cursors still in use;
+                # it is freed when the last of them goes.
+                _instances.popitem(last=False)
+        else:
+            _instances.move_to_end(key)
+        return base.cursor()
+
+
+def _catalog_identity(spec: CatalogSpec) -> tuple[int, int] | None:
+    path = spec.sqlite_path
+    if path is None:
+        return None
+    stat = path.stat()
+    return (stat.st_dev, stat.st_ino)
 
 
 def _q(text: str) -> str:

@@ -10,6 +10,7 @@ import pytest
 
 from resources.warehouse import Warehouse, parse_catalog, redact
 from resources.warehouse.catalog import conninfo_params
+from resources.warehouse.extensions import storage_extensions
 
 
 def test_default_is_a_sqlite_file_in_the_lake(tmp_path: Path) -> None:
@@ -84,3 +85,19 @@ def test_warehouse_reads_catalog_and_data_path_from_the_environment(
     explicit = Warehouse(lake_dir=str(tmp_path / "x"), catalog="sqlite", data_path=str(tmp_path / "d"))
     assert explicit.catalog_spec.target == str(tmp_path / "x" / "catalog.sqlite")
     assert explicit.data_location == str(tmp_path / "d")
+
+
+def test_object_storage_data_paths_name_the_extension_they_need() -> None:
+    assert storage_extensions("s3://bucket/lake/") == ("httpfs",)
+    assert storage_extensions("gs://bucket/lake/") == ("httpfs",)
+    assert storage_extensions("abfss://container@account.dfs.core.windows.net/lake") == ("azure",)
+    assert storage_extensions("/srv/lake/data") == ()
+
+
+def test_a_postgres_writer_without_a_data_path_is_refused_before_connecting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("REDOX_LAKE_DATA_PATH", raising=False)
+    wh = Warehouse(lake_dir=str(tmp_path / "lake"), catalog="postgres:dbname=lake host=127.0.0.1 port=1")
+    with pytest.raises(ValueError, match="REDOX_LAKE_DATA_PATH"):
+        wh.ensure_tables()

@@ -267,11 +267,18 @@ def test_a_failure_mid_merge_leaves_nothing_visible(wh: Warehouse, monkeypatch: 
 
 _CRASHING_WRITER = textwrap.dedent(
     """
-    import datetime as dt, sys
+    import datetime as dt, sys, time
     import polars as pl
     from resources.warehouse import Warehouse
     from transforms import schema
-    n = int(sys.argv[2])
+    lake, n, stop_inside = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "inside"
+    if stop_inside:
+        record_load = Warehouse._record_load
+        def stall(self, con, *args):
+            record_load(self, con, *args)  # MERGE done, Parquet written, COMMIT not yet run
+            print("inside", flush=True)
+            time.sleep(120)
+        Warehouse._record_load = stall
     frame = schema.conform(pl.LazyFrame({
         "source_surface": ["fhir"] * n,
         "source_id": [f"k{i}" for i in range(n)],
@@ -280,7 +287,7 @@ _CRASHING_WRITER = textwrap.dedent(
         "source_updated_at": [dt.datetime(2024, 1, 2, tzinfo=dt.UTC)] * n,
     }, schema_overrides={"source_updated_at": schema.UTC_TS}), "results").collect()
     print("merging", flush=True)
-    Warehouse(lake_dir=sys.argv[1]).merge(
+    Warehouse(lake_dir=lake).merge(
         "results", frame, partition_day=dt.date(2024, 1, 2), run_id="crash", source_surface="fhir")
     print("done", flush=True)
     """
@@ -288,25 +295,25 @@ _CRASHING_WRITER = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("delay", [0.0, 0.4, 1.2])
-def test_a_writer_killed_mid_merge_leaves_all_or_nothing(wh: Warehouse, delay: float) -> None:
-    rows = 400_000
-    wh.merge(
-        "results",
-        _clinical("results", ["seed"], [STAMP]),
-        partition_day=DAY,
-        run_id="seed",
-        source_surface="fhir",
-    )
+@pytest.mark.parametrize("when", ["inside", 0.0, 0.5, 1.5])
+def test_a_writer_killed_mid_merge_leaves_all_or_nothing(wh: Warehouse, when: str | float) -> None:
+    """SIGKILL at a random moment, and once deterministically between the MERGE and the COMMIT."""
+    rows = 300_000
+    seed = _clinical("results", ["seed"], [STAMP])
+    wh.merge("results", seed, partition_day=DAY, run_id="seed", source_surface="fhir")
+    mode = "inside" if when == "inside" else "random"
     proc = subprocess.Popen(
-        [sys.executable, "-c", _CRASHING_WRITER, str(wh.lake_path), str(rows)],
+        [sys.executable, "-c", _CRASHING_WRITER, str(wh.lake_path), str(rows), mode],
         cwd=REPO,
         stdout=subprocess.PIPE,
         text=True,
     )
     assert proc.stdout is not None
     assert proc.stdout.readline().strip() == "merging"
-    time.sleep(delay)
+    if when == "inside":
+        assert proc.stdout.readline().strip() == "inside"
+    else:
+        time.sleep(float(when))
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
 
@@ -314,17 +321,22 @@ def test_a_writer_killed_mid_merge_leaves_all_or_nothing(wh: Warehouse, delay: f
         "SELECT (SELECT count(*) FROM results), (SELECT count(*) FROM partition_loads WHERE run_id = 'crash')"
     ).row(0)
     assert (count, loads) in ((1, 0), (rows + 1, 1)), (count, loads)
-    # The kernel released the dead writer's lock, so the next writer proceeds, and maintenance removes
-    # the Parquet files the dead writer wrote but never committed.
-    wh.merge(
-        "results",
-        _clinical("results", ["after"], [STAMP]),
-        partition_day=DAY,
-        run_id="after",
-        source_surface="fhir",
-    )
+    data = wh.lake_path / "data" / "main" / "results"
+    if when == "inside":
+        assert (count, loads) == (1, 0)
+        assert len(list(data.glob("*.parquet"))) > 1  # the dead writer's uncommitted file is there
+    # The kernel released the dead writer's lock, so the next writer proceeds, and maintenance
+    # deletes the Parquet files the dead writer wrote but never committed.
+    after = _clinical("results", ["after"], [STAMP])
+    wh.merge("results", after, partition_day=DAY, run_id="after", source_surface="fhir")
     report = wh.maintain(expire_older_than=dt.timedelta(0), delete_files_older_than=dt.timedelta(0))
-    assert report.snapshot_id is not None
+    if when == "inside":
+        assert report.orphans_deleted >= 1
+    tracked = {
+        Path(p).name
+        for p in wh.query("SELECT data_file FROM ducklake_list_files('lake', 'results')")["data_file"]
+    }
+    assert {p.name for p in data.glob("*.parquet")} == tracked
     assert wh.query("SELECT count(*) FROM results").item() == count + 1
 
 
@@ -379,6 +391,17 @@ def test_watermarks_round_trip_in_utc(wh: Warehouse) -> None:
     assert wh.query("SELECT count(*) FROM sync_state").item() == 2
     with pytest.raises(ValueError, match="naive"):
         wh.set_watermark("fhir/results", dt.datetime(2024, 1, 1), "run-3")
+
+
+def test_derived_tables_are_replaced_whole(wh: Warehouse) -> None:
+    links = pl.DataFrame(
+        {"source_surface": ["fhir", "datamodel"], "source_id": ["a", "b"], "person_key": [1, 1]}
+    )
+    assert wh.replace_table("person_links", links, run_id="run-1") == 2
+    assert wh.replace_table("person_links", links.head(1), run_id="run-2") == 1
+    assert_frame_equal(wh.query("SELECT * FROM person_links"), links.head(1))
+    with pytest.raises(ValueError, match="loaded table"):
+        wh.replace_table("patients", links, run_id="x")
 
 
 # ---- readers, snapshots, maintenance, schema -------------------------------------------------
