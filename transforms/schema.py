@@ -184,7 +184,8 @@ SYNC_STATE: Final = pl.Schema(
 # Written by the warehouse itself, one row per merge of one (table, surface, partition day): the load
 # audit trail that shows which run loaded what, so "no partition loaded twice" and "rows fetched = rows
 # loaded + rows quarantined" can be checked with SQL. `rows` counts the frame handed to the merge;
-# `duplicates` are extra versions of one key inside that frame (only the newest is merged).
+# `duplicates` are extra versions of one key inside that frame (only the newest is merged);
+# `quarantined` is set when the same transaction replaced the partition's quarantine rows.
 PARTITION_LOADS: Final = pl.Schema(
     {
         "table_name": pl.String(),
@@ -197,6 +198,7 @@ PARTITION_LOADS: Final = pl.Schema(
         "ignored_older": pl.Int64(),
         "duplicates": pl.Int64(),
         "loaded_at": UTC_TS,
+        "quarantined": pl.Int64(),
     }
 )
 

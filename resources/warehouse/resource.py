@@ -83,17 +83,21 @@ class MergeStats:
     updated: int
     ignored_older: int
     duplicates: int
+    quarantined: int | None  # None: the partition's quarantine was not replaced by this merge
     snapshot_id: int | None
 
     def as_metadata(self) -> dict[str, int]:
         """Counts only, safe for Dagster metadata and logs."""
-        return {
+        counts = {
             "rows": self.total,
             "inserted": self.inserted,
             "updated": self.updated,
             "ignored_older": self.ignored_older,
             "duplicates": self.duplicates,
         }
+        if self.quarantined is not None:
+            counts["quarantined"] = self.quarantined
+        return counts
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -346,6 +350,7 @@ class Warehouse(ConfigurableResource):
         partition_day: dt.date,
         run_id: str,
         source_surface: str,
+        quarantine: pl.DataFrame | None = None,
     ) -> MergeStats:
         """Upsert one partition of one surface into a clinical table: newest version of a record wins.
 
@@ -354,19 +359,19 @@ class Warehouse(ConfigurableResource):
         equal timestamps replace, so a rerun of a partition rewrites it rather than duplicating it.
         Several versions of one key in ``frame`` collapse to the newest first (ties: the later row).
         Lineage columns are filled here, and a ``partition_loads`` row records the load, all in one
-        transaction.
+        transaction. With ``quarantine`` (this partition's unparseable records of this table and
+        surface), the partition's quarantine share is replaced in the same transaction, so every
+        snapshot has loaded + quarantined = fetched for the partition (``partition_loads.quarantined``).
         """
         if table not in CLINICAL:
             raise ValueError(f"merge() loads clinical tables {sorted(CLINICAL)}, not {table!r}")
         _check_frame(table, frame, CLINICAL[table])
         _check_constant(frame, "source_surface", source_surface, table)
+        if quarantine is not None:
+            _check_quarantine(quarantine, entity=table, source_surface=source_surface)
         latest = _newest_per_key(frame)
         now = _utcnow()
-        staged = latest.with_columns(
-            pl.lit(partition_day, pl.Date()).alias("partition_day"),
-            pl.lit(run_id, pl.String()).alias("run_id"),
-            pl.lit(now, UTC_TS).alias("ingested_at"),
-        )
+        staged = _with_lineage(latest, partition_day, run_id, now)
         columns = list(lake_schemas()[table])
         target = f"{LAKE}.main.{quote_ident(table)}"
         on = " AND ".join(f"t.{quote_ident(k)} = s.{quote_ident(k)}" for k in NATURAL_KEY)
@@ -388,7 +393,14 @@ class Warehouse(ConfigurableResource):
             f" VALUES ({', '.join('s.' + quote_ident(c) for c in columns)})"
         )
         message = f"merge {table} {source_surface} {partition_day.isoformat()}"
-        with self.writer() as con, _registered(con, "_incoming", staged):
+        staged_quarantine = (
+            _with_lineage(quarantine, partition_day, run_id, now) if quarantine is not None else None
+        )
+        with (
+            self.writer() as con,
+            _registered(con, "_incoming", staged),
+            _registered(con, "_quarantine", staged_quarantine),
+        ):
             with _transaction(con, message=message, extra={"run_id": run_id}):
                 counts = con.execute(count_sql).fetchone()
                 assert counts is not None
@@ -410,12 +422,18 @@ class Warehouse(ConfigurableResource):
                     updated=updated,
                     ignored_older=ignored,
                     duplicates=frame.height - latest.height,
+                    quarantined=None if staged_quarantine is None else staged_quarantine.height,
                     snapshot_id=None,
                 )
+                if staged_quarantine is not None:
+                    _replace_quarantine_rows(
+                        con, "_quarantine", staged_quarantine.columns, table, source_surface, partition_day
+                    )
                 self._record_load(con, stats, now)
             stats = dataclasses.replace(stats, snapshot_id=_current_snapshot(con))
         log.info(
-            "merged %s/%s day=%s: rows=%d inserted=%d updated=%d ignored_older=%d duplicates=%d snapshot=%s",
+            "merged %s/%s day=%s: rows=%d inserted=%d updated=%d ignored_older=%d duplicates=%d "
+            "quarantined=%s snapshot=%s",
             table,
             source_surface,
             partition_day,
@@ -424,6 +442,7 @@ class Warehouse(ConfigurableResource):
             stats.updated,
             stats.ignored_older,
             stats.duplicates,
+            stats.quarantined,
             stats.snapshot_id,
         )
         return stats
@@ -431,7 +450,7 @@ class Warehouse(ConfigurableResource):
     def _record_load(self, con: duckdb.DuckDBPyConnection, stats: MergeStats, now: dt.datetime) -> None:
         con.execute(
             f"INSERT INTO {LAKE}.main.partition_loads ({', '.join(quote_ident(c) for c in PARTITION_LOADS)})"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f" VALUES ({', '.join('?' * len(PARTITION_LOADS))})",
             [
                 stats.table,
                 stats.source_surface,
@@ -443,6 +462,7 @@ class Warehouse(ConfigurableResource):
                 stats.ignored_older,
                 stats.duplicates,
                 now,
+                stats.quarantined,
             ],
         )
 
@@ -460,26 +480,15 @@ class Warehouse(ConfigurableResource):
         A rerun of a partition therefore never duplicates its quarantined records, and a rerun that
         no longer quarantines anything (a mapping was fixed) empties that partition's share.
         """
-        _check_frame("quarantine", frame, QUARANTINE)
-        _check_constant(frame, "entity", entity, "quarantine")
-        _check_constant(frame, "source_surface", source_surface, "quarantine")
-        staged = frame.with_columns(
-            pl.lit(partition_day, pl.Date()).alias("partition_day"),
-            pl.lit(run_id, pl.String()).alias("run_id"),
-            pl.lit(_utcnow(), UTC_TS).alias("ingested_at"),
-        )
+        _check_quarantine(frame, entity=entity, source_surface=source_surface)
+        staged = _with_lineage(frame, partition_day, run_id, _utcnow())
         message = f"quarantine {entity} {source_surface} {partition_day.isoformat()}"
         with (
             self.writer() as con,
             _registered(con, "_incoming", staged),
             _transaction(con, message=message, extra={"run_id": run_id}),
         ):
-            con.execute(
-                f"DELETE FROM {LAKE}.main.quarantine"
-                " WHERE entity = ? AND source_surface = ? AND partition_day = ?",
-                [entity, source_surface, partition_day],
-            )
-            _insert_all(con, "quarantine", staged.columns)
+            _replace_quarantine_rows(con, "_incoming", staged.columns, entity, source_surface, partition_day)
         log.info("quarantine %s/%s day=%s: %d row(s)", entity, source_surface, partition_day, staged.height)
         return staged.height
 
@@ -673,6 +682,36 @@ def _check_constant(frame: pl.DataFrame, column: str, expected: str, table: str)
         raise ValueError(f"{table}: every row's {column} must be {expected!r}, found {found}")
 
 
+def _check_quarantine(frame: pl.DataFrame, *, entity: str, source_surface: str) -> None:
+    _check_frame("quarantine", frame, QUARANTINE)
+    _check_constant(frame, "entity", entity, "quarantine")
+    _check_constant(frame, "source_surface", source_surface, "quarantine")
+
+
+def _with_lineage(frame: pl.DataFrame, partition_day: dt.date, run_id: str, now: dt.datetime) -> pl.DataFrame:
+    return frame.with_columns(
+        pl.lit(partition_day, pl.Date()).alias("partition_day"),
+        pl.lit(run_id, pl.String()).alias("run_id"),
+        pl.lit(now, UTC_TS).alias("ingested_at"),
+    )
+
+
+def _replace_quarantine_rows(
+    con: duckdb.DuckDBPyConnection,
+    source: str,
+    columns: Sequence[str],
+    entity: str,
+    source_surface: str,
+    partition_day: dt.date,
+) -> None:
+    con.execute(
+        f"DELETE FROM {LAKE}.main.quarantine WHERE entity = ? AND source_surface = ? AND partition_day = ?",
+        [entity, source_surface, partition_day],
+    )
+    names = ", ".join(quote_ident(c) for c in columns)
+    con.execute(f"INSERT INTO {LAKE}.main.quarantine ({names}) SELECT {names} FROM {source}")
+
+
 def _newest_per_key(frame: pl.DataFrame) -> pl.DataFrame:
     """One row per natural key: the newest source_updated_at (NULL counts as oldest; ties: later row)."""
     keys = list(NATURAL_KEY)
@@ -688,7 +727,10 @@ def _newest_per_key(frame: pl.DataFrame) -> pl.DataFrame:
 
 
 @contextlib.contextmanager
-def _registered(con: duckdb.DuckDBPyConnection, name: str, frame: pl.DataFrame) -> Iterator[None]:
+def _registered(con: duckdb.DuckDBPyConnection, name: str, frame: pl.DataFrame | None) -> Iterator[None]:
+    if frame is None:
+        yield
+        return
     # Arrow hand-off: DuckDB scans the frame's buffers in place; no row ever passes through Python.
     con.register(name, frame.to_arrow())
     try:

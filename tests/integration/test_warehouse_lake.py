@@ -182,6 +182,31 @@ def test_merge_keeps_the_newest_version_and_counts_what_it_did(wh: Warehouse) ->
     assert loads.rows() == [("run-1", 2, 2, 0, 0), ("run-2", 5, 2, 1, 1)]
 
 
+def test_merge_can_replace_the_partitions_quarantine_in_the_same_transaction(wh: Warehouse) -> None:
+    good = _clinical("results", ["a", "b"], [STAMP] * 2)
+    bad = _frame("quarantine", rows=3, entity="results", source_surface="fhir")
+    for run in ("run-1", "run-2"):  # a rerun replaces both shares
+        stats = wh.merge(
+            "results", good, partition_day=DAY, run_id=run, source_surface="fhir", quarantine=bad
+        )
+        assert stats.as_metadata()["quarantined"] == 3
+    assert wh.query("SELECT count(*), min(run_id) FROM quarantine").row(0) == (3, "run-2")
+    loads = wh.query("SELECT run_id, rows, quarantined FROM partition_loads ORDER BY loaded_at")
+    assert loads.rows() == [("run-1", 2, 3), ("run-2", 2, 3)]
+    # Without it, partition_loads says the quarantine was not part of this load.
+    plain = wh.merge("results", good, partition_day=DAY, run_id="run-3", source_surface="fhir")
+    assert plain.quarantined is None and "quarantined" not in plain.as_metadata()
+    with pytest.raises(ValueError, match="entity"):
+        wh.merge(
+            "encounters",
+            _clinical("encounters", ["e"], [STAMP]),
+            partition_day=DAY,
+            run_id="x",
+            source_surface="fhir",
+            quarantine=bad,
+        )
+
+
 def test_merge_of_an_identical_rerun_replaces_without_duplicating(wh: Warehouse) -> None:
     frame = _clinical("results", [f"r{i}" for i in range(50)], [STAMP] * 50)
     for run in ("run-1", "run-2"):
@@ -257,10 +282,12 @@ def test_a_failure_mid_merge_leaves_nothing_visible(wh: Warehouse, monkeypatch: 
             partition_day=DAY,
             run_id="2",
             source_surface="fhir",
+            quarantine=_frame("quarantine", entity="results", source_surface="fhir"),
         )
     monkeypatch.undo()
-    # ...and to nobody else, ever: no rows, no load record, no snapshot.
+    # ...and to nobody else, ever: no rows, no quarantine, no load record, no snapshot.
     assert_frame_equal(wh.query("SELECT * FROM results ORDER BY source_id"), before_rows)
+    assert wh.query("SELECT count(*) FROM quarantine").item() == 0
     assert wh.query("SELECT run_id FROM partition_loads").rows() == [("1",)]
     assert wh.snapshots().height == before_snapshots
 
