@@ -286,6 +286,10 @@ def _connection_from_credentials(path: Path) -> dict[str, Any]:
     creds = json.loads(read_secret_file(path, name="sandbox credentials"))
     base = str(creds["base_url"]).rstrip("/")
     values: dict[str, Any] = {"base_url": base, "client_id": creds.get("client_id")}
+    if creds.get("fhir_org"):
+        values["fhir_org"] = creds["fhir_org"]
+    if creds.get("environment"):
+        values["environment"] = creds["environment"]
     fhir_base = creds.get("fhir_base")
     if fhir_base:
         # {base}/fhir/R4/{org}/{environment}
