@@ -20,6 +20,7 @@ import datetime as dt
 import json
 import logging
 import os
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -212,9 +213,10 @@ class Warehouse(ConfigurableResource):
                 f"no lake at {spec.describe()}: nothing has been loaded yet (run `redox-etl sync`), "
                 "or REDOX_ETL_HOME / REDOX_ETL_LAKE / --lake points somewhere else"
             )
-        if exists is False:
-            # Creating the lake: a one-off instance; the next call finds the catalog and caches.
-            con = self._attach(spec, read_only=read_only, create=True)
+        identity = None if exists is False else _catalog_identity(spec)
+        if identity is None:
+            # Creating the lake (or one not yet readable): a one-off instance; later calls cache.
+            con = self._attach(spec, read_only=read_only, create=exists is False or not read_only)
         else:
             key = (
                 os.getpid(),  # an instance inherited through fork is never reused
@@ -223,7 +225,7 @@ class Warehouse(ConfigurableResource):
                 read_only,
                 self.busy_timeout_ms,
                 self.sqlite_journal_mode,
-                _catalog_identity(spec),  # a lake deleted and recreated at the same path is new
+                identity,  # a lake deleted and recreated at the same path is a new lake
             )
             con = _cached_cursor(key, lambda: self._attach(spec, read_only=read_only, create=False))
         try:
@@ -645,12 +647,23 @@ def _cached_cursor(
         return base.cursor()
 
 
-def _catalog_identity(spec: CatalogSpec) -> tuple[int, int] | None:
+def _catalog_identity(spec: CatalogSpec) -> tuple[object, ...] | None:
+    """What tells this SQLite catalog apart from an earlier one at the same path, or None if unreadable.
+
+    The inode alone is not enough (a deleted file's inode number is often reused at once), so the
+    creation time of snapshot 0, which DuckLake writes once per lake, is part of it. Postgres
+    catalogs have no such local identity; their key is the conninfo.
+    """
     path = spec.sqlite_path
     if path is None:
+        return ("postgres",)
+    try:
+        stat = path.stat()
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=30)) as db:
+            row = db.execute("SELECT snapshot_time FROM ducklake_snapshot WHERE snapshot_id = 0").fetchone()
+    except (OSError, sqlite3.Error):
         return None
-    stat = path.stat()
-    return (stat.st_dev, stat.st_ino)
+    return None if row is None else (stat.st_dev, stat.st_ino, str(row[0]))
 
 
 def _q(text: str) -> str:

@@ -7,6 +7,7 @@ SIGKILLed writer) is done by really failing or killing, then reading what a read
 
 import datetime as dt
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -443,6 +444,27 @@ def test_readers_cannot_write_and_writers_need_the_lock(wh: Warehouse) -> None:
     with wh.writer() as con:
         con.execute("SELECT 1")
         wh.connect(read_only=False).close()  # allowed while this process holds the lock
+
+
+def test_a_lake_deleted_and_recreated_at_the_same_path_is_a_new_lake(wh: Warehouse) -> None:
+    wh.merge(
+        "patients",
+        _clinical("patients", ["old"], [STAMP]),
+        partition_day=DAY,
+        run_id="1",
+        source_surface="fhir",
+    )
+    assert wh.query("SELECT source_id FROM patients").rows() == [("old",)]
+    shutil.rmtree(wh.lake_path)
+    wh.merge(
+        "patients",
+        _clinical("patients", ["new"], [STAMP]),
+        partition_day=DAY,
+        run_id="2",
+        source_surface="fhir",
+    )
+    assert wh.query("SELECT source_id FROM patients").rows() == [("new",)]
+    assert wh.query("SELECT run_id FROM partition_loads").rows() == [("2",)]
 
 
 def test_reading_a_lake_that_does_not_exist_says_so(tmp_path: Path) -> None:
