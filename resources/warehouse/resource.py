@@ -1,9 +1,10 @@
 """The Warehouse resource: a DuckLake lake attached to DuckDB, one writer at a time, readers any time.
 
 Invariants:
-- every write (merge, quarantine replacement, api_calls, watermarks, maintenance) runs under the
-  cross-process writer lock and inside ONE DuckDB transaction, so a reader sees all of a partition's
-  load or none of it, and a crash mid-write leaves nothing partial visible;
+- every write runs under the cross-process writer lock; each load (merge, quarantine replacement,
+  api_calls, watermark, derived table) is ONE DuckDB transaction, i.e. one DuckLake snapshot, so a
+  reader sees all of a partition's load or none of it and a crash mid-write leaves nothing partial
+  visible (maintenance is a sequence of DuckLake calls, each atomic, none changing table contents);
 - readers attach the lake READ_ONLY and read one DuckLake snapshot per transaction, so they never
   block the writer and are never blocked by it (SQLite catalog in WAL mode with a busy timeout;
   docs/operations.md "Warehouse" says why);
