@@ -71,8 +71,10 @@ def load_day(
     normalized = STREAMS[(surface, entity)].normalize(pages).collect()  # type: ignore[attr-defined]
     good_lazy, bad_lazy = split(normalized.lazy(), entity)
     good, bad = pl.collect_all([good_lazy, bad_lazy])
-    stats = warehouse.merge(entity, good, partition_day=day, run_id=run_id, source_surface=surface)
-    warehouse.replace_quarantine(bad, entity=entity, source_surface=surface, partition_day=day, run_id=run_id)
+    # Rows and quarantine in one transaction: no snapshot ever shows fetched != loaded + quarantined.
+    stats = warehouse.merge(
+        entity, good, partition_day=day, run_id=run_id, source_surface=surface, quarantine=bad
+    )
     tally.records += count_records(pages, surface, entity)
     tally.loaded += good.height
     tally.duplicates += int(normalized.filter(pl.col("quarantine_reason").is_null())["duplicates"].sum())

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from pipelines.sql import sql as sql_command
 from sandbox.cli import app as sandbox_app
 
 app = typer.Typer(
@@ -20,6 +21,7 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # locals may hold tokens or patient data
 )
 app.add_typer(sandbox_app, name="sandbox")
+app.command(name="sql")(sql_command)
 console = Console()
 
 Day = Annotated[str | None, typer.Option(help="First clinical day (YYYY-MM-DD, UTC).")]
@@ -50,7 +52,7 @@ def sync(
     end: Annotated[str | None, typer.Option(help="Last clinical day (default today, UTC).")] = None,
     days: Annotated[int, typer.Option(help="Days to sync when --start is not given.")] = 3,
 ) -> None:
-    """Pull [start, end] from both Redox surfaces and load the warehouse, as one Dagster run."""
+    """Pull the days from --start to --end from both Redox surfaces and load the warehouse, as one Dagster run."""
     from pipelines import runner, summary
 
     first, last = _days(start, end, days)
@@ -72,7 +74,7 @@ def backfill(
     start: Annotated[str, typer.Option(help="First clinical day (YYYY-MM-DD).")],
     end: Annotated[str, typer.Option(help="Last clinical day (YYYY-MM-DD).")],
 ) -> None:
-    """Backfill [start, end] as a Dagster backfill within the rate limit; rerun to resume."""
+    """Backfill --start..--end as a Dagster backfill within the rate limit; rerun to resume."""
     from pipelines import runner
 
     first, last = _days(start, end, 1)
