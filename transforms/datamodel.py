@@ -388,7 +388,6 @@ def _decoded(pages: pl.LazyFrame, entity: str) -> pl.LazyFrame:
     return (
         pages.select(
             pl.col("raw_ref"),
-            pl.col("body"),
             common.decode_expr("body", _page_dtype(entity), _repairer(entity)).alias("_b"),
         )
         .with_row_index("_page")
@@ -536,18 +535,19 @@ def _ts(text: pl.Expr, name: str, field: str) -> tuple[pl.Expr, tuple[pl.Expr, s
     return parsed.alias(name), (common.unparseable(text, parsed), f"{field}: unparseable datetime")
 
 
-def _finish(frames: list[pl.LazyFrame], decoded: pl.LazyFrame, table: str) -> pl.LazyFrame:
+def _finish(
+    frames: list[pl.LazyFrame], decoded: pl.LazyFrame, pages: pl.LazyFrame, table: str
+) -> pl.LazyFrame:
     cols = list(schema.TABLES[table])
     page_rows = _page_rows(decoded).select(
         pl.lit(SURFACE).alias("source_surface"),
         pl.col("raw_ref"),
-        pl.col("body"),
         pl.col("_page"),
         pl.lit(None, dtype=pl.String).alias("_path"),
         pl.lit(None, dtype=pl.String).alias(common.RECORD_RAW),
         pl.col("_page_reason").alias("quarantine_reason"),
     )
-    keep = [*cols, "quarantine_reason", "raw_ref", "body", "_page", "_path", common.RECORD_RAW, "_rank"]
+    keep = [*cols, "quarantine_reason", "raw_ref", "_page", "_path", common.RECORD_RAW, "_rank"]
     located = [f.select([c for c in keep if c in f.collect_schema().names()]) for f in frames]
     # Page order decides "last seen" among equals, so a later page's copy wins.
     merged = (
@@ -559,8 +559,8 @@ def _finish(frames: list[pl.LazyFrame], decoded: pl.LazyFrame, table: str) -> pl
     merged = merged.with_columns([_blank_to_null(pl.col(c)).alias(c) for c in string_cols])
     if "_rank" not in merged.collect_schema().names():
         merged = merged.with_columns(pl.lit(0).alias("_rank"))
-    with_raw = common.fill_raw(merged, _locate, ["_path"])
-    return common.finish(common.dedupe(with_raw, prefer=("_rank", "source_updated_at")), table)
+    deduped = common.dedupe(merged, prefer=("_rank", "source_updated_at"))
+    return common.finish(common.fill_raw(deduped, pages, _locate, ["_path"]), table)
 
 
 def _locate(row: dict[str, Any]) -> list[str | int] | None:
@@ -663,7 +663,7 @@ def encounters(pages: pl.LazyFrame, *, preferred_id_types: Sequence[str] = DEFAU
             event_check,
         ]
         frames.append(_recheck(frame, checks))
-    return _finish(frames, decoded, "encounters")
+    return _finish(frames, decoded, pages, "encounters")
 
 
 def _recheck(frame: pl.LazyFrame, checks: list[tuple[pl.Expr, str]]) -> pl.LazyFrame:
@@ -745,7 +745,7 @@ def appointments(
             event_check,
         ]
         frames.append(_recheck(frame, checks))
-    return _finish(frames, decoded, "appointments")
+    return _finish(frames, decoded, pages, "appointments")
 
 
 def results(pages: pl.LazyFrame, *, preferred_id_types: Sequence[str] = DEFAULT_ID_TYPES) -> pl.LazyFrame:
@@ -865,7 +865,7 @@ def results(pages: pl.LazyFrame, *, preferred_id_types: Sequence[str] = DEFAULT_
             event_check,
         ]
         frames.append(_recheck(frame, checks))
-    return _finish(frames, decoded, "results")
+    return _finish(frames, decoded, pages, "results")
 
 
 def patients(pages: pl.LazyFrame, *, preferred_id_types: Sequence[str] = DEFAULT_ID_TYPES) -> pl.LazyFrame:
@@ -936,7 +936,7 @@ def patients(pages: pl.LazyFrame, *, preferred_id_types: Sequence[str] = DEFAULT
             valuesets.map_code(pl.col("sex_source"), SURFACE, "sex").alias("sex")
         )
         frames.append(_recheck(frame, checks))
-    return _finish(frames, decoded, "patients")
+    return _finish(frames, decoded, pages, "patients")
 
 
 # entity -> normalizer, for callers that loop over the four streams.

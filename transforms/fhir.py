@@ -269,7 +269,6 @@ def _explode(pages: pl.LazyFrame, entity: str) -> pl.LazyFrame:
     decoded = (
         pages.select(
             pl.col("raw_ref"),
-            pl.col("body"),
             common.decode_expr(
                 "body",
                 page_dtype,
@@ -375,13 +374,18 @@ def _base_checks(clinical: bool) -> list[tuple[pl.Expr, str]]:
     return checks
 
 
-def _finish(frame: pl.LazyFrame, table: str, checks: list[tuple[pl.Expr, str]]) -> pl.LazyFrame:
+def _finish(
+    frame: pl.LazyFrame, pages: pl.LazyFrame, table: str, checks: list[tuple[pl.Expr, str]]
+) -> pl.LazyFrame:
     located = frame.with_columns(
         # A page or entry level problem makes every field check noise, so it stands alone.
         pl.coalesce(pl.col("_reason"), common.reasons(*checks)).alias("quarantine_reason")
     )
-    with_raw = common.fill_raw(located, _locate, ["_idx"])
-    return common.finish(common.dedupe(with_raw), table)
+    # Dedupe needs every row at once: hand it the output columns only, not the decoded resources.
+    slim = located.select(
+        [*schema.TABLES[table], "quarantine_reason", "raw_ref", "_seq", "_page", "_idx", common.RECORD_RAW]
+    )
+    return common.finish(common.fill_raw(common.dedupe(slim), pages, _locate, ["_idx"]), table)
 
 
 def _ends_before_start(start: pl.Expr, end: pl.Expr) -> pl.Expr:
@@ -451,7 +455,7 @@ def patients(pages: pl.LazyFrame) -> pl.LazyFrame:
         *_base_checks(clinical=False),
         (common.birth_date_unparseable(birth, pl.col("birth_date")), "birthDate: unparseable date"),
     ]
-    return _finish(frame, "patients", checks)
+    return _finish(frame, pages, "patients", checks)
 
 
 def encounters(pages: pl.LazyFrame) -> pl.LazyFrame:
@@ -496,7 +500,7 @@ def encounters(pages: pl.LazyFrame) -> pl.LazyFrame:
         (common.unparseable(end, pl.col("end_at")), "period.end: unparseable datetime"),
         (_ends_before_start(start, end), "period: end before start"),
     ]
-    return _finish(frame, "encounters", checks)
+    return _finish(frame, pages, "encounters", checks)
 
 
 def results(pages: pl.LazyFrame) -> pl.LazyFrame:
@@ -547,7 +551,7 @@ def results(pages: pl.LazyFrame) -> pl.LazyFrame:
         (common.unparseable(effective, pl.col("effective_at")), "effective[x]: unparseable datetime"),
         (~common.present(code), "code: missing coding"),
     ]
-    return _finish(frame, "results", checks)
+    return _finish(frame, pages, "results", checks)
 
 
 def appointments(pages: pl.LazyFrame) -> pl.LazyFrame:
@@ -615,7 +619,7 @@ def appointments(pages: pl.LazyFrame) -> pl.LazyFrame:
             "minutesDuration: not a non-negative integer",
         ),
     ]
-    return _finish(frame, "appointments", checks)
+    return _finish(frame, pages, "appointments", checks)
 
 
 # entity -> normalizer, for callers that loop over the four streams.
