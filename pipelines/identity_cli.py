@@ -130,9 +130,9 @@ def link(
             review_threshold=review_threshold,
             seed=seed,
         )
-    except ValueError as err:
-        # Our errors carry no patient values; Splink's could quote SQL, so only its type is shown.
-        message = str(err) if type(err) is ValueError else type(err).__name__
+    except (ValueError, identity.IdentityError) as err:
+        # Our errors carry no patient values; a library's ValueError subclass might, so only its type.
+        message = str(err) if type(err) in (ValueError, identity.IdentityError) else type(err).__name__
         console.print(f"[red]identity link failed:[/red] {message}")
         raise typer.Exit(1) from None
     out.parent.mkdir(parents=True, exist_ok=True)

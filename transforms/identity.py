@@ -507,8 +507,8 @@ def _slip_any(name: str, variants: str) -> str:
     )
 
 
-_NICKNAME: Final = (
-    "list_has_any(given_formal_l, given_formal_r) OR "
+_NICKNAME: Final = "list_has_any(given_formal_l, given_formal_r)"
+_NICKNAME_SLIP: Final = (
     f"{_slip_any('given_l', 'given_variants_r')} OR {_slip_any('given_r', 'given_variants_l')}"
 )
 
@@ -542,17 +542,16 @@ def _comparisons() -> list[dict[str, Any]]:
     EM rarely sees (swapped names) keep their prior."""
     given = {
         "output_column_name": "given_name",
-        "comparison_description": "given name: exact, nickname, swapped with family, typo, prefix",
+        "comparison_description": "given name: exact, nickname, swapped, typo, nickname slip, prefix",
         "comparison_levels": [
             _null("given"),
             _level("given_l = given_r", "exact", 0.85, tf="given"),
             _level(_NICKNAME, "nickname", 0.05),
             _level(_SWAPPED, "swapped", 0.01),
-            _level(
-                _typo("given"),
-                "typo",
-                0.05,
-            ),
+            _level(_typo("given"), "typo", 0.05),
+            # After the typo level: a plain slip in a formal name (Margret) is a typo; this level is
+            # a slip in a nickname (Jomes for Jimmy, i.e. James).
+            _level(_NICKNAME_SLIP, "nickname with a slip", 0.01),
             _level(
                 "starts_with(given_l, given_r) OR starts_with(given_r, given_l)",
                 "initial or prefix",
@@ -722,6 +721,10 @@ def _quiet_splink() -> Iterator[None]:
         logger.setLevel(before)
 
 
+class IdentityError(RuntimeError):
+    """A failure inside the matching engine, reported without the engine's message (see _session)."""
+
+
 @dataclasses.dataclass
 class _Session:
     con: duckdb.DuckDBPyConnection
@@ -740,6 +743,7 @@ def _session(
     memory_limit: str | None,
 ) -> Iterator[_Session]:
     from splink import DuckDBAPI
+    from splink.internals.exceptions import SplinkException  # Splink's wrapper: SQL + DuckDB message
 
     # Sorted so that row ids, and with them Splink's hash-based samples, repeat between runs.
     lhs = features(latest_versions(left.lazy())).sort(NATURAL_KEY).collect()
@@ -767,6 +771,10 @@ def _session(
             left_keys=lhs.select("rid", "source_surface", "source_id"),
             right_keys=rhs.select("rid", "source_surface", "source_id"),
         )
+    except (duckdb.Error, SplinkException) as err:
+        # DuckDB quotes offending values in some messages (a failed cast shows the value), and
+        # those values are patient data: keep the kind of failure, drop the message and its chain.
+        raise IdentityError(f"identity matching failed in DuckDB ({type(err).__name__})") from None
     finally:
         con.close()
 
@@ -954,7 +962,16 @@ def score_pairs(
             # Twins and same-family relatives agree on family, birth date and address but differ
             # in given name; only an identical SSN outweighs that.
             pl.when(
-                level["given_name"].is_in(["different", "initial or prefix"])
+                (
+                    level["given_name"].is_in(["different", "initial or prefix"])
+                    # A slip away from a nickname is too loose to tell siblings apart (Anna and
+                    # Ann) unless something personal, not household-wide, agrees as well.
+                    | (
+                        (level["given_name"] == "nickname with a slip")
+                        & (level["middle_name"] != "exact")
+                        & (level["email"] != "exact")
+                    )
+                )
                 & (level["ssn"] != "exact")
                 & level["family_name"].is_in(["exact", "shared token", "typo"])
                 & level["birth_date"].is_in(["exact", "day-month swapped"])
@@ -1471,7 +1488,7 @@ def split_surfaces(
 class IdentityResult:
     """Everything one identity run produces; every frame has its table's schema."""
 
-    model: dict[str, Any]
+    model: dict[str, Any] | None  # None when only one surface had records and none was given
     pairs: pl.DataFrame
     links: pl.DataFrame
     review: pl.DataFrame
@@ -1517,9 +1534,16 @@ def resolve(
     """
     current = latest_versions(patients.lazy()).collect()
     left, right = split_surfaces(current, surfaces)
-    if model is None:
-        model = train_model(left, right, seed=seed, threads=threads, memory_limit=memory_limit)
-    scored = score_pairs(left, right, model, threads=threads, memory_limit=memory_limit)
+    sides = current.group_by("source_surface").len()
+    both = sides.filter(pl.col("source_surface").is_in(list(surfaces))).height == 2
+    if both:
+        if model is None:
+            model = train_model(left, right, seed=seed, threads=threads, memory_limit=memory_limit)
+        scored = score_pairs(left, right, model, threads=threads, memory_limit=memory_limit)
+    else:
+        # One surface only (e.g. the first sync of one of them): nothing to link yet, every record
+        # is its own person, and a model trained on nothing would be meaningless.
+        scored = pl.DataFrame(schema=PAIRS)
     exact = deterministic_links(left, right, systems=systems).collect()
     pairs = pl.concat([exact, scored])
     links, review = decide(

@@ -439,3 +439,10 @@ def test_evaluate_counts_cross_surface_pairs() -> None:
     assert (m["true_positives"], m["false_positives"], m["false_negatives"]) == (1, 1, 1)
     assert m["precision"] == 0.5 and m["recall"] == 0.5
     assert m["false_merge_persons"] == 1
+
+
+def test_one_surface_only_makes_singletons() -> None:
+    pats = frame(patient("fhir", "f1", given_name="Ann"), patient("fhir", "f2", given_name="Bo"))
+    result = idn.resolve(pats, now=NOW)
+    assert result.model is None and result.links.height == 0
+    assert result.crosswalk["person_key"].n_unique() == 2

@@ -107,8 +107,8 @@ def test_identical_records_link(model: dict[str, Any]) -> None:
     ("change", "comparison", "level"),
     [
         ({"given_name": "Maggie"}, "given_name", "nickname"),
-        ({"given_name": "Magie"}, "given_name", "nickname"),  # a slip in a nickname
-        ({"given_name": "Margret"}, "given_name", "nickname"),
+        ({"given_name": "Magie"}, "given_name", "nickname with a slip"),
+        ({"given_name": "Margret"}, "given_name", "typo"),
         ({"given_name": "Okafor", "family_name": "Margaret"}, "given_name", "swapped"),
         ({"family_name": "Okafor-Bell"}, "family_name", "shared token"),
         ({"family_name": "Okafro"}, "family_name", "typo"),
@@ -177,3 +177,14 @@ def test_no_patient_values_in_logs_or_output(
     values |= set(sample["birth_date"].drop_nulls().cast(pl.String))
     leaked = [v for v in values if v in text]
     assert leaked == []
+
+
+def test_engine_errors_do_not_quote_patient_values(population: pl.DataFrame, model: dict[str, Any]) -> None:
+    broken = json.loads(json.dumps(model))
+    middle = next(c for c in broken["splink"]["comparisons"] if c["output_column_name"] == "middle_name")
+    middle["comparison_levels"][1]["sql_condition"] = "cast(middle_l AS INTEGER) = 1"  # fails on a name
+    left, right = idn.split_surfaces(population.drop("person_id"))
+    with pytest.raises(idn.IdentityError) as err:
+        idn.score_pairs(left, right, broken)
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+    assert not [n for n in population["middle_name"].drop_nulls().unique() if n in str(err.value)]
