@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from pipelines.identity_cli import app as identity_app
 from pipelines.sql import sql as sql_command
 from sandbox.cli import app as sandbox_app
 
@@ -22,6 +23,7 @@ app = typer.Typer(
 )
 app.add_typer(sandbox_app, name="sandbox")
 app.command(name="sql")(sql_command)
+app.add_typer(identity_app, name="identity")
 console = Console()
 
 Day = Annotated[str | None, typer.Option(help="First clinical day (YYYY-MM-DD, UTC).")]
