@@ -21,6 +21,7 @@ from resources.landing import LandingResource, LandingZone
 from resources.warehouse import Warehouse
 from transforms import datamodel as dm_norm
 from transforms import fhir as fhir_norm
+from transforms import valuesets
 from transforms.common import split
 
 SURFACES: tuple[Surface, ...] = ("fhir", "datamodel")
@@ -82,11 +83,7 @@ def load_day(
     tally.inserted += stats.inserted
     tally.updated += stats.updated
     tally.ignored_older += stats.ignored_older
-    coded = [c for c in good.columns if c + "_source" in good.columns]
-    for column in coded:
-        tally.unknown_codes += int(
-            good.filter((pl.col(column) == "unknown") & pl.col(column + "_source").is_not_null()).height
-        )
+    tally.unknown_codes += sum(valuesets.unmapped_counts(good, entity, surface).values())
 
 
 def build_load_asset(entity: Entity) -> dg.AssetsDefinition:
