@@ -84,7 +84,33 @@ def client_assertion(*, client_id: str, audience: str, key: SigningKey, now: flo
     )
 
 
-class OAuthAuthorizer:
+class _TokenCache:
+    """One cached token per authorizer, refreshed by one task at a time; subclasses say how a new
+    token is obtained (``_obtain``)."""
+
+    _token: _CachedToken | None
+    _lock: asyncio.Lock
+
+    async def _obtain(self) -> _CachedToken:
+        raise NotImplementedError
+
+    async def authorization(self) -> str:
+        token = self._token
+        if token is not None and token.fresh():
+            return token.value
+        async with self._lock:
+            # Another task may have refreshed while this one waited for the lock.
+            if self._token is None or not self._token.fresh():
+                self._token = await self._obtain()
+            return self._token.value
+
+    async def invalidate(self, value: str) -> None:
+        async with self._lock:
+            if self._token is not None and self._token.value == value:
+                self._token = None
+
+
+class OAuthAuthorizer(_TokenCache):
     """Bearer tokens from ``POST /v2/auth/token`` (client credentials, private_key_jwt)."""
 
     def __init__(self, *, settings: RedoxSettings, transport: Transport) -> None:
@@ -108,22 +134,7 @@ class OAuthAuthorizer:
     def active_kid(self) -> str:
         return self._keys[self._active].kid
 
-    async def authorization(self) -> str:
-        token = self._token
-        if token is not None and token.fresh():
-            return token.value
-        async with self._lock:
-            # Another task may have refreshed while this one waited for the lock.
-            if self._token is None or not self._token.fresh():
-                self._token = await self._fetch()
-            return self._token.value
-
-    async def invalidate(self, value: str) -> None:
-        async with self._lock:
-            if self._token is not None and self._token.value == value:
-                self._token = None
-
-    async def _fetch(self) -> _CachedToken:
+    async def _obtain(self) -> _CachedToken:
         last_error: RedoxAuthError | None = None
         for offset in range(len(self._keys)):
             index = (self._active + offset) % len(self._keys)
@@ -172,7 +183,7 @@ def _token_from(data: Any, *, endpoint: str) -> _CachedToken:
     return _CachedToken(f"{token_type.capitalize()} {data['access_token']}", lifetime)
 
 
-class LegacyAuthorizer:
+class LegacyAuthorizer(_TokenCache):
     """Legacy API key + secret (``/auth/authenticate``), refreshed with ``/auth/refreshToken``.
 
     Redox deprecates these keys in favour of OAuth; they remain for Data Model destinations that
@@ -198,21 +209,7 @@ class LegacyAuthorizer:
     def __repr__(self) -> str:
         return "LegacyAuthorizer(api_key=<hidden>)"
 
-    async def authorization(self) -> str:
-        token = self._token
-        if token is not None and token.fresh():
-            return token.value
-        async with self._lock:
-            if self._token is None or not self._token.fresh():
-                self._token = await self._renew()
-            return self._token.value
-
-    async def invalidate(self, value: str) -> None:
-        async with self._lock:
-            if self._token is not None and self._token.value == value:
-                self._token = None
-
-    async def _renew(self) -> _CachedToken:
+    async def _obtain(self) -> _CachedToken:
         if self._refresh_token is not None:
             try:
                 reply = await self._transport.send(
