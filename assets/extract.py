@@ -64,7 +64,7 @@ def _referenced_patients(zone: LandingZone, surface: Surface, day: dt.date) -> p
     if surface == "fhir":
         frames = [
             STREAMS[("fhir", entity)]
-            .normalize(zone.scan("fhir", entity, folder))  # type: ignore[attr-defined]
+            .normalize(zone.scan("fhir", entity, folder))
             .select(pl.col("patient_source_id").alias("source_id"))
             for entity in CLINICAL
         ]

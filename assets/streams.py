@@ -10,6 +10,8 @@ import datetime as dt
 from collections.abc import Callable
 from typing import Literal
 
+import polars as pl
+
 from transforms import datamodel as dm_norm
 from transforms import fhir as fhir_norm
 
@@ -25,7 +27,7 @@ class Stream:
     entity: Entity
     # FHIR resource type searched, or the Data Model query used, for the day window.
     source: str
-    normalize: Callable[..., object]
+    normalize: Callable[..., pl.LazyFrame]
 
     @property
     def asset_name(self) -> str:

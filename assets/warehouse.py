@@ -69,7 +69,7 @@ def load_day(
     tally: Tally,
 ) -> None:
     pages = pages_for(zone, surface, entity, [partition_folder(day)]).collect().lazy()
-    normalized = STREAMS[(surface, entity)].normalize(pages).collect()  # type: ignore[attr-defined]
+    normalized = STREAMS[(surface, entity)].normalize(pages).collect()
     good_lazy, bad_lazy = split(normalized.lazy(), entity)
     good, bad = pl.collect_all([good_lazy, bad_lazy])
     # Rows and quarantine in one transaction: no snapshot ever shows fetched != loaded + quarantined.

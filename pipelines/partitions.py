@@ -5,7 +5,6 @@ appointment start). The first day comes from ``REDOX_ETL_START_DATE`` so a deplo
 far back as its Redox connection holds data; ``end_offset=1`` includes today, which is still filling.
 """
 
-import datetime as dt
 import os
 
 import dagster as dg
@@ -17,7 +16,3 @@ daily = dg.DailyPartitionsDefinition(start_date=START_DATE, timezone="UTC", end_
 # A backfill run covers up to a week: few enough runs that process start-up is not the cost, small
 # enough that an interrupted run re-fetches at most a week (and only its days not yet landed).
 backfill_policy = dg.BackfillPolicy.multi_run(max_partitions_per_run=7)
-
-
-def days(partition_keys: list[str]) -> list[dt.date]:
-    return [dt.date.fromisoformat(key) for key in partition_keys]

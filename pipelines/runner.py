@@ -32,6 +32,7 @@ from resources import settings
 
 ROOT = Path(__file__).resolve().parent.parent
 RANGE_TAG = "redox-etl/range"
+BACKFILL_KIND = ("redox-etl/kind", "backfill")
 Progress = Callable[[int, int, str], None]
 
 
@@ -133,10 +134,14 @@ def missing_partitions(inst: dg.DagsterInstance, keys: list[str]) -> list[str]:
 
 
 def fail_orphaned_runs(inst: dg.DagsterInstance) -> int:
-    """Runs left STARTED/STARTING by a daemon that died with its command: mark them failed so the
-    backfill logic does not wait on them forever. Only safe when no daemon is running."""
+    """Backfill runs left STARTED/STARTING by a daemon that died with its command: mark them failed
+    so the backfill logic does not wait on them forever. Only safe when no daemon is running."""
+    # Only this command's backfill runs: a sync started elsewhere (the UI, a schedule) is not ours.
     orphans = inst.get_runs(
-        RunsFilter(statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.CANCELING])
+        RunsFilter(
+            statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.CANCELING],
+            tags={BACKFILL_KIND[0]: BACKFILL_KIND[1]},
+        )
     )
     for run in orphans:
         inst.report_run_failed(run, message="worker gone: its redox-etl backfill was interrupted")
@@ -158,7 +163,7 @@ def submit_backfill(inst: dg.DagsterInstance, keys: list[str], *, title: str) ->
         partition_names=keys,
         asset_selection=sorted(graph.get_all_asset_keys()),
         backfill_timestamp=time.time(),
-        tags={RANGE_TAG: f"{keys[0]}..{keys[-1]}", "redox-etl/kind": "backfill"},
+        tags={RANGE_TAG: f"{keys[0]}..{keys[-1]}", BACKFILL_KIND[0]: BACKFILL_KIND[1]},
         dynamic_partitions_store=inst,
         all_partitions=False,
         title=title,
