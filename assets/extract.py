@@ -9,7 +9,8 @@ Invariants:
 - in a backfill a day already landed is not fetched again (``refetch=False``), so resuming after a
   crash re-fetches only the days that were in flight; scheduled syncs refetch (``refetch=True``)
   because recent days still change;
-- patients are discovered from the day's clinical records and fetched only when new or stale.
+- patients are discovered from the day's clinical records and fetched once per run: in a backfill
+  only when new or stale, in a sync always (see ``ExtractConfig``).
 """
 
 import asyncio
@@ -30,7 +31,8 @@ from transforms import datamodel as dm_norm
 
 class ExtractConfig(dg.Config):
     refetch: bool = True
-    # A patient loaded longer ago than this is fetched again when a new record references it.
+    # Without refetch (a backfill), a patient loaded longer ago than this is fetched again when a
+    # record references it; with refetch (a sync), every referenced patient is fetched again.
     stale_after_days: int = 7
 
 
@@ -85,7 +87,9 @@ def _referenced_patients(zone: LandingZone, surface: Surface, day: dt.date) -> p
 def _fresh_patients(warehouse: Warehouse, surface: Surface, stale_after: dt.timedelta) -> set[str]:
     try:
         known = warehouse.query(
-            "SELECT source_id FROM patients WHERE source_surface = ? AND ingested_at >= ?",
+            # A stand-in (identifiers only, no names) is not a fetched record: it does not count.
+            "SELECT source_id FROM patients WHERE source_surface = ? AND ingested_at >= ?"
+            " AND family_name IS NOT NULL",
             [surface, _now() - stale_after],
         )
     except Exception:  # a lake that does not exist yet simply knows no patients
@@ -154,6 +158,7 @@ def build_extract_asset(stream: Stream) -> dg.AssetsDefinition:
         stats = {"pages": 0, "bytes": 0, "skipped_days": 0, "patients_wanted": 0, "bundle_total": 0}
 
         async def run() -> pl.DataFrame:
+            fetched: set[str] = set()
             async with redox.client(run_id=context.run_id) as client:
                 for day in days:
                     folder = partition_folder(day)
@@ -163,10 +168,19 @@ def build_extract_asset(stream: Stream) -> dg.AssetsDefinition:
                     total = 0
                     if stream.entity == "patients":
                         refs = _referenced_patients(zone, stream.surface, day)
-                        fresh = _fresh_patients(
-                            warehouse, stream.surface, dt.timedelta(days=config.stale_after_days)
+                        # A re-pull of recent days re-reads every patient they mention: demographics
+                        # change without any sign in the clinical records (a move, a new name).
+                        fresh = (
+                            set()
+                            if config.refetch
+                            else _fresh_patients(
+                                warehouse, stream.surface, dt.timedelta(days=config.stale_after_days)
+                            )
                         )
-                        wanted = refs.filter(~pl.col("complete") & ~pl.col("source_id").is_in(list(fresh)))
+                        wanted = refs.filter(
+                            ~pl.col("complete") & ~pl.col("source_id").is_in(list(fresh | fetched))
+                        )
+                        fetched.update(wanted["source_id"].to_list())
                         stats["patients_wanted"] += wanted.height
                         pages = await _fetch_patients(client, stream.surface, wanted, day)
                     else:

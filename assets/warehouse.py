@@ -37,10 +37,12 @@ class Tally:
     updated: int = 0
     ignored_older: int = 0
     unknown_codes: int = 0
+    # Identifier-only mentions of a Data Model patient the lake already holds in full.
+    known_references: int = 0
 
     @property
     def accounted(self) -> bool:
-        return self.records == self.loaded + self.duplicates + self.quarantined
+        return self.records == self.loaded + self.duplicates + self.quarantined + self.known_references
 
 
 def pages_for(zone: LandingZone, surface: Surface, entity: Entity, folders: list[str]) -> pl.LazyFrame:
@@ -58,6 +60,25 @@ def count_records(pages: pl.LazyFrame, surface: Surface, entity: Entity) -> int:
     return int(counted.collect()["records"][0])
 
 
+def _settle_references(warehouse: Warehouse, good: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+    """Data Model patient rows that carry identifiers only: drop those the lake already holds (a
+    pointer is not a newer version), and load the rest without a timestamp, so that the patient's
+    full record replaces them whenever it arrives, however old its own timestamp."""
+    is_ref = good.select(dm_norm.reference_only()).to_series()
+    refs = good.filter(is_ref)
+    if refs.is_empty():
+        return good, 0
+    held = warehouse.query(
+        "SELECT source_id FROM patients WHERE source_surface = 'datamodel'"
+        " AND source_id IN (SELECT unnest(?::VARCHAR[]))",
+        [refs["source_id"].to_list()],
+    )["source_id"]
+    stand_ins = refs.filter(~pl.col("source_id").is_in(held.implode())).with_columns(
+        pl.lit(None, dtype=good.schema["source_updated_at"]).alias("source_updated_at")
+    )
+    return pl.concat([good.filter(~is_ref), stand_ins]), refs.height - stand_ins.height
+
+
 def load_day(
     warehouse: Warehouse,
     zone: LandingZone,
@@ -72,6 +93,9 @@ def load_day(
     normalized = STREAMS[(surface, entity)].normalize(pages).collect()
     good_lazy, bad_lazy = split(normalized.lazy(), entity)
     good, bad = pl.collect_all([good_lazy, bad_lazy])
+    known_references = 0
+    if surface == "datamodel" and entity == "patients":
+        good, known_references = _settle_references(warehouse, good)
     # Rows and quarantine in one transaction: no snapshot ever shows fetched != loaded + quarantined.
     stats = warehouse.merge(
         entity, good, partition_day=day, run_id=run_id, source_surface=surface, quarantine=bad
@@ -80,6 +104,7 @@ def load_day(
     tally.loaded += good.height
     tally.duplicates += int(normalized.filter(pl.col("quarantine_reason").is_null())["duplicates"].sum())
     tally.quarantined += bad.height
+    tally.known_references += known_references
     tally.inserted += stats.inserted
     tally.updated += stats.updated
     tally.ignored_older += stats.ignored_older
@@ -107,7 +132,8 @@ def build_load_asset(entity: Entity) -> dg.AssetsDefinition:
             dg.AssetCheckSpec(
                 "records_accounted",
                 asset=entity,
-                description="Records in the pages = loaded + duplicates collapsed + quarantined.",
+                description="Records in the pages = loaded + duplicates collapsed + quarantined"
+                " (+ identifier-only mentions of patients already held).",
             )
         ],
     )
@@ -151,6 +177,7 @@ def build_load_asset(entity: Entity) -> dg.AssetsDefinition:
                         "loaded": total.loaded,
                         "duplicates": total.duplicates,
                         "quarantined": total.quarantined,
+                        "known_references": total.known_references,
                     },
                 )
             ],

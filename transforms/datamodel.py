@@ -939,6 +939,18 @@ def patients(pages: pl.LazyFrame, *, preferred_id_types: Sequence[str] = DEFAULT
     return _finish(frames, decoded, pages, "patients")
 
 
+def reference_only() -> pl.Expr:
+    """True on a normalized patient row that names the patient by identifiers only.
+
+    Results replies embed ``Patient.Identifiers`` and no demographics. Such a row is a pointer to a
+    patient, not a version of one: it may stand in until the full record arrives, but it must never
+    replace a stored record (newest-wins would blank the names).
+    """
+    return pl.all_horizontal(
+        pl.col(c).is_null() for c in ("given_name", "family_name", "birth_date", "sex_source")
+    )
+
+
 # entity -> normalizer, for callers that loop over the four streams.
 NORMALIZERS: Final = {
     "patients": patients,

@@ -92,12 +92,6 @@ def _assert_equal(expected: dict[str, pl.DataFrame], first: dt.date, last: dt.da
         assert_frame_equal(got.sort(key), want.sort(key), check_dtypes=False, check_exact=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: a Data Model patient embedded with identifiers only (Results replies) is "
-    "merged newest-wins over the full record and blanks its names; the load must not treat a "
-    "reference as a version",
-)
 def test_sync_then_incremental_equals_truth(tmp_path, monkeypatch):
     monkeypatch.setenv("REDOX_ETL_HOME", str(tmp_path))
     monkeypatch.setenv("REDOX_BUDGET_PATH", str(tmp_path / "budget.sqlite"))

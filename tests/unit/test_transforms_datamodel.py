@@ -11,9 +11,7 @@ import pytest
 
 from transforms import common, datamodel, schema, valuesets
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "redox-datamodel"
-if not FIXTURES.exists():  # a checkout next to shared/ rather than inside a work tree
-    FIXTURES = Path("/work/shared/fixtures/redox-datamodel")
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "redox-datamodel"
 ENTITIES = ("patients", "encounters", "appointments", "results")
 FAMILIES = ("patientadmin", "scheduling", "results", "patientsearch", "clinicalsummary")
 CS_RESULTS = [
