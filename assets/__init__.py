@@ -1,8 +1,9 @@
 """Dagster assets, by stage: extract (per surface x entity), warehouse (load), identity."""
 
+from assets.checks import all_checks
 from assets.extract import extract_assets
 from assets.warehouse import load_assets
 
 all_assets = [*extract_assets, *load_assets]
 
-__all__ = ["all_assets"]
+__all__ = ["all_assets", "all_checks"]

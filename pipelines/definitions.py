@@ -2,12 +2,13 @@
 
 import dagster as dg
 
-from assets import all_assets
+from assets import all_assets, all_checks
 from pipelines.jobs import jobs, schedules
 from resources import all_resources
 
 defs = dg.Definitions(
     assets=all_assets,
+    asset_checks=all_checks,
     jobs=jobs,
     schedules=schedules,
     resources=all_resources(),

@@ -2,6 +2,7 @@
 
 import dagster as dg
 
+from assets.checks import all_checks
 from pipelines.partitions import daily
 
 # Everything partitioned by day: extract from both surfaces, then load.
@@ -28,5 +29,16 @@ def sync_recent_days(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
     )
 
 
-jobs = [daily_sync]
-schedules = [sync_recent_days]
+# The lake checks alone, no extraction or load: between syncs (freshness only means something
+# then) and on demand after fixing data by hand. Reads only, so it never waits for the writer.
+lake_checks = dg.define_asset_job(
+    name="lake_checks",
+    selection=dg.AssetSelection.checks(*all_checks),
+    description="Run the asset checks of assets/checks.py against the lake and the landing zone.",
+)
+check_lake_hourly = dg.ScheduleDefinition(
+    job=lake_checks, cron_schedule="30 * * * *", execution_timezone="UTC", name="check_lake_hourly"
+)
+
+jobs = [daily_sync, lake_checks]
+schedules = [sync_recent_days, check_lake_hourly]
