@@ -23,7 +23,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -549,19 +549,65 @@ class Warehouse(ConfigurableResource):
         For tables computed from the lake rather than loaded into it; the loaded tables have their
         own methods above and are refused here.
         """
-        if name in lake_schemas():
-            raise ValueError(f"{name!r} is a loaded table; use merge/replace_quarantine/... instead")
-        if not name.isidentifier():
-            raise ValueError(f"table name {name!r} must be a plain identifier")
-        target = f"{LAKE}.main.{quote_ident(name)}"
-        with (
-            self.writer() as con,
-            _registered(con, "_incoming", frame),
-            _transaction(con, message=f"replace {name}", extra={"run_id": run_id}),
-        ):
-            con.execute(f"CREATE OR REPLACE TABLE {target} AS SELECT * FROM _incoming")
-        log.info("replaced %s: %d row(s)", name, frame.height)
+        self.write_derived(run_id=run_id, message=f"replace {name}", replace={name: frame})
         return frame.height
+
+    def write_derived(
+        self,
+        *,
+        run_id: str,
+        message: str,
+        replace: Mapping[str, pl.DataFrame] | None = None,
+        append: Mapping[str, pl.DataFrame] | None = None,
+        views: Mapping[str, str] | None = None,
+    ) -> int | None:
+        """Write several derived tables and views as ONE transaction (one snapshot); returns its id.
+
+        A step that derives several tables from one input writes them here together, so a reader
+        never sees one table from this run beside another from the last. ``replace``: each table
+        becomes its frame, whole. ``append``: each frame's rows are added to its table, which is
+        created with the frame's schema when absent (an empty frame only creates it). ``views``:
+        name -> SELECT, created or replaced; write table names unqualified, so the view works under
+        any alias the lake is attached as. Loaded tables are refused: they have their own methods.
+        """
+        replace, append, views = dict(replace or {}), dict(append or {}), dict(views or {})
+        names = [*replace, *append, *views]
+        loaded = lake_schemas()
+        for name in names:
+            if name in loaded:
+                raise ValueError(f"{name!r} is a loaded table; use merge/replace_quarantine/... instead")
+            if not name.isidentifier():
+                raise ValueError(f"table or view name {name!r} must be a plain identifier")
+        if len(set(names)) != len(names):
+            raise ValueError("a name may appear once among replace, append and views")
+        with contextlib.ExitStack() as stack:
+            con = stack.enter_context(self.writer())
+            staged = {}
+            for i, (name, frame) in enumerate([*replace.items(), *append.items()]):
+                staged[name] = f"_derived_{i}"
+                stack.enter_context(_registered(con, staged[name], frame))
+            with _transaction(con, message=message, extra={"run_id": run_id}):
+                for name in replace:
+                    con.execute(
+                        f"CREATE OR REPLACE TABLE {LAKE}.main.{quote_ident(name)} AS SELECT * FROM {staged[name]}"
+                    )
+                for name, frame in append.items():
+                    target = f"{LAKE}.main.{quote_ident(name)}"
+                    con.execute(f"CREATE TABLE IF NOT EXISTS {target} ({columns_sql(dict(frame.schema))})")
+                    if frame.height:
+                        con.execute(f"INSERT INTO {target} BY NAME SELECT * FROM {staged[name]}")
+                for name, select in views.items():
+                    con.execute(f"CREATE OR REPLACE VIEW {LAKE}.main.{quote_ident(name)} AS {select}")
+            snapshot = _current_snapshot(con)
+        log.info(
+            "derived write %r: replaced %s, appended %s, views %s, snapshot=%s",
+            message,
+            {n: f.height for n, f in replace.items()},
+            {n: f.height for n, f in append.items()},
+            sorted(views),
+            snapshot,
+        )
+        return snapshot
 
     # ---- reads -------------------------------------------------------------------------------
 
