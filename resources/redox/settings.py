@@ -157,6 +157,9 @@ class RedoxSettings(BaseModel):
     api_key: SecretStr | None = None
     api_secret: SecretStr | None = None
     datamodel_auth: Literal["oauth", "legacy"] = "oauth"
+    # True when the connection came from the embedded sandbox's credentials file: only then is there
+    # a ground truth to measure against (GET /sandbox/truth); real Redox has none.
+    sandbox: bool = False
 
     rate_limit: RateSpec = RateSpec(limit=7500, seconds=300)
     rate_margin: float = Field(default=0.97, gt=0, le=1)
@@ -214,6 +217,8 @@ class RedoxSettings(BaseModel):
             # Explicit variables still win over the sandbox's file, e.g. to test legacy auth.
             values.update({k: v for k, v in _connection_from_env(env, partial=True).items() if v})
         values.update(_tuning_from_env(env))
+        if "base_url" in overrides and overrides["base_url"] != values.get("base_url"):
+            values["sandbox"] = False
         values.update(overrides)
         return cls(**values)
 
@@ -313,6 +318,7 @@ def _connection_from_credentials(path: Path) -> dict[str, Any]:
     if isinstance(creds.get("destination_ids"), dict):
         values["destination_ids"] = {str(k).lower(): str(v) for k, v in creds["destination_ids"].items()}
     values["datamodel_auth"] = "oauth" if keys else "legacy"
+    values["sandbox"] = True
     return values
 
 

@@ -150,6 +150,10 @@ def test_falls_back_to_sandbox_credentials(tmp_path, rsa_pem, monkeypatch):
     assert s.budget_path == tmp_path / "budget.sqlite"
     # Explicit variables still win over the file.
     assert RedoxSettings.from_env({"REDOX_DATAMODEL_AUTH": "legacy"}).datamodel_auth == "legacy"
+    # Only a connection to the sandbox has a ground truth to measure against.
+    assert s.sandbox
+    assert not RedoxSettings.from_env({}, base_url="https://api.redoxengine.com").sandbox
+    assert not RedoxSettings.from_env(_base_env(tmp_path, REDOX_API_KEY="k", REDOX_API_SECRET="s")).sandbox
 
 
 def test_missing_everything_says_what_to_do(tmp_path, monkeypatch):
