@@ -21,9 +21,9 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-from resources.redox.errors import PageTotalMismatch, RedoxRequestError
+from resources.redox.errors import PageTotalMismatch, RedoxRequestError, redact
 from resources.redox.settings import RedoxSettings
-from resources.redox.transport import Authorizer, FormData, Transport
+from resources.redox.transport import Authorizer, FormData, Transport, sent_values, server_text
 
 FHIR_JSON = "application/fhir+json"
 # Form bodies have no documented size limit at Redox; keeping one value near a URL's safe length
@@ -155,9 +155,15 @@ class FhirClient:
         while True:
             bundle = reply.json
             if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+                # A server may answer 200 with an OperationOutcome (a failed search it did not map
+                # to a status): its diagnostics are the only account of what went wrong. Any other
+                # body is not quoted: it may be records, i.e. patient data.
+                said = ""
+                if isinstance(bundle, dict) and bundle.get("resourceType") == "OperationOutcome":
+                    said = redact(server_text(reply.raw), sent_values(form, None))
                 raise RedoxRequestError(
                     status=reply.status,
-                    server_text="the response is not a FHIR Bundle",
+                    server_text="the response is not a FHIR Bundle" + (f": {said}" if said else ""),
                     endpoint=endpoint,
                     hint="check REDOX_FHIR_ORG and REDOX_ENVIRONMENT point at a FHIR destination",
                 )
