@@ -5,12 +5,14 @@ import dagster as dg
 from assets.checks import all_checks
 from pipelines.partitions import daily
 
-# Everything partitioned by day: extract from both surfaces, then load.
+# Everything partitioned by day: extract from both surfaces, then load; then identity, once per run
+# (it is unpartitioned: it reconciles the whole patients table), so a sync ends reconciled.
 daily_sync = dg.define_asset_job(
     name="daily_sync",
-    selection=dg.AssetSelection.groups("extract_fhir", "extract_datamodel", "warehouse"),
+    selection=dg.AssetSelection.groups("extract_fhir", "extract_datamodel", "warehouse", "identity"),
     partitions_def=daily,
-    description="Pull the selected clinical days from both Redox surfaces and load the unified tables.",
+    description="Pull the selected clinical days from both Redox surfaces, load the unified tables and "
+    "reconcile patients into persons.",
 )
 
 

@@ -1,0 +1,167 @@
+"""Identity as a Dagster asset, end to end: sandbox on loopback -> real extract + load runs -> the
+``person_crosswalk`` asset -> lake tables, views, checks and metadata measured against the truth.
+
+Then the properties a data team relies on: a rerun keeps every person_key, and a decision a reviewer
+records (a 'no-link' on a linked pair) splits that person on the next run and is logged in
+``person_history``.
+"""
+
+import datetime as dt
+import warnings
+from typing import Any
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from assets import all_assets
+from assets.identity import MIN_PRECISION, MIN_RECALL, VIEWS
+from resources import all_resources
+from resources.warehouse import Warehouse
+from sandbox.server import serve_in_thread
+from transforms import identity
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+IDENTITY_TABLES = ("person_crosswalk", "persons", "identity_review", "person_history", "identity_decisions")
+
+
+def _materialize(
+    instance: dg.DagsterInstance, selection: list[str], tags: dict[str, str] | None = None
+) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = dg.materialize(
+            all_assets,
+            selection=selection,
+            resources=all_resources(),
+            instance=instance,
+            tags=tags or {},
+        )
+    assert result.success
+    return result
+
+
+def _identity(instance: dg.DagsterInstance) -> tuple[dict[str, Any], dict[str, bool]]:
+    result = _materialize(instance, ["person_crosswalk"])
+    [materialization] = result.asset_materializations_for_node("person_crosswalk")
+    metadata = {k: v.value for k, v in materialization.metadata.items()}
+    checks = {c.check_name: c.passed for c in result.get_asset_check_evaluations()}
+    return metadata, checks
+
+
+def _crosswalk(warehouse: Warehouse) -> pl.DataFrame:
+    return warehouse.query("SELECT * FROM person_crosswalk").sort("source_surface", "source_id")
+
+
+def test_identity_asset_links_keeps_keys_and_honours_decisions(tmp_path, monkeypatch):
+    monkeypatch.setenv("REDOX_ETL_HOME", str(tmp_path))
+    monkeypatch.setenv("REDOX_BUDGET_PATH", str(tmp_path / "budget.sqlite"))
+    today = dt.datetime.now(dt.UTC).date()
+    first, last = today - dt.timedelta(days=9), today - dt.timedelta(days=5)
+    instance = dg.DagsterInstance.ephemeral()
+    with serve_in_thread(
+        state_dir=tmp_path / "sandbox", patients=400, seed=11, start=first, end=last, rate_limit=None
+    ) as running:
+        monkeypatch.setenv("REDOX_SANDBOX_CREDENTIALS", str(running.credentials_path))
+        partitioned = [a.key.to_user_string() for a in all_assets if a.partitions_def is not None]
+        _materialize(
+            instance,
+            partitioned,
+            tags={
+                "dagster/asset_partition_range_start": first.isoformat(),
+                "dagster/asset_partition_range_end": last.isoformat(),
+            },
+        )
+        warehouse = Warehouse()
+
+        # First run: trains a model, links, writes every table and view, measures itself.
+        meta, checks = _identity(instance)
+        assert checks == {
+            "every_record_one_person": True,
+            "one_golden_row_per_person": True,
+            "one_record_per_surface": True,
+            "matches_sandbox_truth": True,
+        }, (checks, meta)
+        assert meta["model"].startswith("trained")
+        assert meta["truth_true_pairs"] > 20, meta
+        assert meta["truth_precision"] >= MIN_PRECISION, meta
+        assert meta["truth_recall"] >= MIN_RECALL, meta
+        assert (
+            meta["links"] == meta["links_identifier"] + meta["links_probabilistic"] + meta["links_decision"]
+        )
+        tables = set(warehouse.query("SELECT table_name FROM duckdb_tables()")["table_name"].to_list())
+        assert {*IDENTITY_TABLES, "identity_model"} <= tables
+        patients = warehouse.query("SELECT DISTINCT source_surface, source_id FROM patients")
+        first_crosswalk = _crosswalk(warehouse)
+        assert first_crosswalk.height == patients.height == meta["records"]
+        assert first_crosswalk.select("source_surface", "source_id").is_unique().all()
+        assert patients.join(first_crosswalk, on=["source_surface", "source_id"], how="anti").height == 0
+        persons = warehouse.query("SELECT person_key FROM persons")
+        assert persons.height == first_crosswalk["person_key"].n_unique() == meta["persons"]
+        for view in VIEWS:
+            rows = warehouse.query(f"SELECT count(*) AS n, count(person_key) AS keyed FROM {view}").row(0)
+            assert rows[0] > 0 and rows[0] == rows[1], view  # every clinical row reaches its person
+
+        # Second run on the same input: the stored model is reused and no key moves.
+        meta, checks = _identity(instance)
+        assert all(checks.values()), checks
+        assert meta["model"] == "reused"
+        assert meta["person_keys_kept"] == meta["person_keys_before"] == meta["persons"]
+        assert meta["history_events"] == 0
+        assert (
+            _crosswalk(warehouse)
+            .select("source_surface", "source_id", "person_key")
+            .equals(first_crosswalk.select("source_surface", "source_id", "person_key"))
+        )
+
+        # A reviewer says one linked pair is two people: the next run splits it and logs the split.
+        pairs = (
+            first_crosswalk.group_by("person_key")
+            .agg(pl.col("source_surface"), pl.col("source_id"), pl.len())
+            .filter(pl.col("len") == 2)
+            .sort("person_key")
+        )
+        assert pairs.height > 0
+        key, surfaces, ids, _ = pairs.row(0)
+        decision = pl.DataFrame(
+            [
+                {
+                    "left_surface": surfaces[0],
+                    "left_id": ids[0],
+                    "right_surface": surfaces[1],
+                    "right_id": ids[1],
+                    "decision": "no-link",
+                    "decided_by": "test reviewer",
+                    "decided_at": dt.datetime.now(dt.UTC),
+                    "note": "two people",
+                }
+            ],
+            schema=identity.IDENTITY_DECISIONS,
+        )
+        warehouse.write_derived(
+            run_id="review", message="identity decision", append={"identity_decisions": decision}
+        )
+        meta, checks = _identity(instance)
+        # The truth says they are one human: the check reports the lost link, which is what it is for.
+        assert checks.pop("matches_sandbox_truth") is (meta["truth_recall"] >= MIN_RECALL)
+        assert meta["truth_false_negatives"] == 1 and meta["truth_false_positives"] == 0, meta
+        assert all(checks.values()), checks
+        assert meta["decisions_recorded"] == 1
+        assert meta["history_split"] == 1
+        after = _crosswalk(warehouse)
+        split = after.join(
+            pl.DataFrame({"source_surface": surfaces, "source_id": ids}), on=["source_surface", "source_id"]
+        )
+        assert split["person_key"].n_unique() == 2
+        assert key in split["person_key"].to_list()  # one side keeps the key, the other gets a new one
+        history = warehouse.query("SELECT * FROM person_history WHERE event = 'split'")
+        assert history.height == 1 and history["other_person_key"][0] == key
+        # Everyone else is untouched.
+        others = after.filter(pl.col("person_key") != key).join(
+            split, on=["source_surface", "source_id"], how="anti"
+        )
+        unchanged = first_crosswalk.filter(pl.col("person_key") != key)
+        assert others.select("source_surface", "source_id", "person_key").equals(
+            unchanged.select("source_surface", "source_id", "person_key")
+        )
