@@ -16,8 +16,9 @@ Invariants:
 """
 
 import dataclasses
+from collections.abc import Callable
 from datetime import date, datetime
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 Surface = Literal["fhir", "datamodel"]
 Kind = Literal["patients", "encounters", "results", "appointments"]
@@ -146,3 +147,31 @@ class Version:
     seq: int
     last_updated: datetime
     version_id: int = 1
+
+
+_T = TypeVar("_T")
+
+
+def bulk_constructor(cls: type[_T]) -> Callable[..., _T]:
+    """A positional constructor for the frozen slots dataclass ``cls`` that makes the same objects
+    as ``cls(*fields)``, several times faster: for building a world's few hundred thousand records.
+
+    A frozen dataclass's ``__init__`` sets each field through ``object.__setattr__`` (about 2 us a
+    record). An unfrozen twin with the very same slots sets them with plain attribute stores and
+    then becomes ``cls`` by ``__class__`` assignment, which Python allows because the two layouts
+    are identical. The result is an ordinary, still frozen ``cls`` instance.
+    """
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    if getattr(cls, "__slots__", None) != tuple(f.name for f in fields) or hasattr(cls, "__post_init__"):
+        raise TypeError(f"{cls.__name__} is not a plain slots dataclass")
+
+    def become(self: Any) -> None:
+        self.__class__ = cls
+
+    twin = dataclasses.make_dataclass(
+        f"_{cls.__name__}Builder",
+        [(f.name, f.type) for f in fields],
+        slots=True,
+        namespace={"__post_init__": become},
+    )
+    return twin

@@ -55,6 +55,7 @@ from sandbox.model import (
     Record,
     Result,
     Surface,
+    bulk_constructor,
 )
 from sandbox.store import Store
 
@@ -918,18 +919,10 @@ def _dt(ts: int) -> datetime:
 
 def _dts(values: list[int | None]) -> list[datetime | None]:
     # Slot-aligned times repeat a lot (a quarter-hour grid over a few months), and datetimes are
-    # immutable, so records share one object per instant.
-    cache: dict[int, datetime] = {}
-    out: list[datetime | None] = []
-    for x in values:
-        if x is None:
-            out.append(None)
-            continue
-        t = cache.get(x)
-        if t is None:
-            t = cache[x] = datetime.fromtimestamp(x, UTC)
-        out.append(t)
-    return out
+    # immutable, so records share one object per instant; the lookup runs in C (map over dict.get).
+    cache: dict[int | None, datetime | None] = {x: _dt(x) for x in set(values) if x is not None}
+    cache[None] = None
+    return list(map(cache.__getitem__, values))
 
 
 def _poisson(rng: random.Random, lam: float) -> int:
@@ -1412,35 +1405,40 @@ _APPOINTMENT_FIELDS: Final = tuple(f.name for f in dataclasses.fields(Appointmen
 _TIME_FIELDS: Final = frozenset({"start_at", "end_at", "effective_at"})
 
 
+_MAKE: Final[dict[type, Any]] = {cls: bulk_constructor(cls) for cls in (Encounter, Result, Appointment)}
+_NEW_IDENTIFIER: Final = bulk_constructor(Identifier)
+_NEW_PATIENT: Final = bulk_constructor(Patient)
+_NEW_PERSON: Final = bulk_constructor(Person)
+
+
 def _records(frame: pl.DataFrame, cls: type, fields: tuple[str, ...]) -> list[Any]:
     """Record objects from a batch frame (epoch-second time columns become aware datetimes)."""
     columns = [_dts(frame[f].to_list()) if f in _TIME_FIELDS else frame[f].to_list() for f in fields]
-    return [cls(*row) for row in zip(*columns, strict=True)]
+    return list(itertools.starmap(_MAKE[cls], zip(*columns, strict=True)))
 
 
 # -- the world ------------------------------------------------------------------------------------
 
 
-def _patient(row: dict[str, object]) -> Patient:
-    idents = row["identifiers"]
-    noise = row["noise"]
-    assert isinstance(idents, list) and isinstance(noise, list)
-    return Patient(
-        surface=row["source_surface"],  # type: ignore[arg-type]
-        source_id=row["source_id"],  # type: ignore[arg-type]
-        person_id=row["person_id"],  # type: ignore[arg-type]
-        identifiers=tuple(Identifier(i["system"], i["value"]) for i in idents),
-        noise=tuple(noise),
-        **{f: row[f] for f in _DEMOGRAPHICS},  # type: ignore[arg-type]
-    )
+def _patients(frame: pl.DataFrame) -> list[Patient]:
+    """Patient records from a batch's patients frame, in frame order."""
+    ident = _NEW_IDENTIFIER
+    identifiers = [
+        tuple([ident(i["system"], i["value"]) for i in row]) for row in frame["identifiers"].to_list()
+    ]
+    columns: list[Any] = [frame[c].to_list() for c in ("source_surface", "source_id", "person_id")]
+    columns += [
+        identifiers,
+        *(frame[f].to_list() for f in _DEMOGRAPHICS),
+        map(tuple, frame["noise"].to_list()),
+    ]
+    return list(itertools.starmap(_NEW_PATIENT, zip(*columns, strict=True)))
 
 
-def _person(row: dict[str, object]) -> Person:
-    return Person(
-        person_id=row["person_id"],  # type: ignore[arg-type]
-        hard_group=row["hard_group"],  # type: ignore[arg-type]
-        **{f: row[f] for f in _DEMOGRAPHICS},  # type: ignore[arg-type]
-    )
+def _persons(frame: pl.DataFrame) -> list[Person]:
+    """Person records from a batch's persons frame, in frame order."""
+    columns = [frame[c].to_list() for c in ("person_id", *_DEMOGRAPHICS, "hard_group")]
+    return list(itertools.starmap(_NEW_PERSON, zip(*columns, strict=True)))
 
 
 # Heap events: (time, tiebreak, what, surface, source_id, payload). The tiebreak is unique, so
@@ -1530,14 +1528,15 @@ class World:
         self._next_patient["fhir"] += batch.fhir_count
         self._next_patient["datamodel"] += batch.dm_count
         order: dict[str, int] = {}
-        for row in batch.persons.iter_rows(named=True):
-            person = _person(row)
+        for person, group_id in zip(
+            _persons(batch.persons), batch.persons["group_id"].to_list(), strict=True
+        ):
             order[person.person_id] = len(order)
             self.persons[person.person_id] = person
             self.patients_of[person.person_id] = []
-            if row["group_id"] is not None:
-                self.groups.setdefault(row["group_id"], []).append(person.person_id)
-        patients = [_patient(row) for row in batch.patients.iter_rows(named=True)]
+            if group_id is not None:
+                self.groups.setdefault(group_id, []).append(person.person_id)
+        patients = _patients(batch.patients)
         patients.sort(key=lambda p: (order[p.person_id], p.surface != "fhir"))
         return patients
 
@@ -1551,12 +1550,31 @@ class World:
             for record, when, finishes in zip(records, at, follow, strict=True):
                 self._schedule(when, "put", record.surface, record.source_id, (kind, record, finishes))
             return
+        self._put_new(kind, records, _dts(frame["updated"].to_list()))  # type: ignore[arg-type]
         rng = self._rng
         now = _ts(self.clock)
-        updated = frame["updated"].to_list()
-        for record, stamp, finishes in zip(records, updated, follow, strict=True):
-            self._put(kind, record, stamp)
+        # Only these states have follow-ups; skipping the rest up front keeps the loop short.
+        if kind == "encounters":
+            needs = frame["finishes"].is_not_null()
+        else:
+            needs = frame["status"] == ("preliminary" if kind == "results" else "booked")
+        for record, finishes in itertools.compress(zip(records, follow, strict=True), needs.to_list()):
             self._follow_up(kind, record, finishes, now, rng)
+
+    def _put_new(self, kind: Kind, records: list[Record], stamps: list[datetime]) -> None:
+        """``_put`` for a batch of new records, in order (storing draws nothing from the rng, so
+        storing a batch before its follow-ups changes no draw)."""
+        self.store.put_new(kind, records, stamps)
+        if kind == "patients":
+            for patient in records:
+                assert isinstance(patient, Patient)
+                self.patients_of[patient.person_id].append((patient.surface, patient.source_id))
+        for surface in SURFACES:
+            ids = [r.source_id for r in records if r.surface == surface]
+            if kind == "patients":
+                self._patient_ids[surface].extend(ids)
+            elif ids:
+                self._record_ids.setdefault((kind, surface), []).extend(ids)
 
     def _follow_up(
         self, kind: Kind, record: Record, finishes: int | None, now: int, rng: random.Random
@@ -1576,8 +1594,8 @@ class World:
         patients = self._add_people(self.config.patients)
         lo, now = _ts(self.start_at), _ts(self.clock)
         rng, v, clinic = self._rng, self._vec, self._clinic
-        for patient in patients:
-            self._put("patients", patient, rng.randrange(lo, now) if now > lo else now)
+        stamps = [rng.randrange(lo, now) if now > lo else now for _ in patients]
+        self._put_new("patients", patients, _dts(stamps))  # type: ignore[arg-type]
         owners = pl.DataFrame(
             {"surface": [p.surface for p in patients], "patient": [p.source_id for p in patients]},
             schema={"surface": pl.String(), "patient": pl.String()},

@@ -6,7 +6,7 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
-from sandbox.model import Appointment, Encounter, Identifier, Patient, Result
+from sandbox.model import Appointment, Encounter, Identifier, Patient, Result, bulk_constructor
 from sandbox.store import Bounds, Store
 
 T0 = datetime(2025, 6, 1, tzinfo=UTC)
@@ -273,6 +273,49 @@ def test_refresh_after_bulk_load_and_incremental_writes() -> None:
     assert ids(store.query("encounters", "fhir", when=window)) == [f"e{i:03d}" for i in range(10, 20)]
     store.put("encounters", encounter("e015b", T0 + timedelta(minutes=15)))
     assert "e015b" in ids(store.query("encounters", "fhir", when=window))
+
+
+def test_put_new_writes_what_put_would() -> None:
+    records = [encounter(f"e{i}", T0 + timedelta(hours=i % 3), patient_id=f"p{i % 2}") for i in range(6)]
+    records.append(dataclasses.replace(encounter("e0", T0), surface="datamodel"))
+    stamps = [T0 + timedelta(minutes=i) for i in range(len(records))]
+    one, bulk = Store(T0 + timedelta(days=1)), Store(T0 + timedelta(days=1))
+    one.put("patients", patient("x"))
+    bulk.put("patients", patient("x"))
+    for record, stamp in zip(records, stamps, strict=True):
+        one.put("encounters", record, at=stamp)
+    bulk.put_new("encounters", records, stamps)
+    assert bulk.log() == one.log() and bulk.head_seq == one.head_seq == len(records) + 1
+    window = Bounds(T0, True, T0 + timedelta(hours=1))
+    for surface in ("fhir", "datamodel"):
+        assert bulk.query("encounters", surface) == one.query("encounters", surface)
+        assert bulk.query("encounters", surface, when=window) == one.query("encounters", surface, when=window)
+        assert bulk.query("encounters", surface, patient_ids=["p1"]) == one.query(
+            "encounters", surface, patient_ids=["p1"]
+        )
+
+
+def test_put_new_refuses_known_or_repeated_records_and_writes_nothing() -> None:
+    store = Store(T0)
+    store.put("encounters", encounter("e1", T0))
+    with pytest.raises(ValueError, match="only new"):
+        store.put_new("encounters", [encounter("e2", T0), encounter("e1", T0)], [T0, T0])
+    with pytest.raises(ValueError, match="only new"):
+        store.put_new("encounters", [encounter("e3", T0), encounter("e3", T0)], [T0, T0])
+    with pytest.raises(ValueError, match="aware"):
+        store.put_new("encounters", [encounter("e4", T0)], [datetime(2025, 1, 1)])
+    with pytest.raises(ValueError, match="Encounter"):
+        store.put_new("encounters", [patient("x")], [T0])  # type: ignore[list-item]
+    assert store.head_seq == 1 and store.count("encounters", "fhir") == 1
+
+
+def test_bulk_constructor_makes_ordinary_frozen_records() -> None:
+    fields = [getattr(encounter("e1", T0), f.name) for f in dataclasses.fields(Encounter)]
+    made = bulk_constructor(Encounter)(*fields)
+    assert type(made) is Encounter and made == encounter("e1", T0) and hash(made) == hash(encounter("e1", T0))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.status = "cancelled"  # type: ignore[misc]
+    assert dataclasses.replace(made, status="cancelled").status == "cancelled"
 
 
 def test_result_records_are_indexed_by_effective_time() -> None:
