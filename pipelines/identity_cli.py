@@ -4,6 +4,10 @@
 an outside registry list), runs the same deterministic and probabilistic passes as the identity
 asset, and writes every scored pair with its decision. Output on the terminal is counts only: the
 files hold PHI, the terminal and its scrollback must not.
+
+``decide`` records a reviewer's decision on a pair (named by its review-queue ``pair_id``, by a
+two-record ``person_key``, or by both records) in the lake's ``identity_decisions``; the next run of
+the ``person_crosswalk`` asset honours it. It prints no record id either.
 """
 
 import json
@@ -16,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from resources.warehouse import Warehouse
 from transforms import identity
 
 app = typer.Typer(
@@ -151,3 +156,92 @@ def link(
         table.add_row(f"pairs: {decision}", f"{counts.get(decision, 0):,}")
     console.print(table)
     console.print(f"wrote {pairs.height:,} pairs to {out}")
+
+
+def _record(text: str, side: str) -> tuple[str, str]:
+    surface, sep, source_id = text.partition(":")
+    if not sep or surface not in ("fhir", "datamodel") or not source_id:
+        raise typer.BadParameter(f"--{side} must be SURFACE:SOURCE_ID with SURFACE fhir or datamodel")
+    return surface, source_id
+
+
+def decision_pair(
+    warehouse: Warehouse,
+    *,
+    pair: str | None = None,
+    person: str | None = None,
+    left: str | None = None,
+    right: str | None = None,
+) -> tuple[str, str, str, str]:
+    """The (left_surface, left_id, right_surface, right_id) a decision is about, named one of three
+    ways: a review-queue ``pair_id``, a ``person_key`` holding exactly two records, or both records."""
+    named = [pair is not None, person is not None, left is not None or right is not None]
+    if sum(named) != 1 or (named[2] and (left is None or right is None)):
+        raise typer.BadParameter("name the pair one way: --pair, --person, or both --left and --right")
+    if left is not None and right is not None:
+        return (*_record(left, "left"), *_record(right, "right"))
+    if pair is not None:
+        rows = warehouse.query(
+            "SELECT left_surface, left_id, right_surface, right_id FROM identity_review WHERE pair_id = ?",
+            [pair],
+        )
+        if rows.height != 1:
+            raise typer.BadParameter("no such pair_id in identity_review (it may have been decided already)")
+        ls, li, rs, ri = rows.row(0)
+        return ls, li, rs, ri
+    rows = warehouse.query(
+        "SELECT source_surface, source_id FROM person_crosswalk WHERE person_key = ? ORDER BY source_surface DESC",
+        [person],
+    )
+    if rows.height != 2:
+        raise typer.BadParameter(
+            f"that person_key holds {rows.height} record(s); --person needs exactly two, else use --left/--right"
+        )
+    (ls, li), (rs, ri) = rows.rows()
+    return ls, li, rs, ri
+
+
+@app.command()
+def decide(
+    decision: Annotated[str, typer.Argument(help="link | no-link")],
+    by: Annotated[str, typer.Option("--by", help="Who decides (kept with the decision).")],
+    pair: Annotated[str | None, typer.Option("--pair", help="A pair_id from identity_review.")] = None,
+    person: Annotated[
+        str | None, typer.Option("--person", help="A person_key of two records: decide about those two.")
+    ] = None,
+    left: Annotated[str | None, typer.Option("--left", help="SURFACE:SOURCE_ID of one record.")] = None,
+    right: Annotated[
+        str | None, typer.Option("--right", help="SURFACE:SOURCE_ID of the other record.")
+    ] = None,
+    note: Annotated[str | None, typer.Option("--note", help="Why (no patient values, please).")] = None,
+) -> None:
+    """Record a reviewer's decision on a pair in identity_decisions; the next identity run honours it."""
+    if decision not in ("link", "no-link"):
+        raise typer.BadParameter("decision must be 'link' or 'no-link'")
+    warehouse = Warehouse()
+    ls, li, rs, ri = decision_pair(warehouse, pair=pair, person=person, left=left, right=right)
+    row = pl.DataFrame(
+        [
+            {
+                "left_surface": ls,
+                "left_id": li,
+                "right_surface": rs,
+                "right_id": ri,
+                "decision": decision,
+                "decided_by": by,
+                "decided_at": datetime.now(UTC),
+                "note": note,
+            }
+        ],
+        schema=identity.IDENTITY_DECISIONS,
+    )
+    warehouse.write_derived(
+        run_id=f"identity-decide-{datetime.now(UTC):%Y%m%dT%H%M%S}",
+        message="identity decision",
+        append={"identity_decisions": row},
+    )
+    # The record ids stay off the terminal: a Data Model id can be an MRN.
+    Console(stderr=True).print(
+        f"recorded '{decision}' in identity_decisions; the next person_crosswalk run applies it "
+        "(e.g. `redox-etl sync` or materialize person_crosswalk)"
+    )

@@ -13,13 +13,14 @@ from typing import Any
 import dagster as dg
 import polars as pl
 import pytest
+from typer.testing import CliRunner
 
 from assets import all_assets
 from assets.identity import MIN_PRECISION, MIN_RECALL, VIEWS
+from pipelines.identity_cli import app as identity_app
 from resources import all_resources
 from resources.warehouse import Warehouse
 from sandbox.server import serve_in_thread
-from transforms import identity
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
@@ -124,24 +125,16 @@ def test_identity_asset_links_keeps_keys_and_honours_decisions(tmp_path, monkeyp
         )
         assert pairs.height > 0
         key, surfaces, ids, _ = pairs.row(0)
-        decision = pl.DataFrame(
-            [
-                {
-                    "left_surface": surfaces[0],
-                    "left_id": ids[0],
-                    "right_surface": surfaces[1],
-                    "right_id": ids[1],
-                    "decision": "no-link",
-                    "decided_by": "test reviewer",
-                    "decided_at": dt.datetime.now(dt.UTC),
-                    "note": "two people",
-                }
-            ],
-            schema=identity.IDENTITY_DECISIONS,
+        singleton = first_crosswalk.group_by("person_key").len().filter(pl.col("len") == 1)["person_key"][0]
+        cli = CliRunner()
+        refused = cli.invoke(identity_app, ["decide", "no-link", "--person", singleton, "--by", "reviewer"])
+        assert refused.exit_code != 0  # a one-record person has no pair to decide on; nothing recorded
+        recorded = cli.invoke(
+            identity_app,
+            ["decide", "no-link", "--person", key, "--by", "test reviewer", "--note", "two people"],
         )
-        warehouse.write_derived(
-            run_id="review", message="identity decision", append={"identity_decisions": decision}
-        )
+        assert recorded.exit_code == 0, recorded.output
+        assert not any(i in recorded.output for i in ids)  # no record id on the terminal
         meta, checks = _identity(instance)
         # The truth says they are one human: the check reports the lost link, which is what it is for.
         assert checks.pop("matches_sandbox_truth") is (meta["truth_recall"] >= MIN_RECALL)
