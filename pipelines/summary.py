@@ -28,6 +28,17 @@ def print_summary(console: Console, *, run_id: str | None = None) -> None:
         for surface, count in rows:
             table.add_row(name, surface, f"{count:,}", f"{quarantined.get((name, surface), 0):,}")
     console.print(table)
+    present = set(warehouse.query("SELECT table_name FROM duckdb_tables()")["table_name"].to_list())
+    if {"person_crosswalk", "identity_review"} <= present:
+        records, persons, linked = warehouse.query(
+            "SELECT count(*), count(DISTINCT person_key), count(*) FILTER (WHERE method <> 'singleton')"
+            " FROM person_crosswalk"
+        ).row(0)
+        review = warehouse.query("SELECT count(*) FROM identity_review").item()
+        console.print(
+            f"Identity: {records:,} patient records are {persons:,} persons "
+            f"({linked:,} records linked across surfaces, {review:,} pair(s) waiting in identity_review)."
+        )
     if run_id:
         calls = warehouse.query(
             "SELECT count(*) AS requests, count(*) FILTER (WHERE status = 429) AS refused, "
