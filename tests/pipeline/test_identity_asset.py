@@ -1,9 +1,9 @@
 """Identity as a Dagster asset, end to end: sandbox on loopback -> real extract + load runs -> the
 ``person_crosswalk`` asset -> lake tables, views, checks and metadata measured against the truth.
 
-Then the properties a data team relies on: a rerun keeps every person_key, and a decision a reviewer
-records (a 'no-link' on a linked pair) splits that person on the next run and is logged in
-``person_history``.
+Then the properties a data team relies on: a rerun keeps every person_key, so does a rerun after the
+sandbox's world moved on and new days were synced, and a decision a reviewer records (a 'no-link' on
+a linked pair) splits that person on the next run and is logged in ``person_history``.
 """
 
 import datetime as dt
@@ -116,6 +116,28 @@ def test_identity_asset_links_keeps_keys_and_honours_decisions(tmp_path, monkeyp
             .equals(first_crosswalk.select("source_surface", "source_id", "person_key"))
         )
 
+        # The world moves on (new patients, new visits, corrections); the new days are synced. New
+        # records join or found persons and no existing record changes person.
+        assert sum(running.world.advance(dt.timedelta(days=2)).values()) > 0
+        _materialize(
+            instance,
+            partitioned,
+            tags={
+                "dagster/asset_partition_range_start": last.isoformat(),
+                "dagster/asset_partition_range_end": (last + dt.timedelta(days=2)).isoformat(),
+            },
+        )
+        before = meta
+        meta, checks = _identity(instance)
+        assert all(checks.values()), (checks, meta)
+        assert meta["records"] > before["records"], meta
+        assert meta["person_keys_kept"] == meta["person_keys_before"] == before["persons"]
+        assert meta["history_merge"] == meta["history_split"] == meta["history_move"] == 0, meta
+        grown = _crosswalk(warehouse)
+        kept = first_crosswalk.select("source_surface", "source_id", "person_key")
+        assert kept.join(grown, on=["source_surface", "source_id", "person_key"], how="anti").height == 0
+        first_crosswalk = grown
+
         # A reviewer says one linked pair is two people: the next run splits it and logs the split.
         pairs = (
             first_crosswalk.group_by("person_key")
@@ -158,3 +180,8 @@ def test_identity_asset_links_keeps_keys_and_honours_decisions(tmp_path, monkeyp
         assert others.select("source_surface", "source_id", "person_key").equals(
             unchanged.select("source_surface", "source_id", "person_key")
         )
+
+        # The decision holds on later runs: nothing moves back.
+        meta, _ = _identity(instance)
+        assert meta["history_events"] == 0, meta
+        assert _crosswalk(warehouse).equals(after)
