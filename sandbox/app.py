@@ -177,6 +177,7 @@ class Sandbox:
                 "peak_in_window": dict(self.limiter.peak),
             },
             "faults": dict(self.faults.counts),
+            "malformed": [m.as_dict() for m in self.faults.malformed],
         }
 
 

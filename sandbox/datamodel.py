@@ -466,13 +466,22 @@ class DataModelSurface:
             kwargs["updated"] = criteria.updated
         return self._store().query(kind, "datamodel", **kwargs)
 
-    def _with_faults(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _with_faults(self, items: list[dict[str, Any]], resource: str) -> list[dict[str, Any]]:
         if self.faults is None or not items:
             return items
         broken = self.faults.malform(len(items))
         if broken is not None:
             index, mode = broken
-            items[index] = malform(items[index], mode)
+            # Named before breaking: "missing-required" removes the very id that names it. A broken
+            # order breaks every result in it, and results are the records the client keeps.
+            item = items[index]
+            if resource == "Order":
+                named = [("Result", f"{item['ID']}|{r['Code']}") for r in item["Results"]]
+            else:
+                named = [(resource, item["VisitNumber"])]
+            items[index] = malform(item, mode)
+            for kind, source_id in named:
+                self.faults.note_malformed("datamodel", kind, source_id, mode)
         if self.faults.duplicate():
             index = self.faults.pick(len(items))
             items.insert(index + 1, copy.deepcopy(items[index]))
@@ -545,7 +554,7 @@ class DataModelSurface:
             item = dict(self._cached("booking", version, self._render_booking))
             item["Patient"] = self._patient(version.record.patient_source_id, notes=True)  # type: ignore[union-attr]
             visits.append(item)
-        return {"Visits": self._with_faults(visits)}
+        return {"Visits": self._with_faults(visits, "Booking")}
 
     def _results(self, request: dict[str, Any]) -> dict[str, Any]:
         completion = request.get("Completion") or {}
@@ -597,7 +606,7 @@ class DataModelSurface:
             orders.setdefault((r.patient_source_id, r.order_id), []).append(version)
         out = [self._order(pid, oid, versions) for (pid, oid), versions in orders.items()]
         out.sort(key=lambda o: (o["CompletionDateTime"], o["ID"]))
-        return {"Orders": self._with_faults(out)}
+        return {"Orders": self._with_faults(out, "Order")}
 
     def _order(self, patient_source_id: str, order_id: str, versions: list[Version]) -> dict[str, Any]:
         records = [v.record for v in versions]
@@ -663,7 +672,7 @@ class DataModelSurface:
             flat.append({**visit, "_patient": version.record.patient_source_id})  # type: ignore[union-attr]
         by_patient: dict[str, list[dict[str, Any]]] = {}
         # Faults are drawn once per response, over all visits, like the other queries.
-        for visit in self._with_faults(flat):
+        for visit in self._with_faults(flat, "Visit"):
             by_patient.setdefault(visit.pop("_patient"), []).append(visit)
         patients = []
         for patient_source_id, visits in by_patient.items():

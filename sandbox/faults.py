@@ -10,7 +10,9 @@ Invariants:
   in a fixed order per request, so the same request sequence meets the same faults;
 - at most one of 5xx / timeout / 429 hits a request (they replace the answer); ``slow`` delays an
   otherwise normal answer; ``dup`` and ``malformed`` alter one page's records only;
-- every injected fault is counted in ``counts`` (exposed by ``GET /sandbox/stats``).
+- every injected fault is counted in ``counts`` (exposed by ``GET /sandbox/stats``);
+- every record served broken is named in ``malformed`` (surface, resource, source id, mode), so a
+  test knows exactly which records a client should have quarantined rather than loaded.
 """
 
 import collections
@@ -22,6 +24,7 @@ from typing import Literal
 RequestFault = Literal["5xx", "timeout", "429"]
 MalformMode = Literal["wrong-type", "missing-required", "bad-date"]
 MALFORM_MODES: tuple[MalformMode, ...] = ("wrong-type", "missing-required", "bad-date")
+FaultSurface = Literal["fhir", "datamodel"]
 SERVER_ERRORS = (500, 502, 504)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
@@ -89,11 +92,27 @@ class FaultSpec:
         return any((self.server_error, self.timeout, self.too_many, self.dup, self.malformed, self.slow))
 
 
+@dataclasses.dataclass(frozen=True)
+class Malformed:
+    """One record served broken. ``resource`` is a FHIR resource type, or on the Data Model ``Visit``
+    (an encounter), ``Booking`` (an appointment) or ``Result`` (one per result of a broken order, id
+    ``{Order.ID}|{Code}``)."""
+
+    surface: FaultSurface
+    resource: str
+    source_id: str
+    mode: MalformMode
+
+    def as_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+
 class Faults:
     def __init__(self, spec: FaultSpec, *, seed: int) -> None:
         self.spec = spec
         self._rng = random.Random(spec.seed if spec.seed is not None else seed)
         self.counts: collections.Counter[str] = collections.Counter()
+        self.malformed: list[Malformed] = []
 
     def request_fault(self) -> RequestFault | None:
         """At most one fault that replaces the whole answer."""
@@ -133,8 +152,13 @@ class Faults:
             return self._rng.randrange(records), self._rng.choice(MALFORM_MODES)
         return None
 
+    def note_malformed(self, surface: FaultSurface, resource: str, source_id: str, mode: MalformMode) -> None:
+        """Name the record a ``malform`` decision broke: only the surface knows what its index points at."""
+        self.malformed.append(Malformed(surface, resource, source_id, mode))
+
     def pick(self, n: int) -> int:
         return self._rng.randrange(n)
 
     def reset_counters(self) -> None:
         self.counts.clear()
+        self.malformed.clear()

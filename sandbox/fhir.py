@@ -648,6 +648,7 @@ class FhirSurface:
         broken = self.faults.malform(1) if self.faults is not None else None
         if broken is not None:
             body = json.dumps(malform(json.loads(body), broken[1])).encode()
+            self.faults.note_malformed("fhir", resource, source_id, broken[1])
         return Page(200, body)
 
     def search(self, resource: str, pairs: Sequence[tuple[str, str]]) -> Page:
@@ -683,6 +684,7 @@ class FhirSurface:
                 index, mode = broken
                 rendered = json.loads(self.resource_bytes(resource, page[index]))
                 bodies[index] = json.dumps(malform(rendered, mode), separators=(",", ":")).encode()
+                self.faults.note_malformed("fhir", resource, page[index].record.source_id, mode)
         links = [{"relation": "self", "url": self._self_url(resource, cursors[-1] if cursors else None)}]
         if more and page:
             last = page[-1].record.source_id

@@ -8,33 +8,15 @@ import datetime as dt
 import warnings
 
 import dagster as dg
-import polars as pl
 import pytest
-from polars.testing import assert_frame_equal
 
 from assets import all_assets
 from resources import all_resources
-from resources.warehouse import Warehouse
 from sandbox.server import serve_in_thread
+from tests.pipeline.truth import assert_equal as _assert_equal
+from tests.pipeline.truth import expected as _expected
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
-COMPARED = {
-    "patients": ["given_name", "family_name", "birth_date", "sex", "address_postal_code"],
-    "encounters": ["patient_source_id", "class", "status", "start_at", "end_at"],
-    "results": [
-        "patient_source_id",
-        "code",
-        "value_num",
-        "value_text",
-        "unit",
-        "abnormal_flag",
-        "status",
-        "effective_at",
-    ],
-    "appointments": ["patient_source_id", "status", "start_at", "end_at", "duration_min"],
-}
-CLINICAL_TIME = {"encounters": "start_at", "results": "effective_at", "appointments": "start_at"}
 
 
 def _sync(first: dt.date, last: dt.date) -> None:
@@ -52,44 +34,6 @@ def _sync(first: dt.date, last: dt.date) -> None:
     assert result.success
     checks = result.get_asset_check_evaluations()
     assert checks and all(c.passed for c in checks), [c.check_name for c in checks if not c.passed]
-
-
-def _expected(truth: dict[str, pl.DataFrame], first: dt.date, last: dt.date) -> dict[str, pl.DataFrame]:
-    lo = dt.datetime.combine(first, dt.time(), tzinfo=dt.UTC)
-    hi = dt.datetime.combine(last + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
-    expected = {
-        table: truth[table].filter(pl.col(column).is_between(lo, hi, closed="left"))
-        for table, column in CLINICAL_TIME.items()
-    }
-    referenced = pl.concat(
-        [
-            f.select("source_surface", pl.col("patient_source_id").alias("source_id"))
-            for f in expected.values()
-        ]
-    ).unique()
-    expected["patients"] = truth["patients"].join(referenced, on=["source_surface", "source_id"])
-    # Redox's VisitQueryResponse has no end of visit: the Data Model surface cannot carry end_at.
-    expected["encounters"] = expected["encounters"].with_columns(
-        pl.when(pl.col("source_surface") == "fhir").then(pl.col("end_at")).alias("end_at")
-    )
-    return expected
-
-
-def _assert_equal(expected: dict[str, pl.DataFrame], first: dt.date, last: dt.date) -> None:
-    warehouse = Warehouse()
-    lo = dt.datetime.combine(first, dt.time(), tzinfo=dt.UTC)
-    hi = dt.datetime.combine(last + dt.timedelta(days=1), dt.time(), tzinfo=dt.UTC)
-    for table, columns in COMPARED.items():
-        key = ["source_surface", "source_id"]
-        where = ""
-        if table in CLINICAL_TIME:
-            where = f" WHERE {CLINICAL_TIME[table]} >= ? AND {CLINICAL_TIME[table]} < ?"
-        got = warehouse.query(
-            f"SELECT {', '.join(key + columns)} FROM {table}{where}", [lo, hi] if where else None
-        )
-        want = expected[table].select(key + columns)
-        assert got.height == got.select(key).unique().height, f"{table}: duplicate keys"
-        assert_frame_equal(got.sort(key), want.sort(key), check_dtypes=False, check_exact=False)
 
 
 def test_sync_then_incremental_equals_truth(tmp_path, monkeypatch):
