@@ -28,7 +28,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
-from assets import all_assets
+from assets import all_assets, all_checks
 from resources import all_resources
 from resources.warehouse import Warehouse
 from sandbox.server import serve_in_thread
@@ -59,11 +59,21 @@ TABLE_OF = {
 }
 CLINICAL = ("encounters", "results", "appointments")
 
+# Checks that cannot pass here for reasons that are not faults: a broken patient leaves the records
+# that point at it without one (WARN), and the window ends days ago, so the lake is not "fresh".
+EXPECTED_TO_FAIL = {"patient_exists", "fresh"}
+# bundle_totals is blocking and counts a record repeated across pages as one entry too many, so it
+# blocks the loads of any day whose paging repeated a record. It is left out of the sync and run on
+# its own afterwards: test_bundle_totals_tolerate_records_repeated_across_pages.
+BUNDLE_TOTALS = [d for d in all_checks if any(spec.name == "bundle_totals" for spec in d.check_specs)]
+CHECKS_IN_SYNC = [d for d in all_checks if d not in BUNDLE_TOTALS]
+
 
 @dataclasses.dataclass
 class Chaos:
     home: Path
     result: dg.ExecuteInProcessResult
+    bundle_totals: dg.ExecuteInProcessResult
     stats: dict[str, Any]
     truth: dict[str, pl.DataFrame]
     first: dt.date
@@ -126,22 +136,32 @@ def chaos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chaos]:
             token_ttl=TOKEN_TTL_S,
         ) as running:
             env.setenv("REDOX_SANDBOX_CREDENTIALS", str(running.credentials_path))
+            tags = {
+                "dagster/asset_partition_range_start": first.isoformat(),
+                "dagster/asset_partition_range_end": last.isoformat(),
+            }
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 result = dg.materialize(
-                    all_assets,
+                    [*all_assets, *CHECKS_IN_SYNC],
                     resources=all_resources(),
                     instance=dg.DagsterInstance.ephemeral(),
-                    tags={
-                        "dagster/asset_partition_range_start": first.isoformat(),
-                        "dagster/asset_partition_range_end": last.isoformat(),
-                    },
+                    tags=tags,
+                    raise_on_error=False,
+                )
+                # Without partition tags: the check then reads the most recent landed days, which
+                # are exactly the window's.
+                bundle_totals = dg.materialize(
+                    [*all_assets, *all_checks],
+                    selection=dg.AssetSelection.checks(*BUNDLE_TOTALS),
+                    resources=all_resources(),
+                    instance=dg.DagsterInstance.ephemeral(),
                     raise_on_error=False,
                 )
             stats = httpx.get(f"{running.base_url}/sandbox/stats", timeout=30).json()
             # Shown with a failure: what this run met (counts and templates only).
             print("faults:", stats["faults"], "requests:", stats["requests"]["by_endpoint"])
-            yield Chaos(home, result, stats, running.world.truth(), first, last)
+            yield Chaos(home, result, bundle_totals, stats, running.world.truth(), first, last)
 
 
 def _fhir_served(home: Path) -> collections.Counter[tuple[str, str]]:
@@ -155,16 +175,12 @@ def _fhir_served(home: Path) -> collections.Counter[tuple[str, str]]:
     return served
 
 
-# A broken patient leaves the records that point at it without one: a warning, and expected here.
-EXPECTED_TO_WARN = {"patient_exists"}
-
-
 def test_the_run_succeeds_and_every_fault_fired(chaos: Chaos) -> None:
     assert chaos.result.success
     failed = [
         f"{c.asset_key.to_user_string()}:{c.check_name}"
         for c in chaos.result.get_asset_check_evaluations()
-        if not c.passed and c.check_name not in EXPECTED_TO_WARN
+        if not c.passed and c.check_name not in EXPECTED_TO_FAIL
     ]
     assert not failed, f"asset checks failed under faults: {failed}"
     fired = chaos.stats["faults"]
@@ -310,3 +326,24 @@ def test_api_calls_show_the_retries(chaos: Chaos) -> None:
     # Faults are 5xx, 429 and hangs: no other refusal (a 401 is a token that expired in flight).
     refused = calls.filter(pl.col("status").is_between(400, 499) & ~pl.col("status").is_in([401, 429]))
     assert refused.is_empty(), refused["status"].value_counts().rows()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="assets/checks.py bundle_totals compares Bundle.total (distinct records) with every entry "
+    "landed, so a record repeated across a page boundary fails this blocking check and blocks that "
+    "day's loads, although the loads collapse the repeat as a duplicate",
+)
+def test_bundle_totals_tolerate_records_repeated_across_pages(chaos: Chaos) -> None:
+    evaluations = chaos.bundle_totals.get_asset_check_evaluations()
+    days = (chaos.last - chaos.first).days + 1
+    # pytest.fail, not assert: a check that did not even run must not count as the expected failure.
+    if len(evaluations) != len(BUNDLE_TOTALS) or any(_counts(e)["days_checked"] != days for e in evaluations):
+        pytest.fail(f"bundle_totals did not check the window: {[_counts(e) for e in evaluations]}")
+    served = _fhir_served(chaos.home)
+    repeated = sum(n - 1 for (resource, _), n in served.items() if resource != "Patient")
+    if not repeated:
+        pytest.skip("no clinical FHIR record was repeated across pages in this run")
+    failed = {e.asset_key.to_user_string(): _counts(e) for e in evaluations if not e.passed}
+    assert not failed, f"bundle_totals failed with {repeated} clinical FHIR entries landed twice: {failed}"
