@@ -39,18 +39,53 @@ class Tally:
     unknown_codes: int = 0
     # Identifier-only mentions of a Data Model patient the lake already holds in full.
     known_references: int = 0
+    # (day, surface) pairs whose landed pages were already loaded: nothing to do.
+    skipped: int = 0
 
     @property
     def accounted(self) -> bool:
         return self.records == self.loaded + self.duplicates + self.quarantined + self.known_references
 
 
+class LoadConfig(dg.Config):
+    # Load a day again even when its landed pages have not changed since they were loaded (after a
+    # normalizer fix, say). Off by default, so a resumed backfill never loads a partition twice.
+    reload: bool = False
+
+
+def _streams_read(surface: Surface, entity: Entity) -> tuple[Entity, ...]:
+    if surface == "datamodel" and entity == "patients":
+        return (*CLINICAL, "patients")
+    return (entity,)
+
+
+def already_loaded(
+    warehouse: Warehouse, zone: LandingZone, surface: Surface, entity: Entity, day: dt.date
+) -> bool:
+    """Whether the lake holds a load of this (table, surface, day) committed after its pages landed.
+
+    ``partition_loads`` is written in the merge's own transaction, so its time proves the rows are in.
+    A crash after some days of a run committed leaves Dagster thinking none of them materialized;
+    this is what lets the resumed run skip them rather than load them a second time.
+    """
+    folder = partition_folder(day)
+    landed = [
+        m for s in _streams_read(surface, entity) if (m := zone.manifest(surface, s, folder)) is not None
+    ]
+    loaded = warehouse.query(
+        "SELECT max(loaded_at) AS t FROM partition_loads"
+        " WHERE table_name = ? AND source_surface = ? AND partition_day = ?",
+        [entity, surface, day],
+    )["t"][0]
+    if loaded is None:
+        return False
+    return all(loaded >= dt.datetime.fromisoformat(m.written_at) for m in landed)
+
+
 def pages_for(zone: LandingZone, surface: Surface, entity: Entity, folders: list[str]) -> pl.LazyFrame:
     """The pages a (surface, entity) load reads. Data Model patients arrive embedded in every
     clinical response as well as in PatientSearch replies, so they read all four streams."""
-    if surface == "datamodel" and entity == "patients":
-        return pl.concat([zone.scan(surface, e, folders) for e in (*CLINICAL, "patients")])
-    return zone.scan(surface, entity, folders)
+    return pl.concat([zone.scan(surface, e, folders) for e in _streams_read(surface, entity)])
 
 
 def count_records(pages: pl.LazyFrame, surface: Surface, entity: Entity) -> int:
@@ -138,14 +173,21 @@ def build_load_asset(entity: Entity) -> dg.AssetsDefinition:
         ],
     )
     def load(
-        context: dg.AssetExecutionContext, warehouse: Warehouse, landing: LandingResource
+        context: dg.AssetExecutionContext, config: LoadConfig, warehouse: Warehouse, landing: LandingResource
     ) -> dg.MaterializeResult:
         zone = landing.zone()
         warehouse.ensure_tables()
         days = [dt.date.fromisoformat(k) for k in context.partition_keys]
         by_surface = {surface: Tally() for surface in SURFACES}
+        started = dt.datetime.now(dt.UTC)
+        reloaded: list[dt.date] = []
         for day in days:
+            skipped = 0
             for surface in SURFACES:
+                if not config.reload and already_loaded(warehouse, zone, surface, entity, day):
+                    by_surface[surface].skipped += 1
+                    skipped += 1
+                    continue
                 load_day(
                     warehouse,
                     zone,
@@ -155,6 +197,10 @@ def build_load_asset(entity: Entity) -> dg.AssetsDefinition:
                     run_id=context.run_id,
                     tally=by_surface[surface],
                 )
+            if not skipped:
+                reloaded.append(day)
+        # Changes queued for these days before this load began are in the pages it just loaded.
+        warehouse.clear_pending(entity, reloaded, loaded_since=started, run_id=context.run_id)
         total = Tally(**{f: sum(getattr(t, f) for t in by_surface.values()) for f in Tally.__annotations__})
         context.log.info(
             "%s: %d day(s): %d loaded, %d quarantined", entity, len(days), total.loaded, total.quarantined

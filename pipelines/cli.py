@@ -5,7 +5,7 @@ editing a shared file beyond one line here.
 """
 
 import datetime as dt
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -14,6 +14,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from pipelines.identity_cli import app as identity_app
 from pipelines.sql import sql as sql_command
 from sandbox.cli import app as sandbox_app
+
+if TYPE_CHECKING:  # dagster loads slowly; `redox-etl --help` should not wait for it
+    from dagster import DagsterRun
 
 app = typer.Typer(
     name="redox-etl",
@@ -58,14 +61,28 @@ def sync(
     from pipelines import runner, summary
 
     first, last = _days(start, end, days)
+    run = _sync_with_progress(first, last)
+    summary.print_summary(console, run_id=run.run_id)
+    _fail_unless_success(run)
+    # Older days where Redox changed records since they were loaded (queued by redox_changes).
+    for changed_first, changed_last in runner.pending_ranges():
+        console.print(f"Redox changed records on {changed_first}..{changed_last} since they were loaded:")
+        _fail_unless_success(_sync_with_progress(changed_first, changed_last))
+
+
+def _sync_with_progress(first: dt.date, last: dt.date) -> "DagsterRun":
+    from pipelines import runner
+
     with _progress() as bar:
         task = bar.add_task(f"sync {first}..{last}", total=None, status="")
 
         def update(done: int, total: int, current: str) -> None:
             bar.update(task, completed=done, total=total, status=current)
 
-        run = runner.sync(first, last, on_progress=update)
-    summary.print_summary(console, run_id=run.run_id)
+        return runner.sync(first, last, on_progress=update)
+
+
+def _fail_unless_success(run: "DagsterRun") -> None:
     if not run.is_success:
         console.print(f"[red]run {run.run_id} ended {run.status.value}[/red]: open `make ui` for its logs")
         raise typer.Exit(1)

@@ -3,7 +3,7 @@
 import dagster as dg
 
 from assets import all_assets, all_checks
-from pipelines.jobs import jobs, schedules
+from pipelines.jobs import jobs, schedules, sensors
 from resources import all_resources
 
 defs = dg.Definitions(
@@ -11,6 +11,7 @@ defs = dg.Definitions(
     asset_checks=all_checks,
     jobs=jobs,
     schedules=schedules,
+    sensors=sensors,
     resources=all_resources(),
     # Steps of a run share one process: extraction is async fan-out inside a step, and process
     # start-up would otherwise dominate a day's work.

@@ -3,13 +3,17 @@
 import dagster as dg
 
 from assets.checks import all_checks
-from pipelines.partitions import daily
+from pipelines.partitions import daily, ranges
+from resources.warehouse import LakeNotFoundError, Warehouse
 
 # Everything partitioned by day: extract from both surfaces, then load; then identity, once per run
-# (it is unpartitioned: it reconciles the whole patients table), so a sync ends reconciled.
+# (it is unpartitioned: it reconciles the whole patients table), so a sync ends reconciled. The
+# changes asset (unpartitioned too) queues older days Redox changed, for the sensor below.
 daily_sync = dg.define_asset_job(
     name="daily_sync",
-    selection=dg.AssetSelection.groups("extract_fhir", "extract_datamodel", "warehouse", "identity"),
+    selection=dg.AssetSelection.groups(
+        "changes", "extract_fhir", "extract_datamodel", "warehouse", "identity"
+    ),
     partitions_def=daily,
     description="Pull the selected clinical days from both Redox surfaces, load the unified tables and "
     "reconcile patients into persons.",
@@ -42,5 +46,36 @@ check_lake_hourly = dg.ScheduleDefinition(
     job=lake_checks, cron_schedule="30 * * * *", execution_timezone="UTC", name="check_lake_hourly"
 )
 
+
+@dg.sensor(
+    job=daily_sync,
+    minimum_interval_seconds=300,
+    description="Re-pull the days that redox_changes queued in pending_partitions (records Redox "
+    "changed on days no scheduled sync re-pulls), one run per run of consecutive days.",
+)
+def pending_partitions(
+    context: dg.SensorEvaluationContext, warehouse: Warehouse
+) -> dg.SensorResult | dg.SkipReason:
+    try:
+        pending = warehouse.pending_partitions()
+    except LakeNotFoundError:
+        return dg.SkipReason("no lake yet")
+    if pending.is_empty():
+        return dg.SkipReason("no changed days queued")
+    # A run key per queue state: the same queue is requested once, a newer queue entry again.
+    stamp = max(pending["queued_at"].to_list())
+    return dg.SensorResult(
+        run_requests=[
+            dg.RunRequest(
+                run_key=f"pending:{first}..{last}:{stamp}",
+                partition_key_range=dg.PartitionKeyRange(first.isoformat(), last.isoformat()),
+                tags={"redox-etl/kind": "pending-resync"},
+            )
+            for first, last in ranges(pending["partition_day"].to_list())
+        ]
+    )
+
+
 jobs = [daily_sync, lake_checks]
 schedules = [sync_recent_days, check_lake_hourly]
+sensors = [pending_partitions]

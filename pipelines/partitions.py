@@ -5,6 +5,7 @@ appointment start). The first day comes from ``REDOX_ETL_START_DATE`` so a deplo
 far back as its Redox connection holds data; ``end_offset=1`` includes today, which is still filling.
 """
 
+import datetime as dt
 import os
 
 import dagster as dg
@@ -16,3 +17,14 @@ daily = dg.DailyPartitionsDefinition(start_date=START_DATE, timezone="UTC", end_
 # A backfill run covers up to a week: few enough runs that process start-up is not the cost, small
 # enough that an interrupted run re-fetches at most a week (and only its days not yet landed).
 backfill_policy = dg.BackfillPolicy.multi_run(max_partitions_per_run=7)
+
+
+def ranges(days: list[dt.date]) -> list[tuple[dt.date, dt.date]]:
+    """Runs of consecutive days, first to last: one Dagster run (a partition range) each."""
+    out: list[tuple[dt.date, dt.date]] = []
+    for day in sorted(set(days)):
+        if out and day - out[-1][1] == dt.timedelta(days=1):
+            out[-1] = (out[-1][0], day)
+        else:
+            out.append((day, day))
+    return out

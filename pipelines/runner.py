@@ -103,6 +103,18 @@ def sync(
     return result["run"]
 
 
+def pending_ranges() -> list[tuple[dt.date, dt.date]]:
+    """Runs of consecutive days the changes asset queued and no load has cleared yet."""
+    from pipelines.partitions import ranges
+    from resources.warehouse import LakeNotFoundError, Warehouse
+
+    try:
+        pending = Warehouse().pending_partitions()
+    except LakeNotFoundError:
+        return []
+    return ranges(pending["partition_day"].to_list())
+
+
 def _extract_names() -> list[str]:
     from assets.streams import STREAMS
 

@@ -209,9 +209,21 @@ API_CALLS_LINEAGE: Final[dict[str, pl.DataType]] = {
     "ingested_at": UTC_TS,
 }
 
+# Partitions known to hold records Redox changed since they were loaded (found by the changes asset
+# through `_lastUpdated` / `LastUpdated`), queued until a load of that table and day clears them.
+PENDING_PARTITIONS: Final = pl.Schema(
+    {
+        "table_name": pl.String(),
+        "partition_day": pl.Date(),
+        "queued_at": UTC_TS,
+        "run_id": pl.String(),
+    }
+)
+
 # Tables the warehouse keeps about its own loads (not produced by any normalizer).
 WAREHOUSE_TABLES: Final[dict[str, pl.Schema]] = {
     "partition_loads": PARTITION_LOADS,
+    "pending_partitions": PENDING_PARTITIONS,
 }
 
 CLINICAL: Final[dict[str, pl.Schema]] = {

@@ -137,6 +137,14 @@ class DataModelClient:
             payload["Patients"] = _patients(patients)
         return await self.query("Results", "Query", payload)
 
+    async def results_changed(self, *, start: datetime, end: datetime | None = None) -> DataModelReply:
+        """Results.Query by ``LastUpdated``: orders whose results changed in [start, end) (no end:
+        up to now), whenever they were completed (corrections of old results)."""
+        window = {"StartDateTime": redox_datetime(start)}
+        if end is not None:
+            window["EndDateTime"] = redox_datetime(end)
+        return await self.query("Results", "Query", {"LastUpdated": window})
+
     async def visit_query(self, *, start: datetime, end: datetime) -> DataModelReply:
         """PatientAdmin.VisitQuery: visits starting in [start, end)."""
         return await self.query(

@@ -61,7 +61,7 @@ LOCK_FILE = ".writer.lock"
 # file (plus a delete file) per watermark update. Tables with patient data are never inlined: their
 # rows stay in Parquet under the data path, so PHI never moves into the catalog database (which may
 # be a shared Postgres with other access rules) and file-level encryption covers all of it.
-_INLINED_TABLES = {"sync_state": 1000, "partition_loads": 1000}
+_INLINED_TABLES = {"sync_state": 1000, "partition_loads": 1000, "pending_partitions": 1000}
 
 
 class LakeNotFoundError(FileNotFoundError):
@@ -541,6 +541,58 @@ class Warehouse(ConfigurableResource):
             con.execute(
                 f"INSERT INTO {LAKE}.main.sync_state ({columns}) VALUES (?, ?, ?, ?)",
                 [stream, ts.astimezone(dt.UTC), _utcnow(), run_id],
+            )
+
+    def queue_changes(
+        self, stream: str, watermark: dt.datetime, pending: pl.DataFrame, *, run_id: str
+    ) -> int:
+        """Move ``stream``'s watermark and queue the partitions (``table_name``, ``partition_day``)
+        that hold changed records, in one transaction: a crash leaves either both or neither, so a
+        change seen is never forgotten and never looked for twice."""
+        if watermark.tzinfo is None:
+            raise ValueError("a watermark must be timezone-aware (UTC); got a naive datetime")
+        now = _utcnow()
+        staged = (
+            pending.select("table_name", "partition_day")
+            .unique()
+            .with_columns(
+                pl.lit(now, dtype=pl.Datetime("us", "UTC")).alias("queued_at"), pl.lit(run_id).alias("run_id")
+            )
+        )
+        columns = ", ".join(quote_ident(c) for c in SYNC_STATE)
+        with (
+            self.writer() as con,
+            _registered(con, "_incoming", staged),
+            _transaction(con, message=f"changes {stream}", extra={"run_id": run_id}),
+        ):
+            _insert_all(con, "pending_partitions", staged.columns)
+            con.execute(f"DELETE FROM {LAKE}.main.sync_state WHERE stream = ?", [stream])
+            con.execute(
+                f"INSERT INTO {LAKE}.main.sync_state ({columns}) VALUES (?, ?, ?, ?)",
+                [stream, watermark.astimezone(dt.UTC), now, run_id],
+            )
+        return staged.height
+
+    def pending_partitions(self) -> pl.DataFrame:
+        """Queued (table_name, partition_day) pairs not yet loaded since they were queued."""
+        return self.query(
+            f"SELECT table_name, partition_day, min(queued_at) AS queued_at FROM {LAKE}.main.pending_partitions"
+            " GROUP BY ALL ORDER BY partition_day, table_name"
+        )
+
+    def clear_pending(
+        self, table: str, days: Sequence[dt.date], *, loaded_since: dt.datetime, run_id: str
+    ) -> None:
+        """Forget the queued partitions of ``table`` on ``days`` queued before ``loaded_since`` (the
+        start of the load that covered them); anything queued later stays for the next load."""
+        with (
+            self.writer() as con,
+            _transaction(con, message=f"clear pending {table}", extra={"run_id": run_id}),
+        ):
+            con.execute(
+                f"DELETE FROM {LAKE}.main.pending_partitions WHERE table_name = ?"
+                " AND partition_day IN (SELECT unnest(?::DATE[])) AND queued_at < ?",
+                [table, list(days), loaded_since],
             )
 
     def replace_table(self, name: str, frame: pl.DataFrame, *, run_id: str) -> int:
