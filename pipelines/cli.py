@@ -5,18 +5,22 @@ editing a shared file beyond one line here.
 """
 
 import datetime as dt
+import warnings
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from pipelines.identity_cli import app as identity_app
+from pipelines.progress import progress_bar, sync_with_progress
 from pipelines.sql import sql as sql_command
 from sandbox.cli import app as sandbox_app
 
 if TYPE_CHECKING:  # dagster loads slowly; `redox-etl --help` should not wait for it
     from dagster import DagsterRun
+
+# Dagster marks BackfillPolicy as beta and says so on every import: noise for a command's user.
+warnings.filterwarnings("ignore", message=r".*is currently in beta.*")
 
 app = typer.Typer(
     name="redox-etl",
@@ -40,17 +44,6 @@ def _days(start: str | None, end: str | None, default_days: int) -> tuple[dt.dat
     return first, last
 
 
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        console=console,
-    )
-
-
 @app.command()
 def sync(
     start: Day = None,
@@ -61,25 +54,13 @@ def sync(
     from pipelines import runner, summary
 
     first, last = _days(start, end, days)
-    run = _sync_with_progress(first, last)
+    run = sync_with_progress(console, first, last)
     summary.print_summary(console, run_id=run.run_id)
     _fail_unless_success(run)
     # Older days where Redox changed records since they were loaded (queued by redox_changes).
     for changed_first, changed_last in runner.pending_ranges():
         console.print(f"Redox changed records on {changed_first}..{changed_last} since they were loaded:")
-        _fail_unless_success(_sync_with_progress(changed_first, changed_last))
-
-
-def _sync_with_progress(first: dt.date, last: dt.date) -> "DagsterRun":
-    from pipelines import runner
-
-    with _progress() as bar:
-        task = bar.add_task(f"sync {first}..{last}", total=None, status="")
-
-        def update(done: int, total: int, current: str) -> None:
-            bar.update(task, completed=done, total=total, status=current)
-
-        return runner.sync(first, last, on_progress=update)
+        _fail_unless_success(sync_with_progress(console, changed_first, changed_last))
 
 
 def _fail_unless_success(run: "DagsterRun") -> None:
@@ -97,7 +78,7 @@ def backfill(
     from pipelines import runner
 
     first, last = _days(start, end, 1)
-    with _progress() as bar:
+    with progress_bar(console) as bar:
         task = bar.add_task(f"backfill {first}..{last}", total=None, status="")
 
         def update(done: int, total: int, current: str) -> None:

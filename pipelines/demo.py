@@ -11,7 +11,8 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from pipelines import runner, summary
+from pipelines import summary
+from pipelines.progress import sync_with_progress
 from resources import settings
 from resources.warehouse import Warehouse
 
@@ -44,7 +45,7 @@ def run_demo(console: Console, *, days: int, patients: int) -> None:
 def _sync_and_show(console: Console, start: dt.date, end: dt.date) -> None:
     began = time.monotonic()
     console.print(f"Syncing {start} .. {end} from both Redox surfaces through Dagster...")
-    run = runner.sync(start, end)
+    run = sync_with_progress(console, start, end)
     console.print(f"Run {run.run_id} {run.status.value.lower()} in {time.monotonic() - began:.0f} s")
     summary.print_summary(console, run_id=run.run_id)
     warehouse = Warehouse()
