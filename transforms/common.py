@@ -21,9 +21,14 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.json as pa_json
 from polars.datatypes.classes import DataTypeClass
 
 from transforms import schema
+
+# polars annotates nested field dtypes as "a DataType instance or class" (its PolarsDataType).
+DType = pl.DataType | DataTypeClass
 
 NORMALIZED_EXTRA: Final[dict[str, pl.DataType]] = {
     "quarantine_reason": pl.String(),
@@ -225,7 +230,10 @@ def _decode_chunked(bodies: pl.Series, dtype: pl.DataType) -> pl.Series | None:
     for i, size in enumerate(sizes):
         acc += size
         if acc >= DECODE_CHUNK_BYTES or i == len(sizes) - 1:
-            part = _try_decode(bodies.slice(start, i + 1 - start), dtype)
+            chunk = bodies.slice(start, i + 1 - start)
+            part = _arrow_decode(chunk, dtype)
+            if part is None:
+                part = _try_decode(chunk, dtype)
             if part is None:
                 return None
             parts.append(part)
@@ -235,16 +243,86 @@ def _decode_chunked(bodies: pl.Series, dtype: pl.DataType) -> pl.Series | None:
     return pl.concat(parts) if len(parts) > 1 else parts[0]
 
 
+def _arrow_type(dtype: DType) -> pa.DataType | None:
+    """The Arrow type Arrow's JSON reader should produce for ``dtype``; None if not supported here."""
+    if isinstance(dtype, pl.Struct):
+        fields = [(f.name, _arrow_type(f.dtype)) for f in dtype.fields]
+        if any(t is None for _, t in fields):
+            return None
+        return pa.struct(fields)
+    if isinstance(dtype, pl.List):
+        inner = _arrow_type(dtype.inner)
+        return None if inner is None else pa.list_(inner)
+    for scalar, arrow in _ARROW_SCALARS:
+        if dtype == scalar:
+            return arrow
+    return None
+
+
+_ARROW_SCALARS: Final = (
+    (pl.String, pa.string()),
+    (pl.Float64, pa.float64()),
+    (pl.Int64, pa.int64()),
+    (pl.Boolean, pa.bool_()),
+)
+_JSON_SPACE: Final = " \t\r\n"
+
+
+def _arrow_decode(bodies: pl.Series, dtype: pl.DataType) -> pl.Series | None:
+    """``json_decode`` through Arrow's JSON reader, about half the CPU; None means "use polars".
+
+    Arrow is stricter than polars on every input measured (a number or boolean where a string is
+    expected, a scalar where a list is, duplicate keys, lone surrogates: Arrow refuses, polars
+    coerces; the one exception, NaN and Infinity, is screened out) and gives the same values on
+    what both accept, so falling back on a refusal keeps
+    polars' results exactly. Arrow reads a stream of JSON values: the bodies are handed over as
+    they lie in memory, back to back, one block, and the row count proves each body was exactly one
+    object. Every body must start with ``{``: a stream that starts with ``null`` crashes the reader.
+    """
+    arrow_type = _arrow_type(dtype)
+    if not isinstance(arrow_type, pa.StructType) or len(bodies) == 0:
+        return None
+
+    def braced(s: pl.Series) -> bool:
+        return bool((s.str.starts_with("{") & s.str.ends_with("}")).fill_null(False).all())
+
+    clean = bodies
+    if not braced(clean):
+        # JSON's own whitespace only: anything else around a value is invalid for polars too.
+        clean = bodies.str.strip_chars(_JSON_SPACE)
+        if not braced(clean):
+            return None
+    # Arrow's reader takes NaN and Infinity as numbers; they are not JSON, and polars refuses them.
+    if clean.str.contains("NaN|Inf").any():
+        return None
+    array = clean.to_arrow().cast(pa.large_string())
+    offsets = memoryview(array.buffers()[1]).cast("q")
+    first, last = offsets[array.offset], offsets[array.offset + len(array)]
+    text = array.buffers()[2].slice(first, last - first)
+    try:
+        table = pa_json.read_json(
+            pa.BufferReader(text),
+            read_options=pa_json.ReadOptions(block_size=len(text) + 1, use_threads=False),
+            parse_options=pa_json.ParseOptions(
+                explicit_schema=pa.schema(list(arrow_type)), unexpected_field_behavior="ignore"
+            ),
+        )
+    except (pa.ArrowException, ValueError):
+        return None
+    if table.num_rows != len(bodies):
+        return None
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    out = frame.to_struct(bodies.name)
+    return out if out.dtype == dtype else None
+
+
 def _try_decode(bodies: pl.Series, dtype: pl.DataType) -> pl.Series | None:
     try:
         out = bodies.str.json_decode(dtype)
     except pl.exceptions.PolarsError:
         return None
     return out if len(out) == len(bodies) else None
-
-
-# polars annotates nested field dtypes as "a DataType instance or class" (its PolarsDataType).
-DType = pl.DataType | DataTypeClass
 
 
 def string_keys(dtype: pl.DataType) -> list[str]:

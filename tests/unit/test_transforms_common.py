@@ -100,6 +100,80 @@ def test_suspect_pages_take_the_repair_path() -> None:
     assert entry[common.RECORD_ERROR] == "id: wrong JSON type"
 
 
+# --- the Arrow fast path: never a different answer from polars, only a cheaper one ---------------
+
+ARROW_DTYPE = pl.Struct(
+    {
+        "s": pl.String(),
+        "f": pl.Float64(),
+        "l": pl.List(pl.String()),
+        "st": pl.Struct({"a": pl.String(), "n": pl.List(pl.Struct({"v": pl.Float64()}))}),
+    }
+)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        '{"s": 12}',
+        '{"s": true}',
+        '{"f": true}',
+        '{"l": "x"}',
+        '{"l": [1]}',
+        '{"st": {"a": 1}}',
+        '{"s": "a", "s": "b"}',
+        '{"s": "\\ud83d"}',
+        '{"f": NaN}',
+        '{"f": -Infinity}',
+        '{"s": "x", "ignored": Inf}',
+        "null",
+        " [1] ",
+        '"x"',
+        '{"s": "a"} {"s": "b"}',
+        '{"s": "a"},{"s": "b"}',
+        '{"s": "a"} null {"s": "b"}',
+        "{bad",
+        "",
+    ],
+)
+def test_arrow_decode_refuses_what_polars_coerces_or_splits(body: str) -> None:
+    assert common._arrow_decode(pl.Series(['{"s": "ok"}', body], dtype=pl.String), ARROW_DTYPE) is None
+
+
+def test_arrow_decode_equals_polars_on_what_it_accepts() -> None:
+    bodies = pl.Series(
+        [
+            '{"s": "x", "f": 3, "l": ["a", "b"], "st": {"a": "y", "n": [{"v": 1.5}, {"v": null}]}}',
+            '  {"s": "caf\\u00e9 \\ud83d\\ude00", "f": -0.0, "extra": {"s": 1, "deep": [1, {}]}}\n',
+            '{"f": 1e-320, "l": [], "st": null}',
+            '{"f": 0.30000000000000004, "l": null, "st": {"n": []}}',
+            "{}",
+        ],
+        dtype=pl.String,
+    )
+    fast = common._arrow_decode(bodies, ARROW_DTYPE)
+    assert fast is not None and fast.dtype == ARROW_DTYPE
+    assert fast.to_list() == bodies.str.strip_chars().str.json_decode(ARROW_DTYPE).to_list()
+
+
+def test_robust_decode_gives_the_same_pages_with_or_without_arrow(monkeypatch: pytest.MonkeyPatch) -> None:
+    dtype = fhir._page_dtype("encounters")
+    good = {"resourceType": "Bundle", "entry": [{"resource": {"resourceType": "Encounter", "id": "a"}}]}
+    chunks = [
+        [json.dumps(good), json.dumps(good, indent=2)],
+        [json.dumps(good), '{"resourceType": "Bundle", "entry": [{"resource": {"id": 7}}]}', "null"],
+        ['{"resourceType":"Bundle"},{"x":1}', json.dumps(good)],
+    ]
+    regex = common.non_string_regex(common.string_keys(dtype))
+    for chunk in chunks:
+        bodies = pl.Series(chunk, dtype=pl.String)
+        with_arrow = common.robust_decode(bodies, dtype, fhir._repairer("encounters"), suspect=regex)
+        with monkeypatch.context() as patch:
+            patch.setattr(common, "_arrow_decode", lambda _bodies, _dtype: None)
+            without = common.robust_decode(bodies, dtype, fhir._repairer("encounters"), suspect=regex)
+        assert with_arrow.to_list() == without.to_list()
+
+
 def test_string_keys_exclude_names_that_are_numbers_somewhere() -> None:
     keys = common.string_keys(fhir._page_dtype("results"))
     assert "status" in keys and "id" in keys
