@@ -157,7 +157,23 @@ def fail_orphaned_runs(inst: dg.DagsterInstance) -> int:
     )
     for run in orphans:
         inst.report_run_failed(run, message="worker gone: its redox-etl backfill was interrupted")
-    return len(orphans)
+        # A killed run never gives back the `warehouse` pool slot it held: with a limit of 1, every
+        # later load would wait on it forever.
+        inst.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+    # Runs the dead backfill had queued but not started: the resumed backfill requests its own, and
+    # these would otherwise start later and hold a run slot for work already re-planned.
+    queued = inst.get_runs(
+        RunsFilter(
+            statuses=[DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED],
+            tags={BACKFILL_KIND[0]: BACKFILL_KIND[1]},
+        )
+    )
+    for run in queued:
+        inst.report_run_canceled(
+            run, message="its redox-etl backfill was interrupted; the resumed one re-plans it"
+        )
+        inst.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+    return len(orphans) + len(queued)
 
 
 def _cancel_open_backfills(inst: dg.DagsterInstance) -> None:
