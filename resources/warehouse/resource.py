@@ -575,10 +575,15 @@ class Warehouse(ConfigurableResource):
 
     def pending_partitions(self) -> pl.DataFrame:
         """Queued (table_name, partition_day) pairs not yet loaded since they were queued."""
-        return self.query(
-            f"SELECT table_name, partition_day, min(queued_at) AS queued_at FROM {LAKE}.main.pending_partitions"
-            " GROUP BY ALL ORDER BY partition_day, table_name"
-        )
+        with contextlib.closing(self._open(read_only=True)) as con:
+            if not _table_exists(con, "pending_partitions"):  # a lake from before the queue existed
+                return pl.DataFrame(
+                    schema={"table_name": pl.String(), "partition_day": pl.Date(), "queued_at": UTC_TS}
+                )
+            return con.execute(
+                f"SELECT table_name, partition_day, min(queued_at) AS queued_at FROM {LAKE}.main.pending_partitions"
+                " GROUP BY ALL ORDER BY partition_day, table_name"
+            ).pl()
 
     def clear_pending(
         self, table: str, days: Sequence[dt.date], *, loaded_since: dt.datetime, run_id: str
