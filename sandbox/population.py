@@ -1862,12 +1862,17 @@ def _owners(picks: list[tuple[Surface, str]]) -> pl.DataFrame:
     )
 
 
-def build(config: PopulationConfig) -> World:
-    """Generate the world ``config`` describes, with every record in its store."""
+def build(config: PopulationConfig, *, index: bool = True) -> World:
+    """Generate the world ``config`` describes, with every record in its store.
+
+    ``index=False`` leaves the store's query indexes to be built later (``world.store.refresh()``,
+    or each table on its first query): a server can then listen sooner and build them meanwhile.
+    """
     world = World(config)
     with _no_gc():
         world._build()
-        world.store.refresh()
+        if index:
+            world.store.refresh()
         # The world lives as long as the process serves it: move it out of the collector's sight,
         # or the first full collection after building walks all of it (~0.3 s at 10k persons), and
         # so does every later one.

@@ -46,7 +46,7 @@ class Running:
     process: subprocess.Popen[bytes] | None = None
 
 
-def build_world(options: SandboxOptions) -> WorldLike:
+def build_world(options: SandboxOptions, *, index: bool = True) -> WorldLike:
     from sandbox.population import PopulationConfig, build
 
     return build(
@@ -56,7 +56,8 @@ def build_world(options: SandboxOptions) -> WorldLike:
             start=options.start,
             end=options.end,
             fhir_tz=options.fhir_tz,
-        )
+        ),
+        index=index,
     )
 
 
@@ -130,14 +131,20 @@ def serve_forever(
     state_dir: Path,
     announce: Callable[[str], None] = print,
 ) -> None:
-    """The CLI's server: build the world, bind, write credentials once listening, run until signalled."""
-    world = build_world(options)
+    """The CLI's server: build the world, bind, write credentials once listening, run until signalled.
+
+    The store's query indexes (about a fifth of a large world's start) are built in a thread once
+    the server listens, while clients fetch tokens; a search that comes first waits for them on the
+    store's lock, and reads by id never need them.
+    """
+    world = build_world(options, index=False)
     sock = bind(host, port)
     sandbox = Sandbox(world, options, base_url=base_url_for(sock))
 
     def started() -> None:
         write_credentials(state_dir, sandbox.credentials())
         announce(f"Redox sandbox listening on {sandbox.base_url}")
+        threading.Thread(target=world.store.refresh, name="redox-sandbox-index", daemon=True).start()
 
     _Server(_uvicorn_config(sandbox), started).run(sockets=[sock])
 
