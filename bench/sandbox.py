@@ -85,6 +85,13 @@ def _client(args: tuple[str, str, list[str], int, float, int]) -> tuple[int, int
     return pages, size
 
 
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far. Unlike wall time it hardly moves with
+    the machine's load, so it says whether startup itself got cheaper."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _days(credentials: dict[str, Any], n: int) -> list[str]:
     """Days with data: the most recent ``n`` days before the sandbox clock."""
     stats = httpx.get(f"{credentials['base_url']}/sandbox/stats").json()
@@ -108,6 +115,7 @@ def main(argv: list[str]) -> int:
     command = "uv run --frozen python -m bench sandbox " + " ".join(argv)
     print(f"# {command}".rstrip())
     startups: list[float] = []
+    cpus: list[float] = []
     throughputs: list[float] = []
     sizes: list[float] = []
     # Other work on the machine moves these figures a lot; the 1-minute load average is recorded.
@@ -121,6 +129,8 @@ def main(argv: list[str]) -> int:
         ) as running:
             startup = time.perf_counter() - began
             startups.append(startup)
+            assert running.process is not None
+            cpus.append(_cpu_seconds(running.process.pid))
             credentials = running.credentials
             token = _token(credentials)
             days = _days(credentials, args.days)
@@ -139,12 +149,12 @@ def main(argv: list[str]) -> int:
             sizes.append(sum(s for _, s in results) / max(pages, 1) / 1024)
             loads.append(max(load, os.getloadavg()[0]))
             print(
-                f"run {run + 1}: startup {startup:.2f} s, {pages} pages in {elapsed:.1f} s = "
+                f"run {run + 1}: startup {startup:.2f} s ({cpus[-1]:.2f} s CPU), {pages} pages in {elapsed:.1f} s = "
                 f"{pages / elapsed:.0f} pages/s ({sizes[-1]:.0f} KiB/page, load average {loads[-1]:.1f})"
             )
     startup_median = statistics.median(startups)
     pages_median = statistics.median(throughputs)
-    print(f"startup median {startup_median:.2f} s (target < 10 s)")
+    print(f"startup median {startup_median:.2f} s, {statistics.median(cpus):.2f} s CPU (target < 10 s)")
     print(f"throughput median {pages_median:.0f} pages/s (target >= 500)")
     if args.write:
         _write_docs(
@@ -156,6 +166,7 @@ def main(argv: list[str]) -> int:
             startups,
             throughputs,
             loads,
+            cpus,
         )
     return 0
 
@@ -169,6 +180,7 @@ def _write_docs(
     startups: list[float],
     throughputs: list[float],
     loads: list[float],
+    cpus: list[float],
 ) -> None:
     section = "\n".join(
         [
@@ -187,6 +199,9 @@ def _write_docs(
             f"| startup at {args.patients:,} patients (spawn to credentials.json) | {startup:.2f} s | "
             + ", ".join(f"{s:.2f}" for s in startups)
             + " | < 10 s |",
+            f"| server CPU time at startup (user + system, same runs) | {statistics.median(cpus):.2f} s | "
+            + ", ".join(f"{c:.2f}" for c in cpus)
+            + " | |",
             f"| FHIR search pages/s ({args.clients} client processes, _count={args.count}, "
             f"~{kib:.0f} KiB/page, rate limit off) | {pages:.0f} | "
             + ", ".join(f"{t:.0f}" for t in throughputs)
@@ -194,6 +209,10 @@ def _write_docs(
             "",
             "The server runs in its own process; clients walk Encounter/Observation/Appointment day-window",
             "searches over keep-alive connections and follow every next link (see bench/sandbox.py).",
+            "Startup ends when credentials.json is written, with the server listening and the world built;",
+            "the store's query indexes are then built in a background thread (a search that arrives first",
+            "waits for them). Wall time grows with the machine's load (2 CPUs shared with other work),",
+            "CPU time much less, so both are shown.",
             "",
         ]
     )
