@@ -81,7 +81,12 @@ def sync(
         "dagster/asset_partition_range_end": keys[-1],
         RANGE_TAG: f"{keys[0]}..{keys[-1]}",
     }
-    run_config = {"ops": {name: {"config": {"refetch": refetch}} for name in _extract_names()}}
+    run_config = {
+        "ops": {name: {"config": {"refetch": refetch}} for name in _extract_names()},
+        # The command shows a progress bar and a summary; every step's events stay in the instance
+        # (`make ui`), so the console only needs what went wrong.
+        "loggers": {"console": {"config": {"log_level": "WARNING"}}},
+    }
     result: dict[str, dg.DagsterRun] = {}
 
     def execute() -> None:

@@ -1536,9 +1536,18 @@ def resolve(
     left, right = split_surfaces(current, surfaces)
     sides = current.group_by("source_surface").len()
     both = sides.filter(pl.col("source_surface").is_in(list(surfaces))).height == 2
-    if both:
-        if model is None:
+    if both and model is None:
+        try:
             model = train_model(left, right, seed=seed, threads=threads, memory_limit=memory_limit)
+        except IdentityError:
+            # Too few records for EM to estimate anything (a first sync of a day or two). Shared
+            # identifiers still link; the next run, with more records, trains again.
+            _log.warning(
+                "identity: %d record(s) are too few to train the match model; linking on shared "
+                "identifiers only this run",
+                current.height,
+            )
+    if both and model is not None:
         scored = score_pairs(left, right, model, threads=threads, memory_limit=memory_limit)
     else:
         # One surface only (e.g. the first sync of one of them): nothing to link yet, every record

@@ -446,3 +446,17 @@ def test_one_surface_only_makes_singletons() -> None:
     result = idn.resolve(pats, now=NOW)
     assert result.model is None and result.links.height == 0
     assert result.crosswalk["person_key"].n_unique() == 2
+
+
+def test_too_few_records_to_train_still_link_on_identifiers() -> None:
+    shared = [{"system": ENT, "value": "E1"}]
+    pats = frame(
+        patient("fhir", "f1", given_name="Ann", family_name="Lee", identifiers=shared),
+        patient("datamodel", "d1", given_name="Ann", family_name="Lee", identifiers=shared),
+        patient("datamodel", "d2", given_name="Bo", family_name="Ng"),
+    )
+    # Three records give EM nothing to estimate: a first sync of one day must not fail on it.
+    result = idn.resolve(pats, now=NOW)
+    assert result.model is None
+    assert result.links.select("method").to_series().to_list() == [f"identifier:{ENT}"]
+    assert result.crosswalk["person_key"].n_unique() == 2
