@@ -10,8 +10,9 @@ Invariants kept:
   unreadable page, before dedupe; entries of other resource types (OperationOutcome search
   warnings, _include'd resources) are skipped and counted by ``count_entries`` as ``skipped``. So
   ``count_entries(pages).records == good + sum(duplicates) + quarantined`` for every batch;
-- the fast path decodes every page in one vectorized ``str.json_decode`` with a dtype that covers
-  only the fields used; Python touches only pages that fail it (see ``common.robust_decode``);
+- the fast path decodes pages a few megabytes at a time with one dtype that covers only the fields
+  used (Arrow's JSON reader, or polars' ``json_decode`` where Arrow refuses, with the same result);
+  Python touches only pages that fail both (see ``common.robust_decode``);
 - no PHI in reasons: they name FHIR element paths.
 """
 
