@@ -76,7 +76,10 @@ def parse_utc(text: pl.Expr) -> pl.Expr:
         "UTC"
     )
     day = _partial_date(s)
-    return pl.coalesce(with_offset, naive, day.cast(schema.UTC_TS))
+    parsed = pl.coalesce(with_offset, naive, day.cast(schema.UTC_TS))
+    # chrono reads "0000" as proleptic year 0, which neither FHIR (0001-9999) nor ISO 8601 dates
+    # in the Data Model allow: a record dated in it is broken, not ancient.
+    return pl.when(parsed.dt.year() >= 1).then(parsed)
 
 
 def _partial_date(s: pl.Expr) -> pl.Expr:
@@ -94,9 +97,8 @@ def parse_birth_date(text: pl.Expr) -> pl.Expr:
     create false exact matches in identity resolution, so the column stays null (not quarantined).
     """
     s = text.str.strip_chars()
-    return pl.when(s.str.contains(r"^\d{4}-\d{2}-\d{2}(?:T.*)?$")).then(
-        s.str.slice(0, 10).str.to_date("%Y-%m-%d", strict=False)
-    )
+    parsed = s.str.slice(0, 10).str.to_date("%Y-%m-%d", strict=False)
+    return pl.when(s.str.contains(r"^\d{4}-\d{2}-\d{2}(?:T.*)?$") & (parsed.dt.year() >= 1)).then(parsed)
 
 
 def birth_date_unparseable(text: pl.Expr, parsed: pl.Expr) -> pl.Expr:
@@ -370,7 +372,9 @@ def load_json(body: str | None) -> tuple[Any, str | None]:
     if body is None or not body.strip():
         return None, "page: empty body"
     try:
-        return json.loads(body), None
+        # NaN and Infinity are not JSON; kept as their text, a number field holding one is a type
+        # mismatch of that one record, not a reason to lose its whole page.
+        return json.loads(body, parse_constant=str), None
     except (ValueError, RecursionError):
         return None, "page: invalid JSON"
 

@@ -236,12 +236,11 @@ FHIR_CASES: dict[str, tuple[str, str, str]] = {
         json.dumps({"resourceType": "Bundle", "entry": {"resource": FHIR_GOOD["patients"]}}),
         "page: Bundle.entry is not a list",
     ),
-    # Python's json reads NaN, JSON does not: the page is read record by record, and the page's
-    # records are quarantined (see test_fhir_nan_spares_its_page_mates for the cost).
+    # NaN is not JSON: the page is read record by record and the one field holding it is named.
     "nan-literal": (
         "results",
         bundle(fhir_record("results", "r-nan")).replace("5.1", "NaN"),
-        "(record): wrong JSON type",
+        "valueQuantity.value: wrong JSON type",
     ),
     # entries that are not resources
     "entry-null": (
@@ -344,11 +343,6 @@ FHIR_CASES: dict[str, tuple[str, str, str]] = {
 
 # Year 0 does not exist in FHIR's date grammar (years are 0001-9999) nor in the proleptic calendar
 # the Data Model's ISO 8601 dates use; a record dated in it is broken, not ancient.
-YEAR_ZERO_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="transforms/common.py parse_utc and parse_birth_date accept year 0000 (chrono's proleptic "
-    "year 0), so a record dated 0000-... is loaded as good instead of quarantined",
-)
 FHIR_YEAR_ZERO: dict[str, tuple[str, str, str]] = {
     "birth-year-0": (
         "patients",
@@ -382,12 +376,6 @@ def test_fhir_bad_input_is_one_quarantine_row(entity: str, body: str, reason: st
     _fhir_case(entity, body, reason)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="common.load_json uses json.loads, which accepts NaN/Infinity; the repaired page still fails "
-    "polars' decode, so repair(generic=True) quarantines every record of the page as '(record): wrong "
-    "JSON type' instead of the one record holding NaN",
-)
 def test_fhir_nan_spares_its_page_mates() -> None:
     body = bundle(fhir_record("results", "fine-2"), fhir_record("results", "r-nan"))
     nan = body[::-1].replace("5.1"[::-1], "NaN"[::-1], 1)[::-1]  # only the last record's value
@@ -396,7 +384,6 @@ def test_fhir_nan_spares_its_page_mates() -> None:
     assert_quarantined(out, "valueQuantity.value")
 
 
-@YEAR_ZERO_XFAIL
 @pytest.mark.parametrize(
     ("entity", "body", "reason"), list(FHIR_YEAR_ZERO.values()), ids=list(FHIR_YEAR_ZERO)
 )
@@ -584,7 +571,6 @@ def test_datamodel_bad_input_is_quarantined(entity: str, body: str, reason: str,
     _dm_case(entity, body, reason, rows)
 
 
-@YEAR_ZERO_XFAIL
 @pytest.mark.parametrize(
     ("entity", "body", "reason", "rows"), list(DM_YEAR_ZERO.values()), ids=list(DM_YEAR_ZERO)
 )
