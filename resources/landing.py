@@ -80,7 +80,7 @@ class LandingZone:
         extra: dict[str, int | str | None] | None = None,
     ) -> Manifest:
         folder = self.folder(surface, stream, partition)
-        folder.mkdir(parents=True, exist_ok=True)
+        _private_dirs(folder)
         digest = hashlib.sha256()
         for page in pages:
             digest.update(hashlib.sha256(page.body).digest())
@@ -137,6 +137,14 @@ class LandingZone:
         if not frames:
             return pl.LazyFrame(schema={"raw_ref": pl.String(), "body": pl.String()})
         return pl.concat(frames)
+
+
+def _private_dirs(folder: Path) -> None:
+    """Create ``folder`` and any missing parent owner-only: raw pages are patient data (mkdir's
+    mode applies to the leaf only, so each missing level is made here)."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    for path in reversed(missing):
+        path.mkdir(mode=0o700, exist_ok=True)
 
 
 def _atomic_write(path: Path, write: WriteFn) -> None:

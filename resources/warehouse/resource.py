@@ -59,8 +59,10 @@ LOCK_FILE = ".writer.lock"
 
 # Bookkeeping tables hold a row or two per write. Inlining them into the catalog spares a tiny Parquet
 # file (plus a delete file) per watermark update. Tables with patient data are never inlined: their
-# rows stay in Parquet under the data path, so PHI never moves into the catalog database (which may
-# be a shared Postgres with other access rules) and file-level encryption covers all of it.
+# rows stay in Parquet under the data path. The catalog still holds PHI-derived values, though:
+# DuckLake keeps each data file's per-column min/max statistics there (ducklake_file_column_stats),
+# e.g. the smallest and largest family name in a file. So the catalog is protected as the data is
+# (owner-only file; for Postgres, the same access rules as the lake), see docs/operations.md.
 _INLINED_TABLES = {"sync_state": 1000, "partition_loads": 1000, "pending_partitions": 1000}
 
 
@@ -270,6 +272,8 @@ class Warehouse(ConfigurableResource):
                     options.append(f"META_JOURNAL_MODE '{_q(self.sqlite_journal_mode)}'")
                     Path(spec.target).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             con.execute(f"ATTACH '{_q(spec.attach_uri)}' AS {LAKE} ({', '.join(options)})")
+            if spec.kind == "sqlite" and not read_only:
+                _owner_only(Path(spec.target))
         except BaseException:
             con.close()
             raise
@@ -901,3 +905,11 @@ def _table_exists(con: duckdb.DuckDBPyConnection, table: str) -> bool:
         [LAKE, table],
     ).fetchone()
     return bool(row and row[0])
+
+
+def _owner_only(catalog: Path) -> None:
+    """The SQLite catalog and its WAL files, owner-only: they hold per-file column statistics."""
+    for path in (catalog, catalog.with_name(catalog.name + "-wal"), catalog.with_name(catalog.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_mode & 0o077:
+                path.chmod(0o600)
