@@ -10,6 +10,7 @@ Everything the runs left behind is then scanned for the sandbox's own values (fr
   asset materialization and check metadata, and the exception text of failed steps;
 - every log record emitted in the process (a root handler at DEBUG, traceback included) and
   everything written to the process's stdout and stderr file descriptors;
+- the lake's audit and bookkeeping tables (api_calls, sync_state, partition_loads, ...);
 - every file under the temp root (DAGSTER_HOME with its SQLite event storage and compute logs,
   REDOX_ETL_HOME with the rate budget and the lake's catalog) EXCEPT the lake's data files
   (``lake/data``: the Parquet tables, and ``lake/raw``: the landed pages), which hold patient data
@@ -27,6 +28,7 @@ private-key header. A failure names the kind of value and where it was found, ne
 import contextlib
 import dataclasses
 import datetime as dt
+import json
 import logging
 import os
 import re
@@ -40,12 +42,14 @@ import dagster as dg
 import polars as pl
 import pytest
 from dagster._serdes import serialize_value
+from filelock import FileLock
 
+from resources.warehouse import Warehouse
 from sandbox.faults import FaultSpec
 from tests.reliability.sync_harness import SyncEnv, materialize, sync_env
+from transforms.schema import WAREHOUSE_TABLES
 
-# One module-scoped sync feeds every test here: keep them on one xdist worker.
-pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.xdist_group("phi-leaks")]
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
 
 PATIENTS = 80
 FAULTS = "malformed=0.3,dup=0.05"
@@ -152,6 +156,18 @@ def _scan_results(results: list[dg.ExecuteInProcessResult], findings: Findings) 
             )
 
 
+def _scan_bookkeeping(findings: Findings) -> None:
+    """The lake's audit and bookkeeping tables are shown as run metadata and in docs: unlike the
+    clinical tables, quarantine and identity outputs, they must hold no patient value."""
+    warehouse = Warehouse()
+    present = set(
+        warehouse.query("SELECT table_name FROM duckdb_tables() WHERE database_name = 'lake'")["table_name"]
+    )
+    for table in sorted({"api_calls", "sync_state", *WAREHOUSE_TABLES} & present):
+        rows = warehouse.query(f"SELECT * FROM {table}")
+        findings.scan(f"lake table {table}", rows.write_csv(), counted_as="bookkeeping tables")
+
+
 def _window_days(env: SyncEnv) -> set[dt.date]:
     # Partition keys, timestamps of the run and the sandbox's clock: dates a run may name freely.
     start = env.first - dt.timedelta(days=2)
@@ -207,16 +223,20 @@ def _captured_logs() -> Iterator[_Keep]:
 
 @dataclasses.dataclass
 class Scan:
-    outside: Findings
-    catalog: Findings
+    """What the scan found: places and kinds only, never a value (it is shared between workers)."""
+
+    outside: list[str]
+    catalog: list[str]
+    scanned: dict[str, int]
+    # Kinds whose needles found their own sample in a log-shaped line (the scan can see a leak).
+    kinds_checked: list[str]
+    kinds: list[str]
     credentials_mode: int
     skipped_births: int
 
 
-@pytest.fixture(scope="module")
-def scan(tmp_path_factory: pytest.TempPathFactory) -> Scan:
+def _run_scan(root: Path) -> Scan:
     """One sync and one failed run, then every trace they left, scanned."""
-    root = tmp_path_factory.mktemp("phi")
     with (
         pytest.MonkeyPatch.context() as monkeypatch,
         _captured_fds(root / "captured") as fds,
@@ -246,6 +266,7 @@ def scan(tmp_path_factory: pytest.TempPathFactory) -> Scan:
         outside, catalog = Findings(needles), Findings(needles)
         _scan_runs(env, outside)
         _scan_results([synced, failed], outside)
+        _scan_bookkeeping(outside)
     _scan_files(env, outside, catalog)
     assert len(logs.lines) > 100, "the log capture saw almost nothing"
     outside.scan("log records", "\n".join(logs.lines), counted_as="log records")
@@ -253,30 +274,54 @@ def scan(tmp_path_factory: pytest.TempPathFactory) -> Scan:
         outside.scan(
             f"{'stdout' if fd == 1 else 'stderr'} of the process", path.read_bytes(), counted_as="output"
         )
-    mode = stat.S_IMODE(env.running.credentials_path.stat().st_mode)
-    return Scan(outside, catalog, mode, needles.skipped_births)
+    checked = [
+        kind
+        for kind, sample in needles.samples.items()
+        if needles.find(f"2026-11-21 INFO loaded '{sample}' for step x".encode())[kind] == 1
+    ]
+    return Scan(
+        outside=sorted(set(outside.hits)),
+        catalog=sorted(set(catalog.hits)),
+        scanned=dict(outside.scanned + catalog.scanned),
+        kinds_checked=checked,
+        kinds=list(needles.samples),
+        credentials_mode=stat.S_IMODE(env.running.credentials_path.stat().st_mode),
+        skipped_births=needles.skipped_births,
+    )
+
+
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory: pytest.TempPathFactory) -> Scan:
+    """The scan, made once per test session. pytest-xdist may place this module's tests on
+    different workers (its xdist_group marks do not take effect with the pytest in the lock), so
+    workers share one result through a file in the session's base temp folder, under a lock."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        return _run_scan(tmp_path_factory.mktemp("phi"))
+    shared = tmp_path_factory.getbasetemp().parent / "phi-leaks-scan.json"
+    with FileLock(f"{shared}.lock"):
+        if shared.exists():
+            return Scan(**json.loads(shared.read_text()))
+        result = _run_scan(tmp_path_factory.mktemp("phi"))
+        shared.write_text(json.dumps(dataclasses.asdict(result)))
+        return result
 
 
 def test_the_scan_would_see_a_leak(scan: Scan) -> None:
-    """Each kind of needle finds its own values in text shaped like a log line, or a clean scan
-    would prove nothing."""
-    needles = scan.outside.needles
-    for kind, sample in needles.samples.items():
-        assert needles.find(f"2026-11-21 INFO loaded '{sample}' for step x".encode())[kind] == 1, kind
-    assert scan.outside.scanned["events"] > 100 and scan.outside.scanned["files"] > 5, scan.outside.scanned
-    assert scan.outside.scanned["exceptions"] >= 1, "the failed run left no step failure to scan"
-    assert scan.outside.scanned["log records"] == 1 and scan.catalog.scanned["catalog"] >= 1
+    """Each kind of needle finds its own values in text shaped like a log line, and the scan had
+    something to look at, or a clean result would prove nothing."""
+    assert scan.kinds_checked == scan.kinds
+    assert scan.scanned["events"] > 100 and scan.scanned["files"] > 5, scan.scanned
+    assert scan.scanned["exceptions"] >= 1, "the failed run left no step failure to scan"
+    assert scan.scanned["log records"] == 1 and scan.scanned["catalog"] >= 1, scan.scanned
+    assert scan.scanned["bookkeeping tables"] >= 3, scan.scanned
 
 
 def test_no_patient_value_or_key_outside_the_lake(scan: Scan) -> None:
     # The secret file is left out of the scan because it IS the secret; it must be owner-only.
     assert scan.credentials_mode == 0o600, f"credentials.json has mode {oct(scan.credentials_mode)}"
-    print(
-        f"scanned {dict(scan.outside.scanned)}; birth dates inside the window skipped: {scan.skipped_births}"
-    )
-    assert not scan.outside.hits, "patient values or key material outside the lake:\n" + "\n".join(
-        sorted(set(scan.outside.hits))
-    )
+    print(f"scanned {scan.scanned}; birth dates inside the window skipped: {scan.skipped_births}")
+    assert not scan.outside, "patient values or key material outside the lake:\n" + "\n".join(scan.outside)
 
 
 @pytest.mark.xfail(
@@ -288,6 +333,4 @@ def test_no_patient_value_or_key_outside_the_lake(scan: Scan) -> None:
     "catalog database'",
 )
 def test_the_lake_catalog_holds_no_patient_values(scan: Scan) -> None:
-    assert not scan.catalog.hits, "patient values in the lake catalog:\n" + "\n".join(
-        sorted(set(scan.catalog.hits))
-    )
+    assert not scan.catalog, "patient values in the lake catalog:\n" + "\n".join(scan.catalog)
