@@ -217,6 +217,8 @@ def test_eight_analysts_query_while_a_real_sync_writes(
     for result in results:
         assert result["error_count"] == 0, result["errors"]
         assert result["violation_count"] == 0, result["violations"]
-        assert result["queries"] >= 15, result
+        # The sync takes 15 s on an idle machine and minutes on a busy one: the floor is what an
+        # idle run leaves (one query per 1-2 s of think time), the snapshots count is the real proof.
+        assert result["queries"] >= 8, result
         assert result["snapshots"] >= 3, result  # it watched the sync's commits land
         assert result["last_counts"] == {t: final[t] for t in CLINICAL}, (result["last_counts"], final)
