@@ -8,6 +8,7 @@ import stat
 import time
 import zipfile
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -162,10 +163,16 @@ def test_malformed_breaks_exactly_one_record_per_page(bearer: Bearer) -> None:
         ).json()
         from redox.scheduling import BookedResponse
 
-        with pytest.raises(ValidationError):
-            BookedResponse.model_validate(dm)
         named = httpx.get(f"{running.base_url}/sandbox/stats").json()["malformed"][-1]
         assert named["surface"] == "datamodel" and named["resource"] == "Booking"
+        if named["mode"] == "bad-date":
+            # The redox models type VisitDateTime as a plain string, so only parsing it shows the break.
+            (visit,) = [v for v in dm["Visits"] if v.get("VisitNumber") == named["source_id"]]
+            with pytest.raises(ValueError):
+                datetime.fromisoformat(visit["VisitDateTime"])
+        else:
+            with pytest.raises(ValidationError):
+                BookedResponse.model_validate(dm)
         served = {v["VisitNumber"] for v in dm["Visits"] if "VisitNumber" in v}
         expected = {v.record.source_id for v in running.world.store.query("appointments", "datamodel")}
         # A missing-required break removes the id from the wire; the sandbox still names the record.

@@ -102,7 +102,8 @@ def test_healthy_lake_passes_every_check_and_counts_what_it_saw(synced: Synced) 
         assert _count(evaluations[(table, "keys_unique")], "row_count") == rows
         assert _count(evaluations[(table, "timestamps_utc")], "row_count") == rows
         assert _count(evaluations[(table, "fresh")], "days_loaded") == 2
-    fhir = evaluations[("fhir_results", "bundle_totals")]
+    # Appointments: a two-day window of this small population can hold no FHIR results at all.
+    fhir = evaluations[("fhir_appointments", "bundle_totals")]
     assert _count(fhir, "days_checked") == 2
     assert _count(fhir, "entries") == _count(fhir, "bundle_total") > 0
 
@@ -184,33 +185,33 @@ def test_naive_timestamp_column_fails_timestamps_utc_as_error(synced: Synced) ->
 def test_wrong_manifest_total_fails_bundle_totals(synced: Synced) -> None:
     zone = LandingResource().zone()
     folder = f"day={synced.last.isoformat()}"
-    path = zone.folder("fhir", "results", folder) / "manifest.json"
+    path = zone.folder("fhir", "appointments", folder) / "manifest.json"
     manifest = json.loads(path.read_text())
     manifest["extra"]["bundle_total"] = int(manifest["extra"]["bundle_total"]) + 3
     path.write_text(json.dumps(manifest))
-    evaluation = _run_checks(synced)[("fhir_results", "bundle_totals")]
+    evaluation = _run_checks(synced)[("fhir_appointments", "bundle_totals")]
     assert not evaluation.passed
     assert evaluation.severity == dg.AssetCheckSeverity.ERROR
     assert _count(evaluation, "mismatched_days") == 1
     assert _count(evaluation, "mismatched_partitions") == synced.last.isoformat()
     assert _count(evaluation, "bundle_total") == _count(evaluation, "entries") + 3
 
-    # Blocking: a sync that keeps the landed day (no refetch) must not load results from it.
+    # Blocking: a sync that keeps the landed day (no refetch) must not load appointments from it.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = dg.materialize(
             [*all_assets, *all_checks],
-            selection=dg.AssetSelection.assets("fhir_results", "results"),
+            selection=dg.AssetSelection.assets("fhir_appointments", "appointments"),
             resources=all_resources(),
             instance=synced.instance,
             tags=dict(zip(RANGE_TAGS, (synced.first.isoformat(), synced.last.isoformat()), strict=True)),
-            run_config={"ops": {"fhir_results": {"config": {"refetch": False}}}},
+            run_config={"ops": {"fhir_appointments": {"config": {"refetch": False}}}},
             raise_on_error=False,
         )
     assert not result.success
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
-    assert materialized == {"fhir_results"}
-    assert not _evaluations(result)[("fhir_results", "bundle_totals")].passed
+    assert materialized == {"fhir_appointments"}
+    assert not _evaluations(result)[("fhir_appointments", "bundle_totals")].passed
 
 
 def test_stale_lake_fails_fresh(synced: Synced) -> None:
