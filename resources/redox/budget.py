@@ -23,12 +23,14 @@ Invariants kept here:
 
 import asyncio
 import dataclasses
+import importlib
 import logging
 import math
 import re
 import sqlite3
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -163,7 +165,7 @@ class SQLitePenaltyStore:
 
 
 class RedisPenaltyStore:
-    """The penalty as a Redis hash, updated in a WATCH/MULTI transaction (not exercised by tests)."""
+    """The penalty as a Redis hash, updated in a WATCH/MULTI transaction."""
 
     def __init__(self, client: Any) -> None:
         self._client = client
@@ -199,11 +201,14 @@ class RedisPenaltyStore:
 
 
 class PostgresPenaltyStore:
-    """The penalty as a row locked ``FOR UPDATE`` in Postgres (not exercised by tests)."""
+    """The penalty as a row locked ``FOR UPDATE`` in Postgres."""
 
     def __init__(self, pool: Any) -> None:
         self._pool = pool
         with pool.connection() as conn:
+            # Concurrent CREATE TABLE IF NOT EXISTS of one new table can fail in Postgres (both insert
+            # its catalog row): processes starting together on a fresh database take turns here.
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PENALTY_TABLE_LOCK,))
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS redox_budget_penalty (key TEXT PRIMARY KEY, pause_until "
                 "DOUBLE PRECISION, slow_until DOUBLE PRECISION, factor INTEGER, strikes INTEGER)"
@@ -240,6 +245,31 @@ class PostgresPenaltyStore:
         self._pool.close()
 
 
+# Any fixed key works; CRC-32 of the table name is how pyrate-limiter keys its own table creation.
+_PENALTY_TABLE_LOCK = zlib.crc32(b"redox_budget_penalty") & 0x7FFFFFFF
+
+
+def _utc_session(conn: Any) -> None:
+    """Every pooled Postgres session stamps in UTC.
+
+    PostgresBucket stores slots as ``TIMESTAMP`` (no zone) converted in the session's TimeZone, so
+    processes whose sessions default to different zones (server, role or PGTZ settings) would place
+    each other's slots hours away, and a zone with daylight saving repeats an hour every autumn.
+    """
+    conn.execute("SET TIME ZONE 'UTC'")
+    conn.commit()  # the pool wants the connection idle, and a committed SET lasts the session
+
+
+def _client_module(name: str, extra: str) -> Any:
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:
+        raise ImportError(
+            f"REDOX_BUDGET_BACKEND={extra} needs the {name!r} package: install the {extra!r} extra "
+            f"(`uv sync --extra {extra}`, or `pip install 'redox-etl[{extra}]'`)"
+        ) from exc
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
@@ -273,15 +303,16 @@ class _Backend:
                 raise ValueError("the sqlite budget needs a path")
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.penalties: PenaltyStore = SQLitePenaltyStore(path)
+        elif not url:
+            raise ValueError(f"the {backend} budget needs REDOX_BUDGET_URL")
         elif backend == "redis":
-            import redis
-
+            redis = _client_module("redis", "redis")
             self._client = redis.Redis.from_url(url)
             self.penalties = RedisPenaltyStore(self._client)
         else:
-            from psycopg_pool import ConnectionPool
-
-            self._client = ConnectionPool(url, open=True)
+            _client_module("psycopg", "postgres")  # PostgresBucket imports it only later, mid-request
+            pool = _client_module("psycopg_pool", "postgres")
+            self._client = pool.ConnectionPool(url, open=True, configure=_utc_session)
             self.penalties = PostgresPenaltyStore(self._client)
 
     def bucket(self, name: str, rates: list[Rate]) -> AbstractBucket:
