@@ -33,7 +33,7 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from resources import settings
-from resources.warehouse.catalog import CatalogSpec, parse_catalog
+from resources.warehouse.catalog import CatalogSpec, parse_catalog, redact
 from resources.warehouse.ddl import columns_sql, duckdb_type, normalize_type, quote_ident
 from resources.warehouse.extensions import load_extensions, storage_extensions
 from resources.warehouse.lock import held_by_this_process, writer_lock
@@ -271,7 +271,14 @@ class Warehouse(ConfigurableResource):
                 if not read_only:
                     options.append(f"META_JOURNAL_MODE '{_q(self.sqlite_journal_mode)}'")
                     Path(spec.target).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            con.execute(f"ATTACH '{_q(spec.attach_uri)}' AS {LAKE} ({', '.join(options)})")
+            failed: duckdb.Error | None = None
+            try:
+                con.execute(f"ATTACH '{_q(spec.attach_uri)}' AS {LAKE} ({', '.join(options)})")
+            except duckdb.Error as exc:
+                failed = exc
+            if failed is not None:
+                # Raised outside the except block, so the original (password and all) is not chained.
+                raise _attach_error(spec, failed, read_only=read_only)
             if spec.kind == "sqlite" and not read_only:
                 _owner_only(Path(spec.target))
         except BaseException:
@@ -772,6 +779,21 @@ def _catalog_identity(spec: CatalogSpec) -> tuple[object, ...] | None:
     except (OSError, sqlite3.Error):
         return None
     return None if row is None else (stat.st_dev, stat.st_ino, str(row[0]))
+
+
+def _attach_error(spec: CatalogSpec, error: duckdb.Error, *, read_only: bool) -> Exception:
+    """The ATTACH failure as it may be shown: DuckDB quotes the whole conninfo, password included.
+
+    A read-only attach of a Postgres database that holds no lake yet is LakeNotFoundError, as an
+    absent SQLite catalog is, so callers that treat "nothing loaded yet" as a state still can.
+    """
+    text = redact(str(error))
+    if read_only and "does not exist" in text and "creating a new DuckLake is explicitly disabled" in text:
+        return LakeNotFoundError(
+            f"no lake at {spec.describe()}: nothing has been loaded yet (run `redox-etl sync`), "
+            "or REDOX_LAKE_CATALOG points at another database"
+        )
+    return type(error)(text)
 
 
 def _q(text: str) -> str:

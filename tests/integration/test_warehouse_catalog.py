@@ -1,7 +1,7 @@
 """Catalog settings: SQLite by default, Postgres by DSN, and passwords never rendered.
 
-A Postgres server is not available where these tests run, so the Postgres path is covered up to the
-ATTACH string it would send (docs/operations.md "Warehouse" shows the configuration end to end).
+These cover parsing up to the ATTACH string; test_warehouse_postgres_catalog.py attaches, writes
+and reads a lake whose catalog is in a real Postgres server.
 """
 
 from pathlib import Path
