@@ -159,6 +159,16 @@ def postgres_server() -> Iterator[Postgres]:
     try:
         if run_as is not None:
             os.chown(tmp, run_as["uid"], run_as["gid"])
+            # The checkout may sit under a folder 'nobody' cannot enter (a CI clone under /root):
+            # a copy inside the cluster's own folder is always reachable. The install is relocatable.
+            # Binaries find their libraries through RPATH $ORIGIN/../../../pgserver.libs, so the
+            # copy keeps the wheel's layout.
+            site = bindir.parents[2]
+            copy = tmp / "site"
+            shutil.copytree(bindir.parent, copy / "pgserver" / "pginstall", symlinks=True)
+            if (site / "pgserver.libs").is_dir():
+                shutil.copytree(site / "pgserver.libs", copy / "pgserver.libs", symlinks=True)
+            bindir = copy / "pgserver" / "pginstall" / "bin"
         data, log = tmp / "data", tmp / "postgres.log"
         _pg(
             bindir,
