@@ -13,6 +13,12 @@ imposes: requests spent (every ``api_calls`` row, tokens included) / (7500 / 300
 backfill then runs with the limit off on both sides (sandbox unlimited, client budget raised), so
 the difference is the time spent waiting on the budget.
 
+(c) budget (``--budget-limit N/SECONDS``): the same backfill against a sandbox whose limit is that
+small, with the client's budget set to the same limit (``REDOX_RATE_LIMIT``, default margin), so the
+requests outrun the limit and the instance's two concurrent runs (dagster.yaml) draw on one budget.
+It reports 429s, the sandbox's peak count in any window against the limit, the achieved rate as a
+fraction of the limit, and how many runs were in flight at once (from the run records).
+
 CPU seconds are the whole process tree's user+system time (``RUSAGE_CHILDREN`` of this process),
 so CPU share = CPU seconds / (wall x CPUs). Never part of the test suite's pass/fail.
 """
@@ -114,7 +120,7 @@ def _child_backfill(args: argparse.Namespace) -> dict[str, Any]:
 
     end = dt.datetime.now(dt.UTC).date() - dt.timedelta(days=1)
     start = end - dt.timedelta(days=args.backfill_days - 1)
-    limit = None if args.unlimited else REDOX_LIMIT
+    limit = None if args.unlimited else (args.limit or REDOX_LIMIT)
     _adopt_orphans()
     began = time.perf_counter()
     with serve_in_subprocess(
@@ -128,8 +134,14 @@ def _child_backfill(args: argparse.Namespace) -> dict[str, Any]:
 
         stats = httpx.get(f"{running.base_url}/sandbox/stats").json()
     runs = runner.instance().get_runs()
+    records = runner.instance().get_run_records()
     _reap()
+    peaks = stats.get("rate_limit", {}).get("peak_in_window", {})
     return {
+        "peak_in_window": max(peaks.values(), default=0),
+        "max_runs_at_once": _most_at_once(
+            [(r.start_time, r.end_time) for r in records if r.start_time and r.end_time]
+        ),
         "startup_s": startup,
         "backfill_s": seconds,
         "status": status,
@@ -142,7 +154,27 @@ def _child_backfill(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _spawn(kind: str, args: argparse.Namespace, *, unlimited: bool = False) -> dict[str, Any]:
+def _most_at_once(spans: list[tuple[float, float]]) -> int:
+    """Most intervals open at one instant (a sweep over start/end events, ends first on ties)."""
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    most = current = 0
+    for _, step in events:
+        current += step
+        most = max(most, current)
+    return most
+
+
+def _parse_limit(text: str) -> tuple[int, float]:
+    count, _, seconds = text.partition("/")
+    try:
+        return int(count), float(seconds)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected N/SECONDS, e.g. 150/30, not {text!r}") from None
+
+
+def _spawn(
+    kind: str, args: argparse.Namespace, *, unlimited: bool = False, limit: str | None = None
+) -> dict[str, Any]:
     """One measurement in a fresh interpreter and a fresh state folder; returns its figures."""
     with tempfile.TemporaryDirectory(prefix=f"bench-e2e-{kind}-") as folder:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("REDOX_", "DAGSTER_"))}
@@ -150,6 +182,8 @@ def _spawn(kind: str, args: argparse.Namespace, *, unlimited: bool = False) -> d
         env["DAGSTER_HOME"] = str(Path(folder) / "dagster")
         if unlimited:
             env["REDOX_RATE_LIMIT"] = UNLIMITED
+        if limit:
+            env["REDOX_RATE_LIMIT"] = limit
         command = [
             sys.executable,
             "-m",
@@ -166,6 +200,8 @@ def _spawn(kind: str, args: argparse.Namespace, *, unlimited: bool = False) -> d
         ]
         if unlimited:
             command.append("--unlimited")
+        if limit:
+            command += ["--limit", limit]
         load = os.getloadavg()[0]
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         began = time.perf_counter()
@@ -199,7 +235,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--skip-unlimited", action="store_true", help="skip the backfill with the rate limit off"
     )
+    parser.add_argument(
+        "--budget-limit",
+        type=_parse_limit,
+        help="also backfill against a sandbox (and a client budget) limited to N/SECONDS, e.g. 150/30",
+    )
+    parser.add_argument("--skip-redox-limit", action="store_true", help="skip the backfills at Redox's limit")
     parser.add_argument("--child", choices=("demo", "backfill"), help=argparse.SUPPRESS)
+    parser.add_argument("--limit", type=_parse_limit, help=argparse.SUPPRESS)
     parser.add_argument("--unlimited", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -252,7 +295,7 @@ def main(argv: list[str]) -> int:
             + " |",
             "",
         ]
-    if not args.skip_backfill:
+    if not args.skip_backfill and not args.skip_redox_limit:
         limited = _spawn("backfill", args)
         print(f"backfill (rate limited): {json.dumps(limited)}", flush=True)
         rate = REDOX_LIMIT[0] / REDOX_LIMIT[1]
@@ -286,6 +329,25 @@ def main(argv: list[str]) -> int:
                 f"backfill with it off ({max(waited, 0) / limited['backfill_s']:.0%} of the wall time "
                 "rate-limit bound, the rest CPU and Dagster overhead).",
             ]
+    if not args.skip_backfill and args.budget_limit:
+        count, seconds = args.budget_limit
+        text = f"{count}/{seconds:g}"
+        bound = _spawn("backfill", args, limit=text)
+        print(f"backfill (budget-bound, {text}): {json.dumps(bound)}", flush=True)
+        rate = count / seconds
+        lines += [
+            "",
+            f"{args.backfill_days}-day backfill ({bound['window']}), {args.patients:,} persons, sandbox and "
+            f"client budget both at {text} (margin {os.environ.get('REDOX_RATE_MARGIN', '0.97')}):",
+            "",
+            "| Dagster runs (most at once) | requests | 429s | sandbox's peak in any window / limit "
+            "| wall | floor = requests / limit rate | achieved rate / limit |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
+            f"| {bound['runs']} ({bound['max_runs_at_once']}) | {bound['requests']:,} | "
+            f"{bound['sandbox_429']} | {bound['peak_in_window']} / {count} "
+            f"({bound['peak_in_window'] / count:.2f}) | {bound['backfill_s']:.0f} s | "
+            f"{bound['requests'] / rate:.0f} s | {bound['requests'] / bound['backfill_s'] / rate:.2f} |",
+        ]
     print()
     print("\n".join(lines))
     return 0
