@@ -43,6 +43,8 @@ def _start_signal(rendezvous: str) -> float:
 
 async def _budgeted(
     credentials_path: str,
+    backend: str,
+    budget_url: str | None,
     budget_path: str,
     limit: int,
     window: float,
@@ -58,6 +60,8 @@ async def _budgeted(
         credentials_path,
         rate_limit=RateSpec(limit=limit, seconds=window),
         rate_margin=margin,
+        budget_backend=backend,
+        budget_url=budget_url,
         budget_path=Path(budget_path),
         max_in_flight=concurrency,
         read_timeout=30.0,
@@ -164,8 +168,13 @@ def run_phase(
     concurrency: int,
     backoff: float,
     patients: int,
+    backend: str = "sqlite",
+    budget_url: str | None = None,
 ) -> dict[str, Any]:
-    """One sandbox (its own process), ``processes`` clients of ``kind``, ``windows`` windows long."""
+    """One sandbox (its own process), ``processes`` clients of ``kind``, ``windows`` windows long.
+
+    Budgeted clients share the budget store ``backend`` names: a SQLite file in the run's temp
+    folder, or the Redis / Postgres at ``budget_url``."""
     from sandbox.server import serve_in_subprocess
 
     seconds = windows * window
@@ -183,6 +192,8 @@ def run_phase(
             if kind == "budgeted":
                 args: tuple[Any, ...] = (
                     str(sb.credentials_path),
+                    backend,
+                    budget_url,
                     budget_path,
                     limit,
                     window,

@@ -20,9 +20,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from bench.budget import run_phase
 from resources.redox.budget import MAX_SLOWDOWN, RateBudget, _slug
 from resources.redox.settings import RateSpec
-from tests.budget_harness import share_one_budget
 from tests.servers import Postgres, postgres_server, redis_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("budget-backends")]
@@ -231,9 +231,10 @@ def test_two_processes_share_one_budget_without_a_429(backend: str, request: pyt
     else:
         url = request.getfixturevalue("postgres").url("budget")
     limit = 120
-    result = share_one_budget(
+    result = run_phase(
+        "budgeted",
         backend=backend,
-        url=url,
+        budget_url=url,
         processes=2,
         limit=limit,
         window=8.0,
@@ -242,6 +243,8 @@ def test_two_processes_share_one_budget_without_a_429(backend: str, request: pyt
         # client took the slot (see test_client_budget_processes.py); a short window needs more room.
         margin=0.9,
         concurrency=4,
+        backoff=0.0,  # the naive client's; unused here
+        patients=20,
     )
     print(result)  # shown when the test fails: how much of the limit the two processes spent
     assert result["server_429"] == 0 and result["received_429"] == 0, result
