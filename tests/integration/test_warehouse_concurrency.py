@@ -17,14 +17,13 @@ import time
 import traceback
 from pathlib import Path
 
-import polars as pl
 import pytest
 
 from resources.warehouse import Warehouse
-from transforms import schema
+from tests.lake_frames import GROUP
+from tests.lake_frames import group_frame as _group_frame
 
 READERS = 8
-GROUP = 7
 BATCHES = 12
 
 CHECK_SQL = """
@@ -34,24 +33,6 @@ SELECT
     (SELECT coalesce(sum(inserted), 0) FROM partition_loads WHERE table_name = 'results') AS inserted,
     (SELECT count(*) FROM results r JOIN results r2 USING (source_surface, source_id)) AS self_join
 """
-
-
-def _group_frame(group: int, version: int, rng: random.Random) -> pl.DataFrame:
-    values = [float(rng.randint(-1000, 1000)) for _ in range(GROUP - 1)]
-    values.append(-sum(values))
-    stamp = dt.datetime(2024, 1, 1, tzinfo=dt.UTC) + dt.timedelta(minutes=version)
-    frame = pl.DataFrame(
-        {
-            "source_surface": ["fhir"] * GROUP,
-            "source_id": [f"g{group}-r{i}" for i in range(GROUP)],
-            "patient_source_id": [f"p{group}"] * GROUP,
-            "code": ["718-7"] * GROUP,
-            "value_num": values,
-            "effective_at": [stamp] * GROUP,
-            "source_updated_at": [stamp] * GROUP,
-        }
-    )
-    return schema.conform(frame.lazy(), "results").collect()
 
 
 def _reader(

@@ -30,6 +30,7 @@ from resources.warehouse import (
     load_extensions,
 )
 from resources.warehouse.extensions import wheel_binary
+from tests.lake_frames import clinical as _clinical
 from transforms import schema
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,19 +80,6 @@ def _frame(table: str, rows: int = 3, **constants: str) -> pl.DataFrame:
             values[-1] = [] if isinstance(dtype, pl.List) else None
         columns[name] = values
     return pl.DataFrame(columns, schema=schema.TABLES[table])
-
-
-def _clinical(table: str, ids: list[str], stamps: list[dt.datetime | None], tag: str = "v") -> pl.DataFrame:
-    frame = pl.DataFrame(
-        {
-            "source_surface": ["fhir"] * len(ids),
-            "source_id": ids,
-            "patient_source_id": [f"{tag}-{i}" for i in ids],
-            "source_updated_at": stamps,
-        },
-        schema_overrides={"source_updated_at": schema.UTC_TS},
-    )
-    return schema.conform(frame.lazy(), table).collect()
 
 
 # ---- types ---------------------------------------------------------------------------------------

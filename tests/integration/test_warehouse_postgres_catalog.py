@@ -25,14 +25,15 @@ import pytest
 
 from resources.warehouse import LakeNotFoundError, Warehouse, load_extensions
 from resources.warehouse.extensions import wheel_binary
+from tests.lake_frames import GROUP
+from tests.lake_frames import clinical as _clinical
+from tests.lake_frames import group_frame as _group_frame
 from tests.servers import Postgres, postgres_server
-from transforms import schema
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("warehouse-postgres")]
 
 DAY = dt.date(2024, 3, 10)
 STAMP = dt.datetime(2024, 3, 10, 7, 30, 1, 123456, tzinfo=dt.UTC)
-GROUP = 7
 
 
 @pytest.fixture(scope="module")
@@ -65,19 +66,6 @@ def writer(catalog: str, tmp_path: Path) -> Warehouse:
 def reader(catalog: str, tmp_path: Path) -> Warehouse:
     # Another machine: its own lake folder (nothing there), the same catalog, no data path setting.
     return Warehouse(lake_dir=str(tmp_path / "reader"), catalog=catalog)
-
-
-def _clinical(table: str, ids: list[str], stamps: list[dt.datetime], tag: str = "v") -> pl.DataFrame:
-    frame = pl.DataFrame(
-        {
-            "source_surface": ["fhir"] * len(ids),
-            "source_id": ids,
-            "patient_source_id": [f"{tag}-{i}" for i in ids],
-            "source_updated_at": stamps,
-        },
-        schema_overrides={"source_updated_at": schema.UTC_TS},
-    )
-    return schema.conform(frame.lazy(), table).collect()
 
 
 def test_extensions_load_from_the_wheels_and_attach_postgres_offline(
@@ -205,23 +193,6 @@ SELECT
     (SELECT coalesce(sum(value_num), 0) FROM results) AS total,
     (SELECT coalesce(sum(inserted), 0) FROM partition_loads WHERE table_name = 'results') AS inserted
 """
-
-
-def _group_frame(group: int, version: int, rng: random.Random) -> pl.DataFrame:
-    """GROUP rows whose values sum to zero: a reader that saw half a merge would see another sum."""
-    values = [float(rng.randint(-1000, 1000)) for _ in range(GROUP - 1)]
-    values.append(-sum(values))
-    stamp = dt.datetime(2024, 1, 1, tzinfo=dt.UTC) + dt.timedelta(minutes=version)
-    frame = pl.DataFrame(
-        {
-            "source_surface": ["fhir"] * GROUP,
-            "source_id": [f"g{group}-r{i}" for i in range(GROUP)],
-            "patient_source_id": [f"p{group}"] * GROUP,
-            "value_num": values,
-            "source_updated_at": [stamp] * GROUP,
-        }
-    )
-    return schema.conform(frame.lazy(), "results").collect()
 
 
 def _reader(
