@@ -1,10 +1,15 @@
 """Small frames in the unified schema for the warehouse tests, whichever catalog they run on."""
 
 import datetime as dt
+import multiprocessing as mp
+import queue
 import random
+import time
+import traceback
 
 import polars as pl
 
+from resources.warehouse import Warehouse
 from transforms import schema
 
 # Rows per merge group in the concurrency tests.
@@ -42,3 +47,130 @@ def group_frame(group: int, version: int, rng: random.Random) -> pl.DataFrame:
         }
     )
     return schema.conform(frame.lazy(), "results").collect()
+
+
+# ---- readers during writes ------------------------------------------------------------------------
+
+# Each merge keeps three invariants in its one transaction, so a reader that saw half a merge (rows
+# deleted but not re-inserted, or rows without their partition_loads record) breaks at least one:
+# count(results) is a multiple of GROUP, sum(value_num) = 0, count(results) = sum(inserted).
+CHECK_SQL = """
+SELECT
+    (SELECT count(*) FROM results) AS n,
+    (SELECT coalesce(sum(value_num), 0) FROM results) AS total,
+    (SELECT coalesce(sum(inserted), 0) FROM partition_loads WHERE table_name = 'results') AS inserted,
+    (SELECT count(*) FROM results r JOIN results r2 USING (source_surface, source_id)) AS self_join
+"""
+
+
+def _reader(
+    lake_dir: str,
+    catalog: str | None,
+    stop: "mp.synchronize.Event",
+    ready: "mp.Queue[int]",
+    out: "mp.Queue[dict[str, object]]",
+    seed: int,
+) -> None:
+    rng = random.Random(seed)
+    wh = Warehouse(lake_dir=lake_dir) if catalog is None else Warehouse(lake_dir=lake_dir, catalog=catalog)
+    queries = 0
+    errors: list[str] = []
+    violations: list[str] = []
+    states: set[int] = set()
+    slowest = 0.0
+    con = None
+    try:
+        while not stop.is_set():
+            try:
+                if con is None or rng.random() < 0.05:  # analysts also open fresh sessions mid-write
+                    if con is not None:
+                        con.close()
+                    # A config the process has not attached yet forces a brand-new DuckDB instance
+                    # and ATTACH (connections are otherwise cursors on one cached instance).
+                    wh = wh.model_copy(update={"busy_timeout_ms": 30_000 + queries})
+                    con = wh.connect()
+                    # Many processes on a CI box's two cores: one thread each keeps the writer fed.
+                    con.execute("SET threads = 1")
+                started = time.monotonic()
+                row = con.execute(CHECK_SQL).fetchone()
+                slowest = max(slowest, time.monotonic() - started)
+                assert row is not None
+                n, total, inserted, self_join = row
+                queries += 1
+                if queries == 1:
+                    ready.put(seed)
+                states.add(int(n))
+                if n % GROUP or total != 0 or n != inserted or self_join != n:
+                    violations.append(f"n={n} sum={total} inserted={inserted} self_join={self_join}")
+            except Exception:
+                errors.append(traceback.format_exc(limit=3))
+    finally:
+        if con is not None:
+            con.close()
+        out.put(
+            {
+                "seed": seed,
+                "queries": queries,
+                "errors": errors[:5],
+                "error_count": len(errors),
+                "violations": violations[:5],
+                "states": len(states),
+                "slowest_query_s": round(slowest, 3),
+            }
+        )
+
+
+def readers_during_merges(
+    writer: Warehouse, *, reader_lake_dir: str, catalog: str | None, readers: int, batches: int
+) -> tuple[list[dict[str, object]], int]:
+    """``readers`` processes query in a loop while ``writer`` merges ``batches`` groups (new ones,
+    and every third a newer version of an old one), then one stale version that must change nothing.
+    Returns each reader's report and the number of groups now in the lake."""
+    rng = random.Random(7)
+    day = dt.date(2024, 1, 1)
+    writer.merge("results", group_frame(0, 0, rng), partition_day=day, run_id="seed", source_surface="fhir")
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    ready: mp.Queue[int] = ctx.Queue()
+    out: mp.Queue[dict[str, object]] = ctx.Queue()
+    procs = [
+        ctx.Process(target=_reader, args=(reader_lake_dir, catalog, stop, ready, out, seed))
+        for seed in range(readers)
+    ]
+    for proc in procs:
+        proc.start()
+    results: list[dict[str, object]] = []
+    groups = 1
+    try:
+        for _ in procs:  # every reader is querying before the first write
+            ready.get(timeout=180)
+        for batch in range(1, batches + 1):
+            if groups > 2 and batch % 3 == 0:
+                group = rng.randrange(groups)
+            else:
+                group, groups = groups, groups + 1
+            stats = writer.merge(
+                "results",
+                group_frame(group, batch, rng),
+                partition_day=day,
+                run_id=f"batch-{batch}",
+                source_surface="fhir",
+            )
+            assert stats.inserted + stats.updated == GROUP
+        stale = writer.merge(
+            "results", group_frame(0, -1, rng), partition_day=day, run_id="stale", source_surface="fhir"
+        )
+        assert stale.ignored_older == GROUP and stale.inserted == stale.updated == 0
+        time.sleep(1)
+    finally:
+        stop.set()
+        for _ in procs:
+            try:
+                results.append(out.get(timeout=60))
+            except queue.Empty:
+                break
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+    return results, groups

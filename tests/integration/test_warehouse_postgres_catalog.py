@@ -10,10 +10,6 @@ One server per module on 127.0.0.1; each test gets its own database, so each is 
 """
 
 import datetime as dt
-import multiprocessing as mp
-import queue
-import random
-import time
 import traceback
 import uuid
 from collections.abc import Iterator
@@ -25,9 +21,8 @@ import pytest
 
 from resources.warehouse import LakeNotFoundError, Warehouse, load_extensions
 from resources.warehouse.extensions import wheel_binary
-from tests.lake_frames import GROUP
+from tests.lake_frames import GROUP, readers_during_merges
 from tests.lake_frames import clinical as _clinical
-from tests.lake_frames import group_frame as _group_frame
 from tests.servers import Postgres, postgres_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("warehouse-postgres")]
@@ -187,102 +182,18 @@ def test_no_error_shows_the_catalogs_password(postgres: Postgres, tmp_path: Path
 
 # ---- readers during writes -----------------------------------------------------------------------
 
-CHECK_SQL = """
-SELECT
-    (SELECT count(*) FROM results) AS n,
-    (SELECT coalesce(sum(value_num), 0) FROM results) AS total,
-    (SELECT coalesce(sum(inserted), 0) FROM partition_loads WHERE table_name = 'results') AS inserted
-"""
-
-
-def _reader(
-    lake_dir: str,
-    catalog: str,
-    stop: "mp.synchronize.Event",
-    ready: "mp.Queue[int]",
-    out: "mp.Queue[dict[str, object]]",
-    seed: int,
-) -> None:
-    wh = Warehouse(lake_dir=lake_dir, catalog=catalog)
-    queries, errors, violations, states = 0, [], [], set()
-    con = None
-    try:
-        con = wh.connect()
-        con.execute("SET threads = 1")  # two readers and a writer on a CI box's two cores
-        while not stop.is_set():
-            try:
-                row = con.execute(CHECK_SQL).fetchone()
-                assert row is not None
-                n, total, inserted = row
-                queries += 1
-                if queries == 1:
-                    ready.put(seed)
-                states.add(int(n))
-                if n % GROUP or total != 0 or n != inserted:
-                    violations.append(f"n={n} sum={total} inserted={inserted}")
-            except Exception:
-                errors.append(traceback.format_exc(limit=3))
-    except Exception:
-        errors.append(traceback.format_exc(limit=3))
-    finally:
-        if con is not None:
-            con.close()
-        out.put(
-            {"queries": queries, "errors": errors[:3], "violations": violations[:3], "states": len(states)}
-        )
-
 
 @pytest.mark.timeout(180)
 def test_reader_processes_see_only_whole_merges_while_the_writer_commits(
     writer: Warehouse, reader: Warehouse, catalog: str
 ) -> None:
-    rng = random.Random(7)
-    day = dt.date(2024, 1, 1)
-    writer.merge("results", _group_frame(0, 0, rng), partition_day=day, run_id="seed", source_surface="fhir")
-    ctx = mp.get_context("spawn")
-    stop = ctx.Event()
-    ready: mp.Queue[int] = ctx.Queue()
-    out: mp.Queue[dict[str, object]] = ctx.Queue()
-    procs = [
-        ctx.Process(target=_reader, args=(str(reader.lake_path), catalog, stop, ready, out, seed))
-        for seed in range(2)
-    ]
-    for proc in procs:
-        proc.start()
-    results: list[dict[str, object]] = []
-    try:
-        for _ in procs:
-            ready.get(timeout=120)  # every reader is querying before the first write
-        groups = 1
-        for batch in range(1, 9):
-            if batch % 3 == 0:
-                group = rng.randrange(groups)  # replace a whole group with a newer version
-            else:
-                group, groups = groups, groups + 1
-            stats = writer.merge(
-                "results",
-                _group_frame(group, batch, rng),
-                partition_day=day,
-                run_id=f"b{batch}",
-                source_surface="fhir",
-            )
-            assert stats.inserted + stats.updated == GROUP
-        time.sleep(0.5)
-    finally:
-        stop.set()
-        for _ in procs:
-            try:
-                results.append(out.get(timeout=60))
-            except queue.Empty:
-                break
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
+    results, groups = readers_during_merges(
+        writer, reader_lake_dir=str(reader.lake_path), catalog=catalog, readers=2, batches=8
+    )
     print("readers:", results)
-    assert len(results) == len(procs), "a reader process died without reporting"
+    assert len(results) == 2, "a reader process died without reporting"
     for result in results:
-        assert not result["errors"], result["errors"]
+        assert result["error_count"] == 0, result["errors"]
         assert not result["violations"], result["violations"]
         assert isinstance(result["states"], int) and result["states"] >= 2, result  # saw writes land
     assert reader.query("SELECT count(*), sum(value_num) FROM results").row(0) == (groups * GROUP, 0.0)
