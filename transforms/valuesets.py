@@ -258,7 +258,16 @@ def _lookup_key(source: pl.Expr) -> pl.Expr:
 def map_code(source: pl.Expr, surface: str, field: str) -> pl.Expr:
     """The canonical value for a source code column: table hit, else 'unknown'; null stays null."""
     table = TABLES[(surface, field)]
-    mapped = _lookup_key(source).replace_strict(dict(table), default="unknown", return_dtype=pl.String)
+    key = _lookup_key(source)
+    by_value: dict[str, list[str]] = {}
+    for code, value in table.items():
+        by_value.setdefault(value, []).append(code)
+    # A when/is_in chain, not replace_strict: the streaming engine runs replace_strict as an
+    # in-memory fallback, which gathers every row of the batch (decoded resources included) before
+    # mapping, and that alone more than doubled the normalizers' peak memory.
+    mapped: pl.Expr = pl.lit("unknown", dtype=pl.String)
+    for value, codes in reversed(by_value.items()):
+        mapped = pl.when(key.is_in(codes)).then(pl.lit(value, dtype=pl.String)).otherwise(mapped)
     return pl.when(source.is_null() | (source.str.strip_chars() == "")).then(None).otherwise(mapped)
 
 
