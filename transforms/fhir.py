@@ -383,8 +383,9 @@ def _finish(
         pl.coalesce(pl.col("_reason"), common.reasons(*checks)).alias("quarantine_reason")
     )
     # Dedupe needs every row at once: hand it the output columns only, not the decoded resources.
-    slim = located.select(
-        [*schema.TABLES[table], "quarantine_reason", "raw_ref", "_seq", "_page", "_idx", common.RECORD_RAW]
+    slim = common.detach(
+        located,
+        [*schema.TABLES[table], "quarantine_reason", "raw_ref", "_seq", "_page", "_idx", common.RECORD_RAW],
     )
     return common.finish(common.fill_raw(common.dedupe(slim), pages, _locate, ["_idx"]), table)
 
