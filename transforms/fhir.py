@@ -382,12 +382,22 @@ def _finish(
         # A page or entry level problem makes every field check noise, so it stands alone.
         pl.coalesce(pl.col("_reason"), common.reasons(*checks)).alias("quarantine_reason")
     )
-    # Dedupe needs every row at once: hand it the output columns only, not the decoded resources.
+    # Dedupe needs every row at once: hand it the output columns only, not the decoded resources,
+    # and not the ValueSet columns either, which are mapped from their ``_source`` columns after it.
+    coded = valuesets.CODED_COLUMNS[table]
+    mapped = {column for column, _ in coded}
     slim = common.detach(
         located,
-        [*schema.TABLES[table], "quarantine_reason", "raw_ref", "_seq", "_page", "_idx", common.RECORD_RAW],
+        [
+            *(c for c in schema.TABLES[table] if c not in mapped),
+            *("quarantine_reason", "raw_ref", "_seq", "_page", "_idx", common.RECORD_RAW),
+        ],
     )
-    return common.finish(common.fill_raw(common.dedupe(slim), pages, _locate, ["_idx"]), table)
+    deduped = common.dedupe(slim).with_columns(
+        valuesets.map_code(pl.col(f"{column}_source"), SURFACE, field).alias(column)
+        for column, field in coded
+    )
+    return common.finish(common.fill_raw(deduped, pages, _locate, ["_idx"]), table)
 
 
 def _ends_before_start(start: pl.Expr, end: pl.Expr) -> pl.Expr:
@@ -444,7 +454,6 @@ def patients(pages: pl.LazyFrame) -> pl.LazyFrame:
         pl.when(given.list.len() > 1).then(given.list.slice(1).list.join(" ")).alias("middle_name"),
         name.struct.field("family").alias("family_name"),
         common.parse_birth_date(birth).alias("birth_date"),
-        valuesets.map_code(gender, SURFACE, "sex").alias("sex"),
         gender.alias("sex_source"),
         address.struct.field("line").list.join(", ").alias("address_line"),
         address.struct.field("city").alias("address_city"),
@@ -481,12 +490,10 @@ def encounters(pages: pl.LazyFrame) -> pl.LazyFrame:
     frame = _explode(pages, "encounters").with_columns(
         *_common_columns(),
         _ref_id(_field("subject", "reference"), "Patient").alias("patient_source_id"),
-        valuesets.map_code(klass, SURFACE, "encounter_class").alias("class"),
         klass.alias("class_source"),
         type_code.alias("type_code"),
         type_system.alias("type_system"),
         type_display.alias("type_display"),
-        valuesets.map_code(status, SURFACE, "encounter_status").alias("status"),
         status.alias("status_source"),
         common.parse_utc(start).alias("start_at"),
         common.parse_utc(end).alias("end_at"),
@@ -541,9 +548,7 @@ def results(pages: pl.LazyFrame) -> pl.LazyFrame:
         pl.when(structured_bounds | (text_low.is_null() & text_high.is_null()))
         .then(rng_text)
         .alias("reference_text"),
-        valuesets.map_code(flag, SURFACE, "abnormal_flag").alias("abnormal_flag"),
         flag.alias("abnormal_flag_source"),
-        valuesets.map_code(status, SURFACE, "result_status").alias("status"),
         status.alias("status_source"),
         common.parse_utc(effective).alias("effective_at"),
     )
@@ -593,7 +598,6 @@ def appointments(pages: pl.LazyFrame) -> pl.LazyFrame:
         .with_columns(
             *_common_columns(),
             _ref_id(actor("Patient").struct.field("reference"), "Patient").alias("patient_source_id"),
-            valuesets.map_code(status, SURFACE, "appointment_status").alias("status"),
             status.alias("status_source"),
             common.parse_utc(start).alias("start_at"),
             common.parse_utc(end).alias("end_at"),
