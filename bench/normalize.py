@@ -5,8 +5,8 @@
 For each size it generates synthetic FHIR Bundle pages (rendered by the sandbox's own FHIR renderers,
 compact JSON, with local-offset timestamps) split over the four entities (10% Patient, 20%
 Encounter, 50% Observation, 20% Appointment), stores them as the landing zone does (Parquet,
-one row per page) and as NDJSON (one page per line), then measures, each in a fresh subprocess so
-peak RSS is that measurement's own:
+one row per page, ``resources.landing.PAGES_PER_ROW_GROUP`` pages per row group) and as NDJSON (one
+page per line), then measures, each in a fresh subprocess so peak RSS is that measurement's own:
 
 - ``redox-etl``: ``transforms.fhir.<entity>(pages)`` for the four entities, streamed into Parquet;
 - ``duckdb``: ``read_json`` of the NDJSON pages with an explicit type covering the same fields,
@@ -139,6 +139,8 @@ def _records(entity: str, n: int, seed: int) -> list[dict[str, Any]]:
 
 def generate(folder: Path, total: int, page_size: int, seed: int = 1) -> dict[str, int]:
     """Write <entity>.parquet (raw_ref, body) and <entity>.ndjson (one page per line)."""
+    from resources.landing import PAGES_PER_ROW_GROUP
+
     folder.mkdir(parents=True, exist_ok=True)
     counts = {}
     for entity, share in MIX.items():
@@ -171,10 +173,10 @@ def generate(folder: Path, total: int, page_size: int, seed: int = 1) -> dict[st
             refs.append(f"fhir/{entity}/day=2026-11-01/page-{len(bodies) + 1:05d}")
             bodies.append(json.dumps(body, separators=(",", ":")))
             done += len(chunk)
-        # Small row groups, like a landing zone read partition by partition: the streaming engine
-        # then holds a few dozen pages of text at a time, not the whole batch.
+        # Row groups as the landing zone writes them: the streaming engine reads a row group's
+        # pages at a time, so their size decides how much page text is in flight.
         pl.DataFrame({"raw_ref": refs, "body": bodies}).write_parquet(
-            parquet, compression="zstd", row_group_size=32
+            parquet, compression="zstd", row_group_size=PAGES_PER_ROW_GROUP
         )
         with ndjson.open("w") as f:
             for b in bodies:
@@ -314,9 +316,13 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# {platform.machine()} {os.cpu_count()} cpus, python {platform.python_version()}, polars {pl.__version__}"
     )
+    # Imported here, not at the top: workers must not carry Dagster (resources imports it) in their RSS.
+    from resources.landing import PAGES_PER_ROW_GROUP
+
     table = []
     for size in (int(s) for s in args.sizes.split(",")):
-        folder = root / f"n{size}-p{args.page_size}"
+        # The row group size is in the name so a cache written with another one is not reused.
+        folder = root / f"n{size}-p{args.page_size}-rg{PAGES_PER_ROW_GROUP}"
         t0 = time.perf_counter()
         counts = generate(folder, size, args.page_size)
         total = sum(counts.values())

@@ -20,7 +20,7 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Final
 
 import dagster as dg
 import polars as pl
@@ -29,6 +29,13 @@ from pydantic import Field
 from resources import settings
 
 WriteFn = Callable[[IO[bytes]], Any]
+
+# Pages per Parquet row group. The streaming engine hands a normalizer a row group's pages at a
+# time, from several threads at once, and one row group per file put every page of a partition in
+# flight together. Measured on 1M FHIR results (1,000 per page), two runs each: 32 pages per group
+# peaked at 1.3 and 1.8 GB, 8 at 1.05 and 1.16 GB, 4 at 0.98 and 1.0 GB; 1 page per group took 1.6
+# times as long.
+PAGES_PER_ROW_GROUP: Final = 4
 
 PAGE_SCHEMA = pl.Schema(
     {
@@ -104,7 +111,10 @@ class LandingZone:
             written_at=dt.datetime.now(dt.UTC).isoformat(),
             extra=dict(extra or {}),
         )
-        _atomic_write(folder / "pages.parquet", lambda f: frame.write_parquet(f, compression="zstd"))
+        _atomic_write(
+            folder / "pages.parquet",
+            lambda f: frame.write_parquet(f, compression="zstd", row_group_size=PAGES_PER_ROW_GROUP),
+        )
         _atomic_write(
             folder / "manifest.json",
             lambda f: f.write(json.dumps(dataclasses.asdict(manifest), indent=2).encode()),
