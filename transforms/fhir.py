@@ -358,8 +358,11 @@ def _common_columns() -> list[pl.Expr]:
     return [
         pl.lit(SURFACE).alias("source_surface"),
         _field("id").alias("source_id"),
-        common.parse_utc(_field("meta", "lastUpdated")).alias("source_updated_at"),
     ]
+
+
+def _timestamps(frame: pl.LazyFrame, **columns: pl.Expr) -> pl.LazyFrame:
+    return common.with_utc(frame, {"source_updated_at": _field("meta", "lastUpdated"), **columns})
 
 
 def _base_checks(clinical: bool) -> list[tuple[pl.Expr, str]]:
@@ -442,7 +445,7 @@ def patients(pages: pl.LazyFrame) -> pl.LazyFrame:
     email = _first(telecom.list.filter(pl.element().struct.field("system") == "email")).struct.field("value")
     gender = _field("gender")
     birth = _field("birthDate")
-    frame = _explode(pages, "patients").with_columns(
+    frame = _timestamps(_explode(pages, "patients")).with_columns(
         *_common_columns(),
         identifiers.list.filter(ident.field("system").ne_missing(SSN_SYSTEM))
         .cast(pl.List(schema.IDENTIFIER))
@@ -487,7 +490,7 @@ def encounters(pages: pl.LazyFrame) -> pl.LazyFrame:
     klass = _field("class", "code")
     status = _field("status")
     start, end = _field("period", "start"), _field("period", "end")
-    frame = _explode(pages, "encounters").with_columns(
+    frame = _timestamps(_explode(pages, "encounters"), start_at=start, end_at=end).with_columns(
         *_common_columns(),
         _ref_id(_field("subject", "reference"), "Patient").alias("patient_source_id"),
         klass.alias("class_source"),
@@ -495,8 +498,6 @@ def encounters(pages: pl.LazyFrame) -> pl.LazyFrame:
         type_system.alias("type_system"),
         type_display.alias("type_display"),
         status.alias("status_source"),
-        common.parse_utc(start).alias("start_at"),
-        common.parse_utc(end).alias("end_at"),
         _first(_field("location")).struct.field("location").struct.field("display").alias("location"),
         _practitioner_id(attending).alias("attending_provider_id"),
         attending.struct.field("display").alias("attending_provider_name"),
@@ -532,7 +533,7 @@ def results(pages: pl.LazyFrame) -> pl.LazyFrame:
     effective = pl.coalesce(
         _field("effectiveDateTime"), _field("effectivePeriod", "start"), _field("effectiveInstant")
     )
-    frame = _explode(pages, "results").with_columns(
+    frame = _timestamps(_explode(pages, "results"), effective_at=effective).with_columns(
         *_common_columns(),
         _ref_id(_field("subject", "reference"), "Patient").alias("patient_source_id"),
         _ref_id(_first(_field("basedOn")).struct.field("reference"), "ServiceRequest").alias("order_id"),
@@ -550,7 +551,6 @@ def results(pages: pl.LazyFrame) -> pl.LazyFrame:
         .alias("reference_text"),
         flag.alias("abnormal_flag_source"),
         status.alias("status_source"),
-        common.parse_utc(effective).alias("effective_at"),
     )
     checks = [
         *_base_checks(clinical=True),
@@ -594,13 +594,11 @@ def appointments(pages: pl.LazyFrame) -> pl.LazyFrame:
     minutes = _field("minutesDuration")
     derived = (pl.col("end_at") - pl.col("start_at")).dt.total_minutes()
     frame = (
-        _explode(pages, "appointments")
+        _timestamps(_explode(pages, "appointments"), start_at=start, end_at=end)
         .with_columns(
             *_common_columns(),
             _ref_id(actor("Patient").struct.field("reference"), "Patient").alias("patient_source_id"),
             status.alias("status_source"),
-            common.parse_utc(start).alias("start_at"),
-            common.parse_utc(end).alias("end_at"),
             type_code.alias("type_code"),
             type_display.alias("type_display"),
             location.struct.field("display").alias("location"),
