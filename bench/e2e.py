@@ -133,7 +133,6 @@ def _child_backfill(args: argparse.Namespace) -> dict[str, Any]:
         import httpx
 
         stats = httpx.get(f"{running.base_url}/sandbox/stats").json()
-    runs = runner.instance().get_runs()
     records = runner.instance().get_run_records()
     _reap()
     peaks = stats.get("rate_limit", {}).get("peak_in_window", {})
@@ -147,8 +146,8 @@ def _child_backfill(args: argparse.Namespace) -> dict[str, Any]:
         "status": status,
         "partitions": f"{done}/{total}",
         "window": f"{start}..{end}",
-        "runs": len(runs),
-        "failed_runs": sum(1 for r in runs if not r.is_success),
+        "runs": len(records),
+        "failed_runs": sum(1 for r in records if not r.dagster_run.is_success),
         "sandbox_429": int(stats.get("responses_429", 0)),
         **_requests(None),
     }

@@ -6,6 +6,7 @@ others.
 """
 
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -57,3 +58,11 @@ def bearer() -> Callable[[Running], dict[str, str]]:
         return {"Authorization": f"Bearer {response.json()['access_token']}"}
 
     return headers
+
+
+@pytest.fixture
+def isolated_lake_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A fresh REDOX_ETL_HOME and none of the lake settings a developer's shell may carry."""
+    monkeypatch.setenv("REDOX_ETL_HOME", str(tmp_path / "home"))
+    for name in ("REDOX_LAKE_CATALOG", "REDOX_LAKE_DATA_PATH", "REDOX_ETL_LAKE"):
+        monkeypatch.delenv(name, raising=False)

