@@ -22,8 +22,8 @@ import datetime as dt
 import dagster as dg
 import polars as pl
 
+from assets.partitions import daily
 from assets.streams import STREAMS, Entity
-from pipelines.partitions import daily
 from resources.redox import RedoxClient
 from resources.redox.fhir import Page, fhir_instant
 from resources.redox.resource import RedoxResource

@@ -31,8 +31,8 @@ import polars as pl
 from assets.streams import CLINICAL, ENTITIES, STREAMS, Entity, partition_folder
 from resources.landing import LandingResource, LandingZone
 from resources.warehouse import LAKE, LakeNotFoundError, Warehouse, lake_schemas
+from schema import SURFACES, UTC_TS
 from transforms import fhir as fhir_norm
-from transforms.schema import SURFACES, UTC_TS
 
 TIMESTAMPTZ = "TIMESTAMP WITH TIME ZONE"
 # Columns that say when something happened to the patient; the rest (source_updated_at, ingested_at)

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import dagster as dg
 import polars as pl
 
+from assets.partitions import backfill_policy, daily
 from assets.streams import CLINICAL, STREAMS, Stream, Surface, day_window, partition_folder
-from pipelines.partitions import backfill_policy, daily
 from resources.landing import LandingResource, LandingZone, RawPage
 from resources.redox import RedoxClient, date_window
 from resources.redox.resource import RedoxResource

@@ -34,8 +34,8 @@ from resources.redox.errors import RedoxConfigError
 from resources.redox.resource import RedoxResource
 from resources.warehouse import LAKE, Warehouse
 from resources.warehouse.ddl import quote_ident
+from schema import CLINICAL, NATURAL_KEY, PATIENTS, UTC_TS
 from transforms import identity
-from transforms.schema import CLINICAL, NATURAL_KEY, PATIENTS, UTC_TS
 
 IDENTITY_MODEL: Final = pl.Schema(
     {

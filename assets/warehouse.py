@@ -15,8 +15,8 @@ import datetime as dt
 import dagster as dg
 import polars as pl
 
+from assets.partitions import backfill_policy, daily
 from assets.streams import CLINICAL, ENTITIES, STREAMS, Entity, Surface, partition_folder
-from pipelines.partitions import backfill_policy, daily
 from resources.landing import LandingResource, LandingZone
 from resources.warehouse import Warehouse
 from transforms import datamodel as dm_norm

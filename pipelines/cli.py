@@ -14,6 +14,7 @@ from rich.console import Console
 from pipelines.identity_cli import app as identity_app
 from pipelines.progress import progress_bar, sync_with_progress
 from pipelines.sql import sql as sql_command
+from resources import settings
 from sandbox.cli import app as sandbox_app
 
 if TYPE_CHECKING:  # dagster loads slowly; `redox-etl --help` should not wait for it
@@ -29,6 +30,14 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # locals may hold tokens or patient data
 )
 app.add_typer(sandbox_app, name="sandbox")
+
+
+@app.callback()
+def _main(ctx: typer.Context) -> None:
+    # The sandbox's CLI imports nothing of ours; this is where it learns our state folder.
+    ctx.obj = {"sandbox_state_dir": settings.sandbox_dir()}
+
+
 app.command(name="sql")(sql_command)
 app.add_typer(identity_app, name="identity")
 console = Console()

@@ -3,7 +3,7 @@
 import dagster as dg
 
 from assets.checks import all_checks
-from pipelines.partitions import daily, ranges
+from assets.partitions import daily, ranges
 from resources.warehouse import LakeNotFoundError, Warehouse
 
 # Everything partitioned by day: extract from both surfaces, then load; then identity, once per run

@@ -53,7 +53,7 @@ def _daily_sync_job() -> dg.JobDefinition:
 
 
 def partition_keys(start: dt.date, end: dt.date) -> list[str]:
-    from pipelines.partitions import daily
+    from assets.partitions import daily
 
     keys = daily.get_partition_keys()
     chosen = [k for k in keys if start.isoformat() <= k <= end.isoformat()]
@@ -110,7 +110,7 @@ def sync(
 
 def pending_ranges() -> list[tuple[dt.date, dt.date]]:
     """Runs of consecutive days the changes asset queued and no load has cleared yet."""
-    from pipelines.partitions import ranges
+    from assets.partitions import ranges
     from resources.warehouse import LakeNotFoundError, Warehouse
 
     try:

@@ -16,10 +16,14 @@ import typer
 app = typer.Typer(help="The embedded Redox sandbox.", no_args_is_help=True)
 
 
-def _default_state_dir() -> Path:
-    from resources.settings import sandbox_dir
+# The sandbox stands in for a remote system and reads nothing of the pipeline's configuration: a
+# host CLI that mounts this app names the default folder through ``ctx.obj["sandbox_state_dir"]``.
+FALLBACK_STATE_DIR = Path(".redox-etl/sandbox")
 
-    return sandbox_dir()
+
+def _default_state_dir(ctx: typer.Context) -> Path:
+    given = (ctx.obj or {}).get("sandbox_state_dir") if isinstance(ctx.obj, dict) else None
+    return Path(given) if given else FALLBACK_STATE_DIR.resolve()
 
 
 def _rate_limit(text: str) -> tuple[int, float] | None:
@@ -51,6 +55,7 @@ FhirTz = Annotated[str, typer.Option(help="The FHIR EHR's time zone (its timesta
 
 @app.command()
 def serve(
+    ctx: typer.Context,
     host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port; 0 picks any free port.")] = 0,
     seed: Seed = 7,
@@ -98,7 +103,7 @@ def serve(
         options,
         host=host,
         port=port,
-        state_dir=state_dir or _default_state_dir(),
+        state_dir=state_dir or _default_state_dir(ctx),
         announce=lambda line: typer.echo(line, err=False),
     )
 
@@ -128,6 +133,7 @@ def _running_base_url(state_dir: Path) -> str | None:
 
 @app.command()
 def truth(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option(help="Folder for the Parquet files.")],
     url: Annotated[str | None, typer.Option(help="Base URL of a running sandbox.")] = None,
     build: Annotated[bool, typer.Option("--build", help="Build the world locally even if one runs.")] = False,
@@ -140,7 +146,7 @@ def truth(
 ) -> None:
     """Write the ground truth as Parquet: from a running sandbox, or built from the same options."""
     out.mkdir(parents=True, exist_ok=True)
-    base_url = url or (None if build else _running_base_url(state_dir or _default_state_dir()))
+    base_url = url or (None if build else _running_base_url(state_dir or _default_state_dir(ctx)))
     files: dict[str, Any]
     if base_url:
         files = _fetch_truth(base_url)

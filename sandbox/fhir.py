@@ -1,6 +1,6 @@
 """The FHIR R4 surface: canonical records rendered as R4 resources, searched and paged as Redox does.
 
-Rendering maps canonical values (transforms/schema.py VALUESETS) to FHIR codes through the tables
+Rendering maps canonical values (schema/__init__.py VALUESETS) to FHIR codes through the tables
 below (documented in docs/sandbox.md), writes every timestamp in the FHIR EHR's local offset, and
 memoizes each record version's JSON bytes, so a page is built by joining cached bytes and no
 pydantic model is touched on the hot path.

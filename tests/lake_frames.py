@@ -14,8 +14,8 @@ from typing import Any
 import duckdb
 import polars as pl
 
+import schema
 from resources.warehouse import Warehouse
-from transforms import schema
 
 # Rows per merge group in the concurrency tests.
 GROUP = 7

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.json as pa_json
 from polars.datatypes.classes import DataTypeClass
 
-from transforms import schema
+import schema
 
 # polars annotates nested field dtypes as "a DataType instance or class" (its PolarsDataType).
 DType = pl.DataType | DataTypeClass

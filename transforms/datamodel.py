@@ -33,7 +33,8 @@ from typing import Any, Final
 
 import polars as pl
 
-from transforms import common, schema, valuesets
+import schema
+from transforms import common, valuesets
 
 SURFACE: Final = "datamodel"
 DEFAULT_ID_TYPES: Final = ("MR", "MRN")

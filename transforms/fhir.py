@@ -20,7 +20,8 @@ from typing import Any, Final
 
 import polars as pl
 
-from transforms import common, schema, valuesets
+import schema
+from transforms import common, valuesets
 
 SURFACE: Final = "fhir"
 SSN_SYSTEM: Final = "http://hl7.org/fhir/sid/us-ssn"

@@ -36,8 +36,8 @@ from typing import Any, Final
 import duckdb
 import polars as pl
 
+from schema import IDENTIFIER, NATURAL_KEY, PATIENTS, UTC_TS
 from transforms.nicknames import FORMAL_NAMES, VARIANTS
-from transforms.schema import IDENTIFIER, NATURAL_KEY, PATIENTS, UTC_TS
 
 MODEL_FORMAT: Final = "redox-etl-identity/1"
 

@@ -20,7 +20,7 @@ from typing import Final
 
 import polars as pl
 
-from transforms import schema
+import schema
 
 Table = Mapping[str, str]
 

@@ -1,11 +1,8 @@
 """The Redox client: auth, one shared rate budget, retries, paging and an audit trail, for both the
-FHIR R4 and the Data Model surfaces. Assets use ``RedoxResource.client(run_id=...)``.
-
-``RedoxResource`` is imported lazily: worker processes that only need the client (benchmarks,
-scripts) should not pay for importing Dagster.
+FHIR R4 and the Data Model surfaces. Assets use ``RedoxResource.client(run_id=...)``, imported from
+``resources.redox.resource``: this package does not export it, so worker processes that only need
+the client (benchmarks, scripts) do not pay for importing Dagster.
 """
-
-from typing import Any
 
 from resources.redox.audit import AuditLog
 from resources.redox.budget import RateBudget
@@ -42,17 +39,8 @@ __all__ = [
     "RedoxError",
     "RedoxRateLimited",
     "RedoxRequestError",
-    "RedoxResource",
     "RedoxServerError",
     "RedoxSettings",
     "SigningKey",
     "date_window",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "RedoxResource":
-        from resources.redox.resource import RedoxResource
-
-        return RedoxResource
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

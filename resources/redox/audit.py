@@ -13,7 +13,7 @@ from typing import Literal
 
 import polars as pl
 
-from transforms.schema import API_CALLS
+from schema import API_CALLS
 
 Surface = Literal["fhir", "datamodel", "auth"]
 

@@ -1,4 +1,4 @@
-"""DuckDB column types derived from the polars schemas in transforms/schema.py.
+"""DuckDB column types derived from the polars schemas in schema/__init__.py.
 
 The schema module is the single contract; this module only translates it, so a column added there
 appears in the lake (ensure_tables adds it) without a second list to keep in step.

@@ -37,7 +37,7 @@ from resources.warehouse.catalog import CatalogSpec, parse_catalog, redact
 from resources.warehouse.ddl import columns_sql, duckdb_type, normalize_type, quote_ident
 from resources.warehouse.extensions import load_extensions, storage_extensions
 from resources.warehouse.lock import held_by_this_process, writer_lock
-from transforms.schema import (
+from schema import (
     API_CALLS,
     API_CALLS_LINEAGE,
     CLINICAL,
@@ -71,7 +71,7 @@ class LakeNotFoundError(FileNotFoundError):
 
 
 class SchemaMismatchError(RuntimeError):
-    """A lake table's column has a different type than transforms/schema.py declares."""
+    """A lake table's column has a different type than schema/__init__.py declares."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -333,7 +333,7 @@ class Warehouse(ConfigurableResource):
                     changed.append(f"{table}.{column}")
                 elif normalize_type(have[column]) != normalize_type(duckdb_type(dtype)):
                     raise SchemaMismatchError(
-                        f"lake column {table}.{column} is {have[column]} but transforms/schema.py "
+                        f"lake column {table}.{column} is {have[column]} but schema/__init__.py "
                         f"declares {duckdb_type(dtype)}; migrate the lake table explicitly"
                     )
         if not statements:
@@ -814,7 +814,7 @@ def _check_frame(table: str, frame: pl.DataFrame, schema: pl.Schema) -> None:
     wrong = {c: f"{have[c]} (want {schema[c]})" for c in schema if c in have and have[c] != schema[c]}
     order = not missing and not extra and not wrong
     raise ValueError(
-        f"frame for {table} does not match transforms/schema.py: missing={missing} extra={extra} "
+        f"frame for {table} does not match schema/__init__.py: missing={missing} extra={extra} "
         f"wrong_dtype={wrong}{' column order differs' if order else ''}; pass it through schema.conform()"
     )
 

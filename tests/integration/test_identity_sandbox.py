@@ -11,8 +11,8 @@ import polars as pl
 import pytest
 
 from sandbox.population import PopulationConfig, World, build
+from schema import PATIENTS
 from transforms import identity as idn
-from transforms.schema import PATIENTS
 
 NOW = datetime(2025, 1, 1, tzinfo=UTC)
 MIN_PRECISION = 0.999

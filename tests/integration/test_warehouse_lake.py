@@ -20,6 +20,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+import schema
 from resources.warehouse import (
     ExtensionUnavailableError,
     LakeNotFoundError,
@@ -32,7 +33,6 @@ from resources.warehouse import (
 from resources.warehouse.extensions import wheel_binary
 from tests.lake_frames import clinical as _clinical
 from tests.lake_frames import offline_duckdb
-from transforms import schema
 
 REPO = Path(__file__).resolve().parents[2]
 DAY = dt.date(2024, 3, 10)
@@ -282,7 +282,7 @@ _CRASHING_WRITER = textwrap.dedent(
     import datetime as dt, sys, time
     import polars as pl
     from resources.warehouse import Warehouse
-    from transforms import schema
+    import schema
     lake, n, stop_inside = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "inside"
     if stop_inside:
         record_load = Warehouse._record_load

@@ -6,7 +6,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from pipelines.partitions import ranges
+from assets.partitions import ranges
 from resources.warehouse import Warehouse
 
 D1, D2, D5 = dt.date(2026, 3, 1), dt.date(2026, 3, 2), dt.date(2026, 3, 5)

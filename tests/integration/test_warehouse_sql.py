@@ -8,9 +8,9 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
+import schema
 from pipelines.sql import app
 from resources.warehouse import Warehouse
-from transforms import schema
 
 runner = CliRunner()
 STAMP = dt.datetime(2024, 3, 10, 7, 30, tzinfo=dt.UTC)

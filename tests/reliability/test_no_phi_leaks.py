@@ -47,8 +47,8 @@ from filelock import FileLock
 
 from resources.warehouse import Warehouse
 from sandbox.faults import FaultSpec
+from schema import WAREHOUSE_TABLES
 from tests.reliability.sync_harness import SyncEnv, materialize, sync_env
-from transforms.schema import WAREHOUSE_TABLES
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
 

@@ -27,7 +27,7 @@ from resources.redox import (
 )
 from resources.redox.fhir import batches, date_window
 from resources.redox.settings import RateSpec, RedoxSettings, SigningKey
-from transforms.schema import API_CALLS
+from schema import API_CALLS
 
 BASE = "http://redox.test"
 FHIR = f"{BASE}/fhir/R4/acme/Development"

@@ -6,9 +6,9 @@ from typing import Any
 import polars as pl
 import pytest
 
+from schema import PATIENTS
 from transforms import identity as idn
 from transforms.nicknames import FORMAL_NAMES, VARIANTS
-from transforms.schema import PATIENTS
 
 NOW = datetime(2025, 1, 1, tzinfo=UTC)
 ENT = "urn:oid:2.16.840.1.113883.3.4242.1"

@@ -19,8 +19,8 @@ from assets.identity import (
     choose_model,
     model_row,
 )
+from schema import PATIENTS
 from transforms import identity
-from transforms.schema import PATIENTS
 
 NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 MODEL = {"format": identity.MODEL_FORMAT, "splink": {"comparisons": []}}

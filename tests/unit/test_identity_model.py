@@ -10,8 +10,8 @@ import polars as pl
 import pytest
 
 from sandbox.population import generate_patient_frame
+from schema import PATIENTS
 from transforms import identity as idn
-from transforms.schema import PATIENTS
 
 NOW = datetime(2025, 1, 1, tzinfo=UTC)
 

@@ -6,7 +6,8 @@ from datetime import UTC, datetime
 import polars as pl
 import pytest
 
-from transforms import common, fhir, schema, valuesets
+import schema
+from transforms import common, fhir, valuesets
 
 # --- what polars' json_decode does (pinned: the fast/slow path split relies on it) ---------------
 

@@ -9,7 +9,8 @@ from typing import Any
 import polars as pl
 import pytest
 
-from transforms import common, datamodel, schema, valuesets
+import schema
+from transforms import common, datamodel, valuesets
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "redox-datamodel"
 ENTITIES = ("patients", "encounters", "appointments", "results")

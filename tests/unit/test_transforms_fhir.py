@@ -8,7 +8,8 @@ from typing import Any
 import polars as pl
 import pytest
 
-from transforms import common, fhir, schema, valuesets
+import schema
+from transforms import common, fhir, valuesets
 
 TABLE = {
     "patients": "patients",
