@@ -47,7 +47,7 @@ NOW = datetime(2025, 1, 1, tzinfo=UTC)
 
 
 def generate(root: Path, size: int, seed: int) -> Path:
-    from sandbox.population import generate_patient_frame
+    from sandbox.population.people import generate_patient_frame
 
     path = root / f"patients-n{size}-s{seed}.parquet"
     if not path.exists():

@@ -1,6 +1,6 @@
 """The sandbox's canonical records: what each emulated EHR holds, before any surface renders it.
 
-The population generator (sandbox/population.py) makes these; the HTTP surfaces (sandbox/fhir.py,
+The population generator (sandbox/population/) makes these; the HTTP surfaces (sandbox/fhir.py,
 sandbox/datamodel.py) render them as FHIR R4 resources or Redox Data Model payloads; the truth
 endpoint exports them. Field values use the warehouse's canonical vocabularies (see
 docs/data-dictionary.md: sex 'male'/'female'/..., appointment status 'booked'/'cancelled'/..., and

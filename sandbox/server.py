@@ -47,7 +47,8 @@ class Running:
 
 
 def build_world(options: SandboxOptions, *, index: bool = True) -> WorldLike:
-    from sandbox.population import PopulationConfig, build
+    # Lazy: the generator loads polars, which merely importing the server (to start a child) skips.
+    from sandbox.population.world import PopulationConfig, build
 
     return build(
         PopulationConfig(

@@ -10,7 +10,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from sandbox.population import PopulationConfig, World, build
+from sandbox.population.world import PopulationConfig, World, build
 from schema import PATIENTS
 from transforms import identity as idn
 

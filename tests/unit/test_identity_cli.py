@@ -6,7 +6,7 @@ import polars as pl
 from typer.testing import CliRunner
 
 from pipelines.identity_cli import PAIRS_OUT, app
-from sandbox.population import generate_patient_frame
+from sandbox.population.people import generate_patient_frame
 
 
 def test_link_writes_scored_pairs_and_prints_counts_only(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from sandbox.population import generate_patient_frame
+from sandbox.population.people import generate_patient_frame
 from schema import PATIENTS
 from transforms import identity as idn
 
