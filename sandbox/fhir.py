@@ -1,17 +1,13 @@
-"""The FHIR R4 surface: canonical records rendered as R4 resources, searched and paged as Redox does.
-
-Rendering maps canonical values (schema/__init__.py VALUESETS) to FHIR codes through the tables
-below (documented in docs/sandbox.md), writes every timestamp in the FHIR EHR's local offset, and
-memoizes each record version's JSON bytes, so a page is built by joining cached bytes and no
+"""The FHIR R4 surface: reads, and searches evaluated against a store snapshot and paged as Redox
+does. Resources come from sandbox/fhir_render.py, parameters are parsed by sandbox/fhir_params.py;
+each record version's JSON bytes are memoized, so a page is built by joining cached bytes and no
 pydantic model is touched on the hot path.
 
 Invariants:
 - a search is evaluated once against a store snapshot (``as_of_seq``) and paged from that snapshot
   through an opaque cursor, so records changing between pages are neither skipped nor repeated;
 - cursors and next links carry no PHI: the query travels inside the cursor, AES-GCM encrypted and
-  authenticated with a per-process key, and the link is ``{fhir_base}/{Resource}/_search?_cursor=``;
-- every rendered resource validates against ``fhir.resources.R4B`` (tests enforce it); JSON never
-  holds ``null`` or an empty array, which FHIR forbids.
+  authenticated with a per-process key, and the link is ``{fhir_base}/{Resource}/_search?_cursor=``.
 """
 
 import base64
@@ -20,16 +16,26 @@ import collections
 import dataclasses
 import json
 import os
-import re
 import uuid
-from collections.abc import Callable, Iterable, Sequence
-from datetime import UTC, date, datetime, timedelta, tzinfo
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, tzinfo
 from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from sandbox.model import Appointment, Encounter, Kind, Patient, Result, Version
+from sandbox.fhir_params import (
+    SEARCH_PARAMS,
+    SearchError,
+    and_of_ors,
+    indexed_identifier,
+    intersect,
+    parse_date_param,
+    patient_id,
+    record_filter,
+)
+from sandbox.fhir_render import RENDERERS, fhir_instant, malform
+from sandbox.model import Kind, Version
 from sandbox.store import Bounds
 
 RESOURCES: dict[str, Kind] = {
@@ -40,65 +46,6 @@ RESOURCES: dict[str, Kind] = {
 }
 DEFAULT_COUNT = 50
 MAX_COUNT = 1000
-
-SSN_SYSTEM = "http://hl7.org/fhir/sid/us-ssn"
-NPI_SYSTEM = "http://hl7.org/fhir/sid/us-npi"
-LOINC_SYSTEM = "http://loinc.org"
-UCUM_SYSTEM = "http://unitsofmeasure.org"
-ACT_CODE = "http://terminology.hl7.org/CodeSystem/v3-ActCode"
-NULL_FLAVOR = "http://terminology.hl7.org/CodeSystem/v3-NullFlavor"
-PARTICIPATION_TYPE = "http://terminology.hl7.org/CodeSystem/v3-ParticipationType"
-INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
-OBSERVATION_CATEGORY = "http://terminology.hl7.org/CodeSystem/observation-category"
-APPOINTMENT_TYPE = "http://terminology.hl7.org/CodeSystem/v2-0276"
-SANDBOX_APPOINTMENT_TYPE = "urn:redox:sandbox:appointment-type"
-
-# canonical encounter_class -> (system, code, display)
-ENCOUNTER_CLASS: dict[str, tuple[str, str, str]] = {
-    "ambulatory": (ACT_CODE, "AMB", "ambulatory"),
-    "emergency": (ACT_CODE, "EMER", "emergency"),
-    "inpatient": (ACT_CODE, "IMP", "inpatient encounter"),
-    "observation": (ACT_CODE, "OBSENC", "observation encounter"),
-    "virtual": (ACT_CODE, "VR", "virtual"),
-    "unknown": (NULL_FLAVOR, "UNK", "unknown"),
-}
-# canonical abnormal_flag -> (code, display) in v3 ObservationInterpretation
-INTERPRETATIONS: dict[str, tuple[str, str]] = {
-    "normal": ("N", "Normal"),
-    "low": ("L", "Low"),
-    "high": ("H", "High"),
-    "critical_low": ("LL", "Critical low"),
-    "critical_high": ("HH", "Critical high"),
-    "abnormal": ("A", "Abnormal"),
-    "unknown": ("IND", "Indeterminate"),
-}
-# Canonical encounter, result and sex codes are FHIR's own; appointment 'unknown' is not an R4
-# Appointment.status, so it goes out as 'pending' (the population never generates it).
-APPOINTMENT_STATUS = {"unknown": "pending"}
-V2_0276 = frozenset({"CHECKUP", "EMERGENCY", "FOLLOWUP", "ROUTINE", "WALKIN"})
-
-PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
-SUPPORTED_PREFIXES = ("eq", "gt", "lt", "ge", "le")
-
-COMMON_PARAMS = frozenset({"_id", "_lastUpdated", "_count", "_format"})
-SEARCH_PARAMS: dict[str, frozenset[str]] = {
-    "Patient": COMMON_PARAMS
-    | {
-        "identifier",
-        "given",
-        "family",
-        "birthdate",
-        "gender",
-        "address-city",
-        "address-state",
-        "address-postalcode",
-        "phone",
-        "email",
-    },
-    "Encounter": COMMON_PARAMS | {"patient", "subject", "date", "status"},
-    "Observation": COMMON_PARAMS | {"patient", "subject", "date", "status", "category", "code"},
-    "Appointment": COMMON_PARAMS | {"patient", "date", "status"},
-}
 
 
 class StoreLike(Protocol):
@@ -111,425 +58,12 @@ class StoreLike(Protocol):
     def query(self, kind: Kind, surface: str, **kwargs: Any) -> list[Version]: ...
 
 
-class SearchError(Exception):
-    """A search the server refuses; rendered as a 400 OperationOutcome naming the problem."""
-
-    def __init__(self, diagnostics: str, *, status: int = 400, code: str = "invalid") -> None:
-        super().__init__(diagnostics)
-        self.diagnostics = diagnostics
-        self.status = status
-        self.code = code
-
-
 def operation_outcome(diagnostics: str, code: str = "invalid", severity: str = "error") -> bytes:
     body = {
         "resourceType": "OperationOutcome",
         "issue": [{"severity": severity, "code": code, "diagnostics": diagnostics}],
     }
     return json.dumps(body, separators=(",", ":")).encode()
-
-
-# -- rendering ------------------------------------------------------------------------------------
-
-
-def fhir_instant(value: datetime, tz: tzinfo) -> str:
-    """ISO 8601 in the EHR's local offset; microseconds kept when present so watermarks round-trip."""
-    return value.astimezone(tz).isoformat()
-
-
-def _compact(obj: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in obj.items() if v is not None and v != [] and v != {}}
-
-
-def _meta(version: Version, tz: tzinfo) -> dict[str, str]:
-    return {"versionId": str(version.version_id), "lastUpdated": fhir_instant(version.last_updated, tz)}
-
-
-def render_patient(version: Version, tz: tzinfo) -> dict[str, Any]:
-    p = version.record
-    assert isinstance(p, Patient)
-    identifiers = [{"system": i.system, "value": i.value} for i in p.identifiers if i.value]
-    if p.ssn and not any(i["system"] == SSN_SYSTEM for i in identifiers):
-        identifiers.append({"system": SSN_SYSTEM, "value": p.ssn})
-    given = [g for g in (p.given_name, p.middle_name) if g]
-    name = _compact({"use": "official", "family": p.family_name, "given": given})
-    address = _compact(
-        {
-            "use": "home",
-            "line": [p.address_line] if p.address_line else None,
-            "city": p.address_city,
-            "state": p.address_state,
-            "postalCode": p.address_postal_code,
-        }
-    )
-    telecom = []
-    if p.phone:
-        telecom.append({"system": "phone", "value": p.phone, "use": "home"})
-    if p.email:
-        telecom.append({"system": "email", "value": p.email})
-    return _compact(
-        {
-            "resourceType": "Patient",
-            "id": p.source_id,
-            "meta": _meta(version, tz),
-            "identifier": identifiers,
-            "name": [name] if len(name) > 1 else None,
-            "telecom": telecom,
-            "gender": p.sex,
-            "birthDate": p.birth_date.isoformat() if p.birth_date else None,
-            "address": [address] if len(address) > 1 else None,
-        }
-    )
-
-
-def _practitioner(provider_id: str | None, provider_name: str | None) -> dict[str, Any] | None:
-    ref = _compact(
-        {
-            "identifier": {"system": NPI_SYSTEM, "value": provider_id} if provider_id else None,
-            "display": provider_name,
-        }
-    )
-    return ref or None
-
-
-def render_encounter(version: Version, tz: tzinfo) -> dict[str, Any]:
-    e = version.record
-    assert isinstance(e, Encounter)
-    system, code, display = ENCOUNTER_CLASS.get(e.encounter_class, ENCOUNTER_CLASS["unknown"])
-    coding = _compact({"system": e.type_system, "code": e.type_code, "display": e.type_display})
-    encounter_type = _compact({"coding": [coding] if coding else None, "text": e.type_display})
-    attender = _practitioner(e.attending_provider_id, e.attending_provider_name)
-    participant = None
-    if attender:
-        participant = [
-            {
-                "type": [{"coding": [{"system": PARTICIPATION_TYPE, "code": "ATND", "display": "attender"}]}],
-                "individual": attender,
-            }
-        ]
-    return _compact(
-        {
-            "resourceType": "Encounter",
-            "id": e.source_id,
-            "meta": _meta(version, tz),
-            "status": e.status,
-            "class": {"system": system, "code": code, "display": display},
-            "type": [encounter_type] if encounter_type else None,
-            "subject": {"reference": f"Patient/{e.patient_source_id}"},
-            "participant": participant,
-            "period": _compact(
-                {
-                    "start": fhir_instant(e.start_at, tz),
-                    "end": fhir_instant(e.end_at, tz) if e.end_at else None,
-                }
-            ),
-            "reasonCode": [{"text": e.reason}] if e.reason else None,
-            "location": [{"location": {"display": e.location}}] if e.location else None,
-        }
-    )
-
-
-def _code_system(system: str) -> str:
-    return LOINC_SYSTEM if system.strip().upper() in ("LOINC", "LN", "2.16.840.1.113883.6.1") else system
-
-
-def render_observation(version: Version, tz: tzinfo) -> dict[str, Any]:
-    r = version.record
-    assert isinstance(r, Result)
-    value: dict[str, Any] = {}
-    if r.value_num is not None:
-        value["valueQuantity"] = _compact(
-            {
-                "value": r.value_num,
-                "unit": r.unit,
-                "system": UCUM_SYSTEM if r.unit else None,
-                "code": r.unit,
-            }
-        )
-    elif r.value_text is not None:
-        value["valueString"] = r.value_text
-    reference: dict[str, Any] = {}
-    if r.reference_low is not None:
-        reference["low"] = _compact({"value": r.reference_low, "unit": r.unit})
-    if r.reference_high is not None:
-        reference["high"] = _compact({"value": r.reference_high, "unit": r.unit})
-    if r.reference_text:
-        reference["text"] = r.reference_text
-    interpretation = None
-    if r.abnormal_flag:
-        code, display = INTERPRETATIONS.get(r.abnormal_flag, INTERPRETATIONS["unknown"])
-        interpretation = [{"coding": [{"system": INTERPRETATION, "code": code, "display": display}]}]
-    return _compact(
-        {
-            "resourceType": "Observation",
-            "id": r.source_id,
-            "meta": _meta(version, tz),
-            "basedOn": [{"reference": f"ServiceRequest/{r.order_id}"}],
-            "status": r.status,
-            "category": [
-                {"coding": [{"system": OBSERVATION_CATEGORY, "code": "laboratory", "display": "Laboratory"}]}
-            ],
-            "code": _compact(
-                {
-                    "coding": [
-                        _compact(
-                            {"system": _code_system(r.code_system), "code": r.code, "display": r.display}
-                        )
-                    ],
-                    "text": r.display,
-                }
-            ),
-            "subject": {"reference": f"Patient/{r.patient_source_id}"},
-            "effectiveDateTime": fhir_instant(r.effective_at, tz),
-            **value,
-            "interpretation": interpretation,
-            "referenceRange": [reference] if reference else None,
-        }
-    )
-
-
-def render_appointment(version: Version, tz: tzinfo) -> dict[str, Any]:
-    a = version.record
-    assert isinstance(a, Appointment)
-    participants: list[dict[str, Any]] = [
-        {"actor": {"reference": f"Patient/{a.patient_source_id}"}, "status": "accepted"}
-    ]
-    practitioner = _practitioner(a.provider_id, a.provider_name)
-    if practitioner:
-        participants.append(
-            {
-                "type": [{"coding": [{"system": PARTICIPATION_TYPE, "code": "ATND", "display": "attender"}]}],
-                "actor": practitioner,
-                "status": "accepted",
-            }
-        )
-    if a.location:
-        participants.append({"actor": {"display": a.location}, "status": "accepted"})
-    appointment_type = None
-    if a.type_code or a.type_display:
-        system = APPOINTMENT_TYPE if (a.type_code or "") in V2_0276 else SANDBOX_APPOINTMENT_TYPE
-        coding = _compact({"system": system, "code": a.type_code, "display": a.type_display})
-        appointment_type = _compact({"coding": [coding] if a.type_code else None, "text": a.type_display})
-    return _compact(
-        {
-            "resourceType": "Appointment",
-            "id": a.source_id,
-            "meta": _meta(version, tz),
-            "status": APPOINTMENT_STATUS.get(a.status, a.status),
-            "appointmentType": appointment_type,
-            "reasonCode": [{"text": a.reason}] if a.reason else None,
-            "start": fhir_instant(a.start_at, tz),
-            "end": fhir_instant(a.end_at, tz),
-            "minutesDuration": a.duration_min if a.duration_min and a.duration_min > 0 else None,
-            "participant": participants,
-        }
-    )
-
-
-RENDERERS: dict[str, Callable[[Version, tzinfo], dict[str, Any]]] = {
-    "Patient": render_patient,
-    "Encounter": render_encounter,
-    "Observation": render_observation,
-    "Appointment": render_appointment,
-}
-
-
-def malform(resource: dict[str, Any], mode: str) -> dict[str, Any]:
-    """Break one resource the way a faulty EHR might (``malformed`` fault); see docs/sandbox.md."""
-    broken = json.loads(json.dumps(resource))
-    kind = broken.get("resourceType")
-    if mode == "wrong-type":
-        if kind == "Patient":
-            broken["birthDate"] = 19_700_101
-        elif kind == "Observation" and "valueQuantity" in broken:
-            broken["valueQuantity"]["value"] = "not-a-number"
-        else:
-            broken["status"] = 1
-    elif mode == "missing-required":
-        if kind == "Patient":
-            broken.pop("resourceType", None)
-        elif kind == "Appointment":
-            broken.pop("participant", None)
-        else:
-            broken.pop("status", None)
-    else:
-        date_field = {
-            "Patient": "birthDate",
-            "Observation": "effectiveDateTime",
-            "Appointment": "start",
-        }.get(kind or "")
-        if date_field:
-            broken[date_field] = "2021-02-30T25:61:00"
-        elif kind == "Encounter":
-            broken.setdefault("period", {})["start"] = "2021-02-30T25:61:00"
-        broken.setdefault("meta", {})["lastUpdated"] = "not-a-date"
-    return broken
-
-
-# -- search parameters ----------------------------------------------------------------------------
-
-
-def intersect(a: Bounds, b: Bounds) -> Bounds:
-    """Both windows at once: repeated date parameters AND together."""
-    lo, lo_inc = a.lo, a.lo_inclusive
-    if b.lo is not None and (lo is None or b.lo > lo or (b.lo == lo and not b.lo_inclusive)):
-        lo, lo_inc = b.lo, b.lo_inclusive
-    hi, hi_inc = a.hi, a.hi_inclusive
-    if b.hi is not None and (hi is None or b.hi < hi or (b.hi == hi and not b.hi_inclusive)):
-        hi, hi_inc = b.hi, b.hi_inclusive
-    return Bounds(lo, lo_inc, hi, hi_inc)
-
-
-_DATE_ONLY = re.compile(r"^(\d{4})(?:-(\d{2}))?(?:-(\d{2}))?$")
-
-
-def parse_date_param(name: str, raw: str, tz: tzinfo) -> Bounds:
-    """A FHIR date/dateTime search value with an optional prefix.
-
-    Date-only values (YYYY, YYYY-MM, YYYY-MM-DD) are ranges in the EHR's zone; values with a time are
-    instants (a missing offset means the EHR's zone) [I]. ``ne``, ``sa``, ``eb``, ``ap`` are refused.
-    """
-    prefix, value = "eq", raw.strip()
-    if value[:2].isalpha():
-        prefix, value = value[:2], value[2:]
-        if prefix not in PREFIXES:
-            raise SearchError(f"Invalid value for search parameter {name!r}: unknown prefix {prefix!r}")
-        if prefix not in SUPPORTED_PREFIXES:
-            raise SearchError(f"Unsupported prefix {prefix!r} for search parameter {name!r}")
-    match = _DATE_ONLY.match(value)
-    try:
-        if match:
-            year, month, day = match.group(1), match.group(2), match.group(3)
-            lo_date = date(int(year), int(month or 1), int(day or 1))
-            if day:
-                hi_date = lo_date + timedelta(days=1)
-            elif month:
-                hi_date = date(lo_date.year + lo_date.month // 12, lo_date.month % 12 + 1, 1)
-            else:
-                hi_date = date(lo_date.year + 1, 1, 1)
-            lo = datetime.combine(lo_date, datetime.min.time(), tz)
-            hi = datetime.combine(hi_date, datetime.min.time(), tz)
-            return {
-                "eq": Bounds(lo, True, hi, False),
-                "ge": Bounds(lo, True),
-                "gt": Bounds(hi, True),
-                "le": Bounds(hi=hi, hi_inclusive=False),
-                "lt": Bounds(hi=lo, hi_inclusive=False),
-            }[prefix]
-        # A '+' offset sent unencoded in a GET query string arrives as a space.
-        instant = datetime.fromisoformat(re.sub(r" (\d{2}:?\d{2})$", r"+\1", value))
-    except ValueError:
-        raise SearchError(f"Invalid value for search parameter {name!r}: not a FHIR date") from None
-    if instant.tzinfo is None:
-        instant = instant.replace(tzinfo=tz)
-    return {
-        "eq": Bounds(instant, True, instant, True),
-        "ge": Bounds(instant, True),
-        "gt": Bounds(instant, False),
-        "le": Bounds(hi=instant, hi_inclusive=True),
-        "lt": Bounds(hi=instant, hi_inclusive=False),
-    }[prefix]
-
-
-def _split(values: Iterable[str]) -> list[str]:
-    return [v.strip() for value in values for v in value.split(",") if v.strip()]
-
-
-def _and_of_ors(values: list[str]) -> set[str] | None:
-    """Repeated parameters AND together; commas inside one OR together (FHIR search semantics)."""
-    result: set[str] | None = None
-    for value in values:
-        options = {v.strip() for v in value.split(",") if v.strip()}
-        result = options if result is None else result & options
-    return result
-
-
-def _patient_id(value: str) -> str:
-    return value.rsplit("/", 1)[-1] if value.startswith("Patient/") or "/Patient/" in value else value
-
-
-def _digits(text: str) -> str:
-    return re.sub(r"\D", "", text)
-
-
-def _token_matches(token: str, pairs: Iterable[tuple[str | None, str | None]]) -> bool:
-    system, sep, code = token.partition("|")
-    if not sep:
-        return any(value == token for _, value in pairs)
-    if not code:
-        return any(s == system for s, _ in pairs)
-    if not system:
-        return any(s is None and value == code for s, value in pairs)
-    return any(s == system and value == code for s, value in pairs)
-
-
-def _casefold_eq(a: str | None, b: str) -> bool:
-    return a is not None and a.casefold() == b.casefold()
-
-
-Predicate = Callable[[Any, str], bool]
-
-
-def _ids_of(p: Patient) -> list[tuple[str | None, str | None]]:
-    pairs: list[tuple[str | None, str | None]] = [(i.system, i.value) for i in p.identifiers]
-    if p.ssn:
-        pairs.append((SSN_SYSTEM, p.ssn))
-    return pairs
-
-
-PATIENT_PREDICATES: dict[str, Predicate] = {
-    "identifier": lambda p, o: _token_matches(o, _ids_of(p)),
-    "given": lambda p, o: _casefold_eq(p.given_name, o) or _casefold_eq(p.middle_name, o),
-    "family": lambda p, o: _casefold_eq(p.family_name, o),
-    "birthdate": lambda p, o: p.birth_date is not None and p.birth_date.isoformat() == o.strip(),
-    "gender": lambda p, o: p.sex == o,
-    "address-city": lambda p, o: _casefold_eq(p.address_city, o),
-    "address-state": lambda p, o: _casefold_eq(p.address_state, o),
-    "address-postalcode": lambda p, o: _casefold_eq(p.address_postal_code, o),
-    "phone": lambda p, o: bool(p.phone) and _digits(p.phone) == _digits(o),
-    "email": lambda p, o: _casefold_eq(p.email, o),
-}
-
-
-def _status_of(resource: str, record: Any) -> str:
-    if resource == "Appointment":
-        return APPOINTMENT_STATUS.get(record.status, record.status)
-    return str(record.status)
-
-
-CLINICAL_PREDICATES: dict[str, Callable[[str], Predicate]] = {
-    "status": lambda resource: lambda r, o: _status_of(resource, r) == o,
-    "category": lambda resource: lambda r, o: _token_matches(o, [(OBSERVATION_CATEGORY, "laboratory")]),
-    "code": lambda resource: lambda r, o: _token_matches(o, [(_code_system(r.code_system), r.code)]),
-}
-
-
-def _indexed_identifier(resource: str, values: list[str]) -> tuple[str, str] | None:
-    """A ``system|value`` the store's identifier index can answer (the SSN is not an identifier
-    there); the per-record filter still checks every identifier parameter afterwards."""
-    if resource != "Patient" or len(values) != 1 or "," in values[0]:
-        return None
-    system, sep, value = values[0].partition("|")
-    if not sep or not system or not value or system == SSN_SYSTEM:
-        return None
-    return system, value
-
-
-def _record_filter(resource: str, params: dict[str, list[str]]) -> Callable[[Any], bool] | None:
-    """Parameters the store does not index, checked per record: repeats AND, commas OR."""
-    checks: list[tuple[Predicate, list[str]]] = []
-    for name, values in params.items():
-        if resource == "Patient":
-            predicate = PATIENT_PREDICATES.get(name)
-        else:
-            factory = CLINICAL_PREDICATES.get(name)
-            predicate = factory(resource) if factory else None
-        if predicate is None:
-            continue
-        checks.extend((predicate, _split([value])) for value in values)
-    if not checks:
-        return None
-    return lambda record: all(any(test(record, o) for o in options) for test, options in checks)
 
 
 # -- searching and paging -------------------------------------------------------------------------
@@ -753,16 +287,14 @@ class FhirSurface:
             return cached
         kind = RESOURCES[resource]
         query: dict[str, Any] = {"as_of_seq": as_of}
-        ids = _and_of_ors(params.get("_id", []))
+        ids = and_of_ors(params.get("_id", []))
         if ids is not None:
             query["source_ids"] = ids
         patient_values = params.get("patient", []) + params.get("subject", [])
-        patients = _and_of_ors(
-            [",".join(_patient_id(v) for v in value.split(",")) for value in patient_values]
-        )
+        patients = and_of_ors([",".join(patient_id(v) for v in value.split(",")) for value in patient_values])
         if patients is not None:
             query["patient_ids"] = patients
-        identifier = _indexed_identifier(resource, params.get("identifier", []))
+        identifier = indexed_identifier(resource, params.get("identifier", []))
         if identifier is not None:
             query["identifier"] = identifier
         when = self._window("date", params.get("date", []))
@@ -774,7 +306,7 @@ class FhirSurface:
         versions: list[Version] = []
         if not (ids is not None and not ids) and not (patients is not None and not patients):
             versions = self._store().query(kind, "fhir", **query)
-        keep = _record_filter(resource, params)
+        keep = record_filter(resource, params)
         if keep is not None:
             versions = [v for v in versions if keep(v.record)]
         versions.sort(key=lambda v: v.record.source_id)
