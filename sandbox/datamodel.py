@@ -2,9 +2,9 @@
 
 PatientSearch ``Query``, Scheduling ``Booked``, Results ``Query`` and PatientAdmin ``VisitQuery`` are
 answered from the Data Model EHR's records with Redox's response models (``Response``,
-``BookedResponse``, ``QueryResponse``, ``VisitQueryResponse``). Canonical values are mapped to the wire
-codes in the tables below (docs/sandbox.md lists them); every timestamp is ISO 8601 UTC with
-milliseconds and ``Z``.
+``BookedResponse``, ``QueryResponse``, ``VisitQueryResponse``). This module parses requests, finds
+the records and builds envelopes and errors; the records themselves are rendered by
+sandbox/datamodel_render.py.
 
 Invariants:
 - every successful response validates against the ``redox`` package's model for its event (extra
@@ -19,61 +19,26 @@ import copy
 import dataclasses
 import itertools
 import json
-import re
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from sandbox.datamodel_render import (
+    RESULT_STATUS,
+    malform,
+    order_status,
+    render_booking,
+    render_demographics,
+    render_patient,
+    render_result,
+    render_visit,
+    utc_ms,
+)
 from sandbox.fhir import StoreLike
-from sandbox.model import Appointment, Encounter, Patient, Result, Version
+from sandbox.model import Patient, Result, Version
 from sandbox.store import Bounds
 
-SEX = {"male": "Male", "female": "Female", "other": "Other", "unknown": "Unknown"}
-PATIENT_CLASS = {
-    "ambulatory": "Outpatient",
-    "emergency": "Emergency",
-    "inpatient": "Inpatient",
-    "observation": "Observation",
-    "virtual": "Virtual",
-    "unknown": "Unknown",
-}
-ENCOUNTER_STATUS = {
-    "planned": "Scheduled",
-    "arrived": "Arrived",
-    "in-progress": "In Progress",
-    "finished": "Completed",
-    "cancelled": "Canceled",
-    "entered-in-error": "Entered in Error",
-    "unknown": "Unknown",
-}
-APPOINTMENT_STATUS = {
-    "booked": "Scheduled",
-    "arrived": "Arrived",
-    "fulfilled": "Completed",
-    "cancelled": "Canceled",
-    "noshow": "No Show",
-    "entered-in-error": "Entered in Error",
-    "unknown": "Unknown",
-}
-RESULT_STATUS = {
-    "preliminary": "Preliminary",
-    "final": "Final",
-    "corrected": "Corrected",
-    "cancelled": "Canceled",
-    "entered-in-error": "Entered in Error",
-    "unknown": "Unknown",
-}
-ABNORMAL_FLAG = {
-    "normal": "Normal",
-    "low": "Low",
-    "high": "High",
-    "critical_low": "Critical Low",
-    "critical_high": "Critical High",
-    "abnormal": "Abnormal",
-    "unknown": "Unknown",
-}
-APPOINTMENT_TYPE_CODESET = "urn:redox:sandbox:appointment-type"
 # A window given only by its start covers one day [I]; Redox documents no default.
 DEFAULT_WINDOW = timedelta(days=1)
 SUPPORTED = {
@@ -100,11 +65,6 @@ class RequestError(Exception):
         self.kind = kind
 
 
-def utc_ms(value: datetime) -> str:
-    value = value.astimezone(UTC)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.") + f"{value.microsecond // 1000:03d}Z"
-
-
 def parse_utc(field: str, value: object) -> datetime:
     if not isinstance(value, str) or not value.strip():
         raise RequestError(f"{field} must be an ISO 8601 datetime string")
@@ -114,57 +74,6 @@ def parse_utc(field: str, value: object) -> datetime:
         raise RequestError(f"{field} is not an ISO 8601 datetime") from None
     # A datetime without an offset is taken as UTC, the only zone Redox uses [I].
     return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
-
-
-def id_type(system: str) -> str:
-    """``urn:oid:X`` -> ``X``; ``urn:redox:dm:T`` -> ``T``; anything else is sent as it is."""
-    if system.startswith("urn:oid:"):
-        return system[len("urn:oid:") :]
-    if system.startswith("urn:redox:dm:"):
-        return system[len("urn:redox:dm:") :]
-    return system
-
-
-def e164(phone: str | None) -> str | None:
-    if not phone:
-        return None
-    digits = re.sub(r"\D", "", phone)
-    if phone.strip().startswith("+"):
-        return "+" + digits
-    if len(digits) == 10:
-        return "+1" + digits
-    if len(digits) == 11 and digits.startswith("1"):
-        return "+" + digits
-    return phone
-
-
-def _split_name(name: str | None) -> tuple[str | None, str | None]:
-    if not name:
-        return None, None
-    first, _, last = name.strip().rpartition(" ")
-    return (first or None), last
-
-
-def malform(item: dict[str, Any], mode: str) -> dict[str, Any]:
-    """Break one Visit or Order the way a faulty EHR might (``malformed`` fault)."""
-    broken = copy.deepcopy(item)
-    if "Results" in broken:
-        if mode == "wrong-type":
-            broken["Results"] = {"Code": broken.get("ID")}
-        elif mode == "missing-required":
-            broken.pop("ID", None)
-        else:
-            broken["CompletionDateTime"] = "2021-02-30T25:61:00.000Z"
-        return broken
-    if mode == "wrong-type":
-        broken["VisitDateTime"] = 20_210_230
-        if "Duration" in broken:
-            broken["Duration"] = "fifteen minutes"
-    elif mode == "missing-required":
-        broken.pop("VisitNumber", None)
-    else:
-        broken["VisitDateTime"] = "2021-02-30T25:61:00.000Z"
-    return broken
 
 
 @dataclasses.dataclass
@@ -287,123 +196,22 @@ class DataModelSurface:
             hit = self._rendered[key] = build(version)
         return hit
 
-    @staticmethod
-    def identifiers(patient: Patient) -> list[dict[str, str]]:
-        return [{"ID": i.value, "IDType": id_type(i.system)} for i in patient.identifiers if i.value]
-
-    @staticmethod
-    def demographics(patient: Patient) -> dict[str, Any]:
-        address = {
-            "StreetAddress": patient.address_line,
-            "City": patient.address_city,
-            "State": patient.address_state,
-            "ZIP": patient.address_postal_code,
-            "Country": "US"
-            if any((patient.address_line, patient.address_city, patient.address_state))
-            else None,
-        }
-        return {
-            "FirstName": patient.given_name,
-            "MiddleName": patient.middle_name,
-            "LastName": patient.family_name,
-            "DOB": patient.birth_date.isoformat() if patient.birth_date else None,
-            "SSN": patient.ssn,
-            "Sex": SEX.get(patient.sex, "Unknown") if patient.sex else None,
-            "PhoneNumber": {"Home": e164(patient.phone)},
-            "EmailAddresses": [patient.email] if patient.email else [],
-            "Address": address,
-        }
-
     def _patient(self, patient_source_id: str, *, notes: bool) -> dict[str, Any]:
         version = self._store().current("patients", "datamodel", patient_source_id)
         if version is None:
             out: dict[str, Any] = {"Identifiers": [{"ID": patient_source_id, "IDType": "MR"}]}
         else:
-            rendered = self._cached("patient", version, self._render_patient)
+            rendered = self._cached("patient", version, render_patient)
             out = dict(rendered)
         if notes:
             out["Notes"] = []
         return out
 
-    def _render_patient(self, version: Version) -> dict[str, Any]:
-        patient = version.record
-        assert isinstance(patient, Patient)
-        return {"Identifiers": self.identifiers(patient), "Demographics": self.demographics(patient)}
-
     def _patient_identifiers(self, patient_source_id: str) -> list[dict[str, str]]:
         version = self._store().current("patients", "datamodel", patient_source_id)
         if version is None:
             return [{"ID": patient_source_id, "IDType": "MR"}]
-        return list(self._cached("patient", version, self._render_patient)["Identifiers"])
-
-    @staticmethod
-    def _render_visit(version: Version) -> dict[str, Any]:
-        e = version.record
-        assert isinstance(e, Encounter)
-        return {
-            "VisitNumber": e.source_id,
-            "VisitDateTime": utc_ms(e.start_at),
-            "PatientClass": PATIENT_CLASS.get(e.encounter_class, "Unknown"),
-            "Status": ENCOUNTER_STATUS.get(e.status, "Unknown"),
-            "Reason": e.reason,
-            "Location": {"Department": e.location, "FacilityIdentifiers": [], "DepartmentIdentifiers": []},
-        }
-
-    @staticmethod
-    def _render_booking(version: Version) -> dict[str, Any]:
-        a = version.record
-        assert isinstance(a, Appointment)
-        first, last = _split_name(a.provider_name)
-        provider: dict[str, Any] = {"ID": a.provider_id, "IDType": "NPI" if a.provider_id else None}
-        provider.update({"FirstName": first, "LastName": last})
-        info = []
-        if a.type_code:
-            info.append(
-                {
-                    "Code": a.type_code,
-                    "Codeset": APPOINTMENT_TYPE_CODESET,
-                    "Description": a.type_display,
-                    "Value": a.type_code,
-                }
-            )
-        return {
-            "VisitNumber": a.source_id,
-            "VisitDateTime": utc_ms(a.start_at),
-            "Duration": a.duration_min,
-            "Status": APPOINTMENT_STATUS.get(a.status, "Unknown"),
-            "Reason": a.reason,
-            "Type": a.type_display,
-            "AppointmentInfo": info,
-            "AttendingProvider": provider,
-            # Department is required by BookedResponse; an unknown location is sent empty [I].
-            "Location": {"Department": a.location or ""},
-            "LastUpdated": utc_ms(version.last_updated),
-            "Instructions": [],
-            "Diagnoses": [],
-        }
-
-    @staticmethod
-    def _render_result(version: Version) -> dict[str, Any]:
-        r = version.record
-        assert isinstance(r, Result)
-        value: str | None = r.value_text
-        value_type = "String"
-        if r.value_num is not None:
-            value, value_type = f"{r.value_num:g}", "Numeric"
-        codeset = "LOINC" if r.code_system.lower() in ("http://loinc.org", "loinc") else r.code_system
-        return {
-            "Code": r.code,
-            "Codeset": codeset,
-            "Description": r.display,
-            "Value": value,
-            "ValueType": value_type,
-            "Units": r.unit,
-            "Notes": [],
-            "AbnormalFlag": ABNORMAL_FLAG.get(r.abnormal_flag) if r.abnormal_flag else None,
-            "Status": RESULT_STATUS.get(r.status, "Unknown"),
-            "CompletionDateTime": utc_ms(r.effective_at),
-            "ReferenceRange": {"Low": r.reference_low, "High": r.reference_high, "Text": r.reference_text},
-        }
+        return list(self._cached("patient", version, render_patient)["Identifiers"])
 
     # -- lookups --------------------------------------------------------------------------------
 
@@ -523,7 +331,7 @@ class DataModelSurface:
         for version in self._store().query("patients", "datamodel"):
             p = version.record
             assert isinstance(p, Patient)
-            rendered = self.demographics(p)
+            rendered = render_demographics(p)
             if all(
                 value is None
                 or (isinstance(value, str) and str(rendered.get(key) or "").casefold() == value.casefold())
@@ -551,7 +359,7 @@ class DataModelSurface:
         versions.sort(key=lambda v: (v.record.start_at, v.record.source_id))  # type: ignore[union-attr]
         visits = []
         for version in versions:
-            item = dict(self._cached("booking", version, self._render_booking))
+            item = dict(self._cached("booking", version, render_booking))
             item["Patient"] = self._patient(version.record.patient_source_id, notes=True)  # type: ignore[union-attr]
             visits.append(item)
         return {"Visits": self._with_faults(visits, "Booking")}
@@ -621,12 +429,12 @@ class DataModelSurface:
             "CollectionDateTime": utc_ms(min(effective)),
             "CompletionDateTime": utc_ms(max(effective)),
             "Status": "Resulted",
-            "ResultsStatus": _order_status(statuses),
+            "ResultsStatus": order_status(statuses),
             "Priority": "Routine",
             "Notes": [],
             "ResultCopyProviders": [],
             "Patient": {"Identifiers": self._patient_identifiers(patient_source_id)},
-            "Results": [self._cached("result", v, self._render_result) for v in versions],
+            "Results": [self._cached("result", v, render_result) for v in versions],
         }
 
     def _visits(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -660,7 +468,7 @@ class DataModelSurface:
         versions.sort(key=lambda v: (v.record.patient_source_id, v.record.start_at, v.record.source_id))  # type: ignore[union-attr]
         flat: list[dict[str, Any]] = []
         for version in versions:
-            visit = self._cached("visit", version, self._render_visit)
+            visit = self._cached("visit", version, render_visit)
             if numbers is not None and visit["VisitNumber"] not in numbers:
                 continue
             if statuses is not None and visit["Status"] not in statuses:
@@ -680,13 +488,3 @@ class DataModelSurface:
             entry["Visits"] = visits
             patients.append(entry)
         return {"Patients": patients}
-
-
-def _order_status(statuses: Iterable[str]) -> str:
-    found = set(statuses)
-    for status in ("corrected", "preliminary"):
-        if status in found:
-            return RESULT_STATUS[status]
-    if found and found <= {"cancelled", "entered-in-error"}:
-        return RESULT_STATUS["cancelled"]
-    return RESULT_STATUS["final"]
