@@ -1,8 +1,8 @@
 """The sandbox's canonical records: what each emulated EHR holds, before any surface renders it.
 
-The population generator (sandbox/population/) makes these; the HTTP surfaces (sandbox/fhir.py,
-sandbox/datamodel.py) render them as FHIR R4 resources or Redox Data Model payloads; the truth
-endpoint exports them. Field values use the warehouse's canonical vocabularies (see
+The population generator (sandbox/population/) makes these; the HTTP surfaces render them as FHIR
+R4 resources (sandbox/fhir_render.py) or Redox Data Model payloads (sandbox/datamodel_render.py);
+the truth endpoint exports them. Field values use the warehouse's canonical vocabularies (see
 docs/data-dictionary.md: sex 'male'/'female'/..., appointment status 'booked'/'cancelled'/..., and
 so on), so that truth is directly comparable with what the pipeline loads. Each surface renderer owns
 the mapping from canonical value to its own wire code.

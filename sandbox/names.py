@@ -7,6 +7,9 @@ postal database), and e-mail domains are reserved example domains.
 
 Lists are ordered roughly by popularity: the generator gives earlier entries more weight, so that,
 as in life, two strangers named James Smith are far more likely than two named Thaddeus Quimby.
+
+The module is long only because it is data: one table per list and no logic, so it stays whole;
+splitting it would scatter one vocabulary over several files.
 """
 
 from typing import Final
