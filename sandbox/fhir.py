@@ -124,9 +124,6 @@ class FhirSurface:
             cached = cache[key] = json.dumps(rendered, separators=(",", ":")).encode()
         return cached
 
-    def render(self, resource: str, version: Version) -> dict[str, Any]:
-        return RENDERERS[resource](version, self.tz)
-
     def _entries(self, resource: str, page: list[Version], bodies: list[bytes | None]) -> bytes:
         """The entries of one page: cached bytes joined, rendering only versions never served."""
         cache = self._store().cache
