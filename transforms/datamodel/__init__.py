@@ -1,0 +1,49 @@
+"""Redox Data Model response bodies -> the unified tables (patients, encounters, results, appointments).
+
+Input: a LazyFrame of pages ``(raw_ref: String, body: String)``, one row per Data Model response.
+Output: the normalized frame of ``transforms.common``; ``common.split`` separates it.
+
+The package, in the order a page goes through it:
+
+- ``dtypes``: the dtypes of the response parts read (every leaf a string);
+- ``chains``: where each kind of record lives in a response, and the page dtype built from that;
+- ``repair``: the Python path for pages the vectorized decode rejects (markers, page errors);
+- ``locate``: decode pages, one row per located record, and ``count_records`` from the same steps;
+- ``fields``: expressions that read Data Model fields into column values;
+- ``entities``: the four normalizers and ``reference_only``.
+
+Invariants kept (each module states its part):
+
+- one row per located record, per record that cannot be read (quarantined), and per unreadable
+  page (quarantined), before dedupe; ``count_records`` counts exactly what was located, so
+  ``records == good + sum(duplicates) + quarantined`` for every batch;
+- request messages (Query, VisitQuery, Booked, ...) are not data: they yield no rows;
+- a response with ``Meta.Errors`` is one quarantined page row: Redox said the query failed;
+- no PHI in reasons: they name Data Model field paths.
+"""
+
+from typing import Final
+
+from transforms.datamodel.entities import appointments, encounters, patients, reference_only, results
+from transforms.datamodel.fields import DEFAULT_ID_TYPES, SURFACE
+from transforms.datamodel.locate import count_records
+
+# entity -> normalizer, for callers that loop over the four streams.
+NORMALIZERS: Final = {
+    "patients": patients,
+    "encounters": encounters,
+    "results": results,
+    "appointments": appointments,
+}
+
+__all__ = [
+    "DEFAULT_ID_TYPES",
+    "NORMALIZERS",
+    "SURFACE",
+    "appointments",
+    "count_records",
+    "encounters",
+    "patients",
+    "reference_only",
+    "results",
+]

@@ -1,0 +1,423 @@
+"""The four Data Model normalizers: pages -> normalized ``patients``, ``encounters``, ``results``
+and ``appointments`` frames (the frame of ``transforms.common``; ``common.split`` separates it).
+
+Each normalizer walks its entity's chains (``chains.CHAINS``) through ``locate``, maps fields to
+the table's columns, adds field checks to the markers' reasons, and ends in ``_finish``: blanks to
+null, dedupe on the natural key, raw JSON cut out for the quarantined rows.
+
+Invariants: a row's ``quarantine_reason`` is the marker's when ``repair`` left one, else the
+field checks' (never both); among copies of one record the most complete wins, then the newest,
+then the one on the later page; reasons name Data Model field paths, never values (no PHI).
+"""
+
+from collections.abc import Sequence
+
+import polars as pl
+
+import schema
+from transforms import common, valuesets
+from transforms.datamodel.chains import CHAINS
+from transforms.datamodel.fields import (
+    DEFAULT_ID_TYPES,
+    SURFACE,
+    blank_to_null,
+    clinical_patient,
+    field,
+    identifier_system,
+    patient_source_id,
+    provider_name,
+    timestamp,
+)
+from transforms.datamodel.locate import decode, located, page_rows, record_path
+
+
+def encounters(pages: pl.LazyFrame, *, preferred_id_types: Sequence[str] = DEFAULT_ID_TYPES) -> pl.LazyFrame:
+    """Data Model PatientAdmin / Clinical Summary responses -> normalized ``encounters`` frame."""
+    decoded = decode(pages, "encounters")
+    event_at, event_check = timestamp(pl.col("_event_at"), "_event_ts", "Meta.EventDateTime")
+    frames = []
+    for chain in CHAINS["encounters"]:
+        rec = pl.col("rec")
+        patient = pl.col("outer") if chain.name == "visits" else pl.col("ctx")
+        if chain.name == "cs_encounters":
+            provider = field(rec, "Providers").list.first()
+            start, start_check = timestamp(field(rec, "DateTime"), "start_at", "Encounters[].DateTime")
+            end, end_check = timestamp(field(rec, "EndDateTime"), "end_at", "Encounters[].EndDateTime")
+            ident = (
+                field(rec, "Identifiers")
+                .list.filter(common.present(pl.element().struct.field("ID")))
+                .list.first()
+            )
+            columns = [
+                field(ident, "ID").alias("source_id"),
+                field(rec, "Type", "Code").alias("type_code"),
+                pl.coalesce(field(rec, "Type", "CodeSystem"), field(rec, "Type", "CodeSystemName")).alias(
+                    "type_system"
+                ),
+                field(rec, "Type", "Name").alias("type_display"),
+                field(rec, "Locations").list.first().struct.field("Name").alias("location"),
+                field(rec, "ReasonForVisit").list.first().struct.field("Name").alias("reason"),
+                pl.lit(None, dtype=pl.String).alias("class_source"),
+                pl.lit(None, dtype=pl.String).alias("status_source"),
+                pl.lit(None, dtype=pl.String).alias("updated_text"),
+            ]
+            id_field = "Encounters[].Identifiers"
+        else:
+            provider = field(rec, "AttendingProvider")
+            start, start_check = timestamp(field(rec, "VisitDateTime"), "start_at", "Visit.VisitDateTime")
+            end, end_check = timestamp(field(rec, "DischargeDateTime"), "end_at", "Visit.DischargeDateTime")
+            columns = [
+                field(rec, "VisitNumber").alias("source_id"),
+                pl.coalesce(
+                    blank_to_null(field(rec, "Location", "Department")), field(rec, "Location", "Facility")
+                ).alias("location"),
+                field(rec, "Reason").alias("reason"),
+                field(rec, "PatientClass").alias("class_source"),
+                field(rec, "Status").alias("status_source"),
+                field(rec, "LastUpdated").alias("updated_text"),
+            ]
+            id_field = "Visit.VisitNumber"
+        updated, updated_check = timestamp(
+            pl.coalesce(pl.col("updated_text"), pl.col("_event_at")), "source_updated_at", "Visit.LastUpdated"
+        )
+        columns += [
+            clinical_patient(patient, preferred_id_types).alias("patient_source_id"),
+            start,
+            end,
+            pl.coalesce(field(provider, "ID"), field(provider, "NPI")).alias("attending_provider_id"),
+            provider_name(provider).alias("attending_provider_name"),
+        ]
+        frame = located(decoded, chain, columns, "encounters").with_columns(
+            updated,
+            event_at,
+            valuesets.map_code(pl.col("class_source"), SURFACE, "encounter_class").alias("class"),
+            valuesets.map_code(pl.col("status_source"), SURFACE, "encounter_status").alias("status"),
+        )
+        checks = [
+            (~common.present(pl.col("source_id")), f"{id_field}: missing"),
+            (pl.col("patient_source_id").is_null(), "Patient.Identifiers: no usable ID"),
+            start_check,
+            end_check,
+            updated_check,
+            event_check,
+        ]
+        frames.append(_recheck(frame, checks))
+    return _finish(frames, decoded, pages, "encounters")
+
+
+def appointments(
+    pages: pl.LazyFrame, *, preferred_id_types: Sequence[str] = DEFAULT_ID_TYPES
+) -> pl.LazyFrame:
+    """Data Model Scheduling responses -> normalized ``appointments`` frame."""
+    decoded = decode(pages, "appointments")
+    event_at, event_check = timestamp(pl.col("_event_at"), "_event_ts", "Meta.EventDateTime")
+    frames = []
+    for chain in CHAINS["appointments"]:
+        rec = pl.col("rec")
+        patient = field(rec, "Patient") if chain.name == "bookings" else pl.col("ctx")
+        provider = field(rec, "AttendingProvider")
+        info = (
+            field(rec, "AppointmentInfo")
+            .list.filter(
+                pl.element()
+                .struct.field("Codeset")
+                .str.to_lowercase()
+                .str.contains("appointment-type")
+                .fill_null(False)
+            )
+            .list.first()
+        )
+        start, start_check = timestamp(field(rec, "VisitDateTime"), "start_at", "Visit.VisitDateTime")
+        duration_text = field(rec, "Duration")
+        duration = common.parse_number(duration_text)
+        # Scheduling event messages often leave Status null; the event itself says what happened.
+        status_source = pl.coalesce(
+            blank_to_null(field(rec, "Status")), pl.when(pl.lit(chain.name == "visit")).then(pl.col("_event"))
+        )
+        updated, updated_check = timestamp(
+            pl.coalesce(field(rec, "LastUpdated"), pl.col("_event_at")),
+            "source_updated_at",
+            "Visit.LastUpdated",
+        )
+        columns = [
+            field(rec, "VisitNumber").alias("source_id"),
+            clinical_patient(patient, preferred_id_types).alias("patient_source_id"),
+            status_source.alias("status_source"),
+            start,
+            duration.alias("_duration"),
+            field(info, "Code").alias("type_code"),
+            pl.coalesce(blank_to_null(field(rec, "Type")), field(info, "Description")).alias("type_display"),
+            pl.coalesce(
+                blank_to_null(field(rec, "Location", "Department")), field(rec, "Location", "Facility")
+            ).alias("location"),
+            pl.coalesce(field(provider, "ID"), field(provider, "NPI")).alias("provider_id"),
+            provider_name(provider).alias("provider_name"),
+            field(rec, "Reason").alias("reason"),
+        ]
+        whole = (pl.col("_duration") == pl.col("_duration").floor()) & (pl.col("_duration") >= 0)
+        frame = (
+            located(decoded, chain, columns, "appointments")
+            .with_columns(
+                updated,
+                event_at,
+                valuesets.map_code(pl.col("status_source"), SURFACE, "appointment_status").alias("status"),
+                pl.when(whole).then(pl.col("_duration")).cast(pl.Int32).alias("duration_min"),
+            )
+            .with_columns(
+                (pl.col("start_at") + pl.duration(minutes=pl.col("duration_min"))).alias("end_at"),
+            )
+        )
+        checks = [
+            (~common.present(pl.col("source_id")), "Visit.VisitNumber: missing"),
+            (pl.col("patient_source_id").is_null(), "Patient.Identifiers: no usable ID"),
+            start_check,
+            (
+                common.present(duration_text) & (pl.col("_duration").is_null() | ~whole.fill_null(False)),
+                "Visit.Duration: not a whole number of minutes",
+            ),
+            updated_check,
+            event_check,
+        ]
+        frames.append(_recheck(frame, checks))
+    return _finish(frames, decoded, pages, "appointments")
+
+
+def results(pages: pl.LazyFrame, *, preferred_id_types: Sequence[str] = DEFAULT_ID_TYPES) -> pl.LazyFrame:
+    """Data Model Results / Clinical Summary responses -> normalized ``results`` frame."""
+    decoded = decode(pages, "results")
+    event_at, event_check = timestamp(pl.col("_event_at"), "_event_ts", "Meta.EventDateTime")
+    frames = []
+    for chain in CHAINS["results"]:
+        rec, order = pl.col("rec"), pl.col("outer")
+        value_text = field(rec, "Value")
+        value_type = field(rec, "ValueType").str.strip_chars().str.to_lowercase()
+        numeric_type = value_type.is_in(["numeric", "nm", "physicalquantity", "pq"])
+        number = common.parse_number(value_text)
+        rng = field(rec, "ReferenceRange")
+        low_given, high_given = field(rng, "Low"), field(rng, "High")
+        low_num, high_num = common.parse_number(low_given), common.parse_number(high_given)
+        text_low, text_high = common.parse_range(field(rng, "Text"))
+        structured = low_num.is_not_null() | high_num.is_not_null()
+        if chain.name == "orders":
+            order_id = pl.coalesce(
+                blank_to_null(field(order, "ID")), blank_to_null(field(order, "ApplicationOrderID"))
+            )
+            patient = pl.coalesce(
+                clinical_patient(field(order, "Patient"), preferred_id_types),
+                clinical_patient(pl.col("ctx"), preferred_id_types),
+            )
+            times = {
+                "Results[].CompletionDateTime": field(rec, "CompletionDateTime"),
+                "Order.CollectionDateTime": field(order, "CollectionDateTime"),
+                "Order.CompletionDateTime": field(order, "CompletionDateTime"),
+                "Order.TransactionDateTime": field(order, "TransactionDateTime"),
+            }
+            effective_text = pl.coalesce(
+                field(rec, "CompletionDateTime"),
+                field(order, "CollectionDateTime"),
+                field(order, "CompletionDateTime"),
+            )
+            updated_text = pl.coalesce(
+                field(order, "TransactionDateTime"), field(order, "LastUpdated"), pl.col("_event_at")
+            )
+            source_id = pl.concat_str([order_id, field(rec, "Code")], separator="|")
+            columns = [
+                order_id.alias("order_id"),
+                field(rec, "Codeset").alias("code_system"),
+                field(rec, "Description").alias("display"),
+                field(rec, "Units").alias("unit"),
+                field(rec, "AbnormalFlag").alias("abnormal_flag_source"),
+            ]
+            id_checks = [
+                (order_id.is_null(), "Order.ID: missing"),
+                (~common.present(field(rec, "Code")), "Results[].Code: missing"),
+            ]
+        else:
+            times = {"Observations[].DateTime": field(rec, "DateTime")}
+            effective_text = field(rec, "DateTime")
+            updated_text = pl.col("_event_at")
+            patient = clinical_patient(pl.col("ctx"), preferred_id_types)
+            # Clinical Summary results carry no order id: the key is panel|observation|time.
+            source_id = pl.concat_str(
+                [field(order, "Code"), field(rec, "Code"), field(rec, "DateTime")], separator="|"
+            )
+            columns = [
+                pl.lit(None, dtype=pl.String).alias("order_id"),
+                field(rec, "CodeSystem").alias("code_system"),
+                field(rec, "Name").alias("display"),
+                field(rec, "Units").alias("unit"),
+                field(rec, "Interpretation").alias("abnormal_flag_source"),
+            ]
+            id_checks = [
+                (~common.present(field(rec, "Code")), "Observations[].Code: missing"),
+                (~common.present(field(order, "Code")), "Results[].Code: missing"),
+            ]
+        columns += [
+            source_id.alias("source_id"),
+            patient.alias("patient_source_id"),
+            field(rec, "Code").alias("code"),
+            pl.when(numeric_type | value_type.is_null()).then(number).alias("value_num"),
+            pl.when(~(numeric_type | value_type.is_null()) | number.is_null())
+            .then(value_text)
+            .alias("value_text"),
+            pl.coalesce(low_num, pl.when(~structured).then(text_low)).alias("reference_low"),
+            pl.coalesce(high_num, pl.when(~structured).then(text_high)).alias("reference_high"),
+            pl.when(structured | (text_low.is_null() & text_high.is_null()))
+            .then(field(rng, "Text"))
+            .alias("reference_text"),
+            field(rec, "Status").alias("status_source"),
+            common.parse_utc(effective_text).alias("effective_at"),
+            common.parse_utc(updated_text).alias("source_updated_at"),
+        ]
+        time_checks = [
+            (common.unparseable(text, common.parse_utc(text)), f"{name}: unparseable datetime")
+            for name, text in times.items()
+        ]
+        frame = located(decoded, chain, columns, "results").with_columns(
+            event_at,
+            valuesets.map_code(pl.col("abnormal_flag_source"), SURFACE, "abnormal_flag").alias(
+                "abnormal_flag"
+            ),
+            valuesets.map_code(pl.col("status_source"), SURFACE, "result_status").alias("status"),
+        )
+        checks = [
+            *id_checks,
+            (pl.col("patient_source_id").is_null(), "Patient.Identifiers: no usable ID"),
+            *time_checks,
+            (
+                numeric_type & common.present(value_text) & number.is_null(),
+                "Value: not a number although ValueType is numeric",
+            ),
+            (common.present(low_given) & low_num.is_null(), "ReferenceRange.Low: not a number"),
+            (common.present(high_given) & high_num.is_null(), "ReferenceRange.High: not a number"),
+            (
+                common.unparseable(field(order, "LastUpdated"), common.parse_utc(field(order, "LastUpdated")))
+                if chain.name == "orders"
+                else pl.lit(False),
+                "Order.LastUpdated: unparseable datetime",
+            ),
+            event_check,
+        ]
+        frames.append(_recheck(frame, checks))
+    return _finish(frames, decoded, pages, "results")
+
+
+def patients(pages: pl.LazyFrame, *, preferred_id_types: Sequence[str] = DEFAULT_ID_TYPES) -> pl.LazyFrame:
+    """Embedded patients of any Data Model response -> normalized ``patients`` frame, one row per
+    distinct patient: the most complete record wins, then the newest, then the last seen."""
+    decoded = decode(pages, "patients")
+    frames = []
+    rec = pl.col("rec")
+    demo = field(rec, "Demographics")
+    identifiers = field(rec, "Identifiers").list.filter(common.present(pl.element().struct.field("ID")))
+    is_ssn = (pl.element().struct.field("IDType").str.to_uppercase() == "SSN").fill_null(False)
+    dob = field(demo, "DOB")
+    phone = field(demo, "PhoneNumber")
+    updated, updated_check = timestamp(pl.col("_event_at"), "source_updated_at", "Meta.EventDateTime")
+    completeness = pl.sum_horizontal(
+        [
+            common.present(e).cast(pl.Int32)
+            for e in (
+                field(demo, "FirstName"),
+                field(demo, "LastName"),
+                dob,
+                field(demo, "Sex"),
+                field(demo, "SSN"),
+                field(demo, "Address", "StreetAddress"),
+                field(demo, "Address", "City"),
+                field(demo, "Address", "ZIP"),
+                pl.coalesce(field(phone, "Home"), field(phone, "Mobile"), field(phone, "Office")),
+                field(demo, "EmailAddresses").list.first(),
+            )
+        ]
+    )
+    for chain in CHAINS["patients"]:
+        columns = [
+            patient_source_id(field(rec, "Identifiers"), preferred_id_types).alias("source_id"),
+            identifiers.list.filter(~is_ssn)
+            .list.eval(
+                pl.struct(
+                    identifier_system(pl.element().struct.field("IDType")).alias("system"),
+                    pl.element().struct.field("ID").alias("value"),
+                )
+            )
+            .alias("identifiers"),
+            field(demo, "FirstName").alias("given_name"),
+            field(demo, "MiddleName").alias("middle_name"),
+            field(demo, "LastName").alias("family_name"),
+            common.parse_birth_date(dob).alias("birth_date"),
+            field(demo, "Sex").alias("sex_source"),
+            pl.coalesce(
+                field(demo, "SSN"), identifiers.list.filter(is_ssn).list.first().struct.field("ID")
+            ).alias("ssn"),
+            field(demo, "Address", "StreetAddress").alias("address_line"),
+            field(demo, "Address", "City").alias("address_city"),
+            field(demo, "Address", "State").alias("address_state"),
+            field(demo, "Address", "ZIP").alias("address_postal_code"),
+            pl.coalesce(
+                blank_to_null(field(phone, "Home")),
+                blank_to_null(field(phone, "Mobile")),
+                field(phone, "Office"),
+            ).alias("phone"),
+            field(demo, "EmailAddresses").list.first().alias("email"),
+            completeness.alias("_rank"),
+            updated,
+        ]
+        checks = [
+            (pl.col("source_id").is_null(), "Identifiers: no usable ID"),
+            (common.birth_date_unparseable(dob, pl.col("birth_date")), "Demographics.DOB: unparseable date"),
+            updated_check,
+        ]
+        frame = located(decoded, chain, columns, "patients").with_columns(
+            valuesets.map_code(pl.col("sex_source"), SURFACE, "sex").alias("sex")
+        )
+        frames.append(_recheck(frame, checks))
+    return _finish(frames, decoded, pages, "patients")
+
+
+def reference_only() -> pl.Expr:
+    """True on a normalized patient row that names the patient by identifiers only.
+
+    Results replies embed ``Patient.Identifiers`` and no demographics. Such a row is a pointer to a
+    patient, not a version of one: it may stand in until the full record arrives, but it must never
+    replace a stored record (newest-wins would blank the names).
+    """
+    return pl.all_horizontal(
+        pl.col(c).is_null() for c in ("given_name", "family_name", "birth_date", "sex_source")
+    )
+
+
+def _finish(
+    frames: list[pl.LazyFrame], decoded: pl.LazyFrame, pages: pl.LazyFrame, table: str
+) -> pl.LazyFrame:
+    """The chains' frames and the quarantined pages -> one deduped normalized ``table`` frame."""
+    cols = list(schema.TABLES[table])
+    bad_pages = page_rows(decoded).select(
+        pl.lit(SURFACE).alias("source_surface"),
+        pl.col("raw_ref"),
+        pl.col("_page"),
+        pl.lit(None, dtype=pl.String).alias("_path"),
+        pl.lit(None, dtype=pl.String).alias(common.RECORD_RAW),
+        pl.col("_page_reason").alias("quarantine_reason"),
+    )
+    keep = [*cols, "quarantine_reason", "raw_ref", "_page", "_path", common.RECORD_RAW, "_rank"]
+    selected = [f.select([c for c in keep if c in f.collect_schema().names()]) for f in frames]
+    # Page order decides "last seen" among equals, so a later page's copy wins.
+    merged = (
+        pl.concat([*selected, bad_pages], how="diagonal_relaxed")
+        .sort("_page", maintain_order=True)
+        .with_row_index("_seq")
+    )
+    string_cols = [c for c, dt in schema.TABLES[table].items() if dt == pl.String and c != "source_surface"]
+    merged = merged.with_columns([blank_to_null(pl.col(c)).alias(c) for c in string_cols])
+    if "_rank" not in merged.collect_schema().names():
+        merged = merged.with_columns(pl.lit(0).alias("_rank"))
+    deduped = common.dedupe(merged, prefer=("_rank", "source_updated_at"))
+    return common.finish(common.fill_raw(deduped, pages, record_path, ["_path"]), table)
+
+
+def _recheck(frame: pl.LazyFrame, checks: list[tuple[pl.Expr, str]]) -> pl.LazyFrame:
+    """Add field-check reasons to rows that have no marker reason yet."""
+    return frame.with_columns(
+        pl.coalesce(pl.col("quarantine_reason"), common.reasons(*checks)).alias("quarantine_reason")
+    )
