@@ -28,7 +28,7 @@ def all_resources(settings: Settings | None = None) -> dict[str, Any]:
     }
 
 
-def warehouse(settings: Settings | None = None, *, lake_dir: str | None = None) -> Warehouse:
+def configured_warehouse(settings: Settings | None = None, *, lake_dir: str | None = None) -> Warehouse:
     """The warehouse the settings describe, for use outside Dagster (CLI, demo); ``lake_dir`` (e.g. a
     CLI option) wins over the settings."""
     settings = Settings.from_env() if settings is None else settings

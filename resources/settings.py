@@ -122,12 +122,14 @@ class Settings(BaseSettings):
     fhir_org: str | None = Field(
         default=None,
         validation_alias="REDOX_FHIR_ORG",
-        description="FHIR destination slug, the {org} in /fhir/R4/{org}/{environment}/...",
+        description="FHIR destination slug, the {org} in /fhir/R4/{org}/{environment}/... "
+        "(unset: the sandbox's, or 'org').",
     )
     environment: Environment | None = Field(
         default=None,
         validation_alias="REDOX_ENVIRONMENT",
-        description="Development | Staging | Production (also sets Meta.Test=false only for Production).",
+        description="Development | Staging | Production (also sets Meta.Test=false only for Production). "
+        "Unset: the sandbox's, or Development.",
     )
 
     # --- OAuth API key (client credentials with a signed JWT; Redox's recommended method) -------
