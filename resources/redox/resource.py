@@ -82,6 +82,10 @@ class RedoxResource(ConfigurableResource):
         for name in cls.model_fields:
             if name not in settings.model_fields_set:
                 continue
+            if name == "budget_url":
+                # It may have come from REDOX_BUDGET_BACKEND (a URL alone names its backend), so
+                # no single variable is known to hold it: it is read through Settings at use.
+                continue
             if name in SECRET_FIELDS:
                 values[name] = EnvVar(str(Settings.model_fields[name].validation_alias))
             else:

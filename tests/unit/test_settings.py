@@ -139,6 +139,9 @@ def test_all_resources_binds_values_and_secrets_only_by_name(tmp_path):
     assert isinstance(warehouse.catalog, dg.EnvVar)
     assert warehouse.data_path == str(tmp_path / "data")
     assert not any(secret in repr(resources) for secret in ("ak-123", "pg-pass"))
+    # A budget URL may come from REDOX_BUDGET_BACKEND, so it is left to Settings at use, not bound.
+    url_in_backend = Settings.from_env({"REDOX_BUDGET_BACKEND": "redis://:pw-789@cache:6379/0"})
+    assert RedoxResource.from_settings(url_in_backend).budget_url is None
     # Outside Dagster nothing resolves an EnvVar, so the CLI's warehouse gets the value itself.
     assert configured_warehouse(settings).catalog == "postgres:dbname=lake password=pg-pass"
     assert configured_warehouse(settings, lake_dir="/x").lake_dir == "/x"
