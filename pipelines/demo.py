@@ -5,7 +5,6 @@ is not started. The sync is a real Dagster run on the persistent instance, so `m
 """
 
 import datetime as dt
-import os
 import time
 
 from rich.console import Console
@@ -13,8 +12,8 @@ from rich.table import Table
 
 from pipelines import summary
 from pipelines.progress import sync_with_progress
-from resources import settings
-from resources.warehouse import Warehouse
+from resources import configured_warehouse, settings
+from resources.settings import Settings
 
 QUESTIONS = {
     "Encounters per class and surface in the synced weeks": (
@@ -30,7 +29,7 @@ QUESTIONS = {
 def run_demo(console: Console, *, days: int, patients: int) -> None:
     end = dt.datetime.now(dt.UTC).date()
     start = end - dt.timedelta(days=days - 1)
-    if os.environ.get("REDOX_BASE_URL"):
+    if Settings.from_env().base_url:
         console.print("REDOX_BASE_URL is set: syncing from it instead of the sandbox.")
         _sync_and_show(console, start, end)
         return
@@ -48,7 +47,7 @@ def _sync_and_show(console: Console, start: dt.date, end: dt.date) -> None:
     run = sync_with_progress(console, start, end)
     console.print(f"Run {run.run_id} {run.status.value.lower()} in {time.monotonic() - began:.0f} s")
     summary.print_summary(console, run_id=run.run_id)
-    warehouse = Warehouse()
+    warehouse = configured_warehouse()
     for title, sql in QUESTIONS.items():
         frame = warehouse.query(sql)
         table = Table(title=f"{title}\n[dim]{sql}[/dim]")

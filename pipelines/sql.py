@@ -21,7 +21,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from resources.warehouse import LAKE, LakeNotFoundError, Warehouse
+from resources import configured_warehouse
+from resources.warehouse import LAKE, LakeNotFoundError
 
 # Everything an analyst needs to read; anything else (DML, DDL, ATTACH, LOAD, COPY, EXPORT, ...) is
 # refused. CALL stays allowed for the snapshot and metadata functions; the read-only attach refuses
@@ -98,7 +99,7 @@ def sql(
     errors = Console(stderr=True)
     if fmt is OutputFormat.parquet and out is None:
         raise typer.BadParameter("--format parquet needs --out FILE", param_hint="--out")
-    warehouse = Warehouse(lake_dir=str(lake) if lake else None)
+    warehouse = configured_warehouse(lake_dir=str(lake) if lake else None)
     try:
         con = warehouse.connect(read_only=True)
     except LakeNotFoundError as exc:

@@ -6,14 +6,16 @@ Counts only: nothing here reads a patient field, so the summary is safe to print
 from rich.console import Console
 from rich.table import Table
 
-from resources.redox.settings import RedoxSettings
-from resources.warehouse import Warehouse
+from resources import configured_warehouse
+from resources.redox.settings import RateSpec
+from resources.settings import Settings
 
 TABLES = ("patients", "encounters", "results", "appointments")
 
 
 def print_summary(console: Console, *, run_id: str | None = None) -> None:
-    warehouse = Warehouse()
+    settings = Settings.from_env()
+    warehouse = configured_warehouse(settings)
     table = Table(title="Warehouse after sync", show_lines=False)
     for column in ("table", "surface", "rows", "quarantined"):
         table.add_column(column, justify="right" if column in ("rows", "quarantined") else "left")
@@ -45,7 +47,7 @@ def print_summary(console: Console, *, run_id: str | None = None) -> None:
             "count(*) FILTER (WHERE attempt > 1) AS retries FROM api_calls WHERE run_id = ?",
             [run_id],
         ).row(0)
-        limit = RedoxSettings.from_env().rate_limit
+        limit = RateSpec.parse(settings.rate_limit)
         console.print(
             f"Requests spent: {calls[0]:,} ({calls[2]:,} retries, {calls[1]:,} refused with 429); "
             f"budget: {limit.limit:,} per {limit.seconds:g} s, so this run used "

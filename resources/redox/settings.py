@@ -1,4 +1,8 @@
-"""Redox client settings, read from ``REDOX_*`` environment variables (see .env.example).
+"""Redox client settings: the connection, keys and limits one client needs, as typed values.
+
+The environment is read once, by ``resources.settings.Settings``; this module turns those raw values
+into what the client uses (signing keys from PEMs, JWKs or key files, rate specs, the sandbox's
+credentials file when no Redox is configured).
 
 Invariants:
 - a secret (private key, legacy API secret, budget URL with a password) is held only as
@@ -9,7 +13,6 @@ Invariants:
 """
 
 import json
-import os
 import re
 import stat
 from collections.abc import Mapping
@@ -23,13 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from resources import settings as local_state
 from resources.redox.errors import RedoxConfigError
+from resources.settings import BudgetBackend, Environment, Settings, SettingsError
 
-Environment = Literal["Development", "Staging", "Production"]
 JwtAlgorithm = Literal["RS384", "ES384"]
-BudgetBackend = Literal["sqlite", "redis", "postgres"]
-
-# Data models the pipeline queries; destination ids and sub-limits are keyed by these lower-case names.
-DATA_MODELS: tuple[str, ...] = ("patientsearch", "scheduling", "results", "patientadmin")
 
 
 class RateSpec(BaseModel):
@@ -204,19 +203,25 @@ class RedoxSettings(BaseModel):
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "RedoxSettings":
-        """Settings from the environment; with no REDOX_BASE_URL, from the sandbox's credentials."""
-        env = os.environ if env is None else env
+        """Settings from the environment (or ``env`` alone); with no REDOX_BASE_URL, from the
+        sandbox's credentials."""
+        try:
+            settings = Settings.from_env(env)
+        except SettingsError as exc:
+            raise RedoxConfigError(str(exc)) from None
+        return cls.from_settings(settings, **overrides)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides: Any) -> "RedoxSettings":
+        """Settings from the one settings model; with no base URL, from the sandbox's credentials."""
         values: dict[str, Any] = {}
-        if env.get("REDOX_BASE_URL"):
-            values.update(_connection_from_env(env))
+        if settings.base_url:
+            values.update(_connection_from_settings(settings))
         else:
-            path = Path(
-                env.get("REDOX_SANDBOX_CREDENTIALS") or local_state.sandbox_dir() / "credentials.json"
-            )
-            values.update(_connection_from_credentials(path))
+            values.update(_connection_from_credentials(settings.sandbox_credentials_file))
             # Explicit variables still win over the sandbox's file, e.g. to test legacy auth.
-            values.update({k: v for k, v in _connection_from_env(env, partial=True).items() if v})
-        values.update(_tuning_from_env(env))
+            values.update({k: v for k, v in _connection_from_settings(settings, partial=True).items() if v})
+        values.update(_tuning_from_settings(settings))
         if "base_url" in overrides and overrides["base_url"] != values.get("base_url"):
             values["sandbox"] = False
         values.update(overrides)
@@ -230,55 +235,48 @@ class RedoxSettings(BaseModel):
         return cls(**values)
 
 
-def _connection_from_env(env: Mapping[str, str], *, partial: bool = False) -> dict[str, Any]:
+def _connection_from_settings(settings: Settings, *, partial: bool = False) -> dict[str, Any]:
     values: dict[str, Any] = {}
-    if base := env.get("REDOX_BASE_URL"):
-        values["base_url"] = base.rstrip("/")
-    values["client_id"] = env.get("REDOX_CLIENT_ID")
-    values["fhir_org"] = env.get("REDOX_FHIR_ORG")
-    values["environment"] = env.get("REDOX_ENVIRONMENT")
-    values["source_id"] = env.get("REDOX_SOURCE_ID")
-    kid = env.get("REDOX_KID")
+    if settings.base_url:
+        values["base_url"] = settings.base_url
+    values["client_id"] = settings.client_id
+    values["fhir_org"] = settings.fhir_org
+    values["environment"] = settings.environment
+    values["source_id"] = settings.source_id
+    kid = settings.kid
     keys: list[SigningKey] = []
-    if pem := env.get("REDOX_PRIVATE_KEY"):
+    if settings.private_key:
         if not kid:
             raise RedoxConfigError(
                 "REDOX_PRIVATE_KEY is set but REDOX_KID is not; Redox picks the key by kid"
             )
+        pem = settings.private_key.get_secret_value()
         keys.append(SigningKey.from_pem(kid, pem, origin="REDOX_PRIVATE_KEY"))
-    elif file := env.get("REDOX_PRIVATE_KEY_FILE"):
-        text = read_secret_file(Path(file), name="REDOX_PRIVATE_KEY_FILE")
+    elif settings.private_key_file:
+        text = read_secret_file(settings.private_key_file, name="REDOX_PRIVATE_KEY_FILE")
         keys.extend(parse_key_file(text, kid=kid, origin="REDOX_PRIVATE_KEY_FILE"))
-    next_kid = env.get("REDOX_NEXT_KID")
-    if next_pem := env.get("REDOX_NEXT_PRIVATE_KEY"):
+    next_kid = settings.next_kid
+    if settings.next_private_key:
         if not next_kid:
             raise RedoxConfigError("REDOX_NEXT_PRIVATE_KEY is set but REDOX_NEXT_KID is not")
-        keys.append(SigningKey.from_pem(next_kid, next_pem, origin="REDOX_NEXT_PRIVATE_KEY"))
-    elif next_file := env.get("REDOX_NEXT_PRIVATE_KEY_FILE"):
-        text = read_secret_file(Path(next_file), name="REDOX_NEXT_PRIVATE_KEY_FILE")
+        pem = settings.next_private_key.get_secret_value()
+        keys.append(SigningKey.from_pem(next_kid, pem, origin="REDOX_NEXT_PRIVATE_KEY"))
+    elif settings.next_private_key_file:
+        text = read_secret_file(settings.next_private_key_file, name="REDOX_NEXT_PRIVATE_KEY_FILE")
         keys.extend(parse_key_file(text, kid=next_kid, origin="REDOX_NEXT_PRIVATE_KEY_FILE"))
     if keys or not partial:
         values["keys"] = tuple(keys)
-    destinations = {
-        name.removeprefix("REDOX_DESTINATION_ID_").lower(): value
-        for name, value in env.items()
-        if name.startswith("REDOX_DESTINATION_ID_") and value
-    }
+    destinations = settings.destination_ids()
     if destinations or not partial:
         values["destination_ids"] = destinations
-    if api_key := env.get("REDOX_API_KEY"):
-        values["api_key"] = SecretStr(api_key)
-    if api_secret := env.get("REDOX_API_SECRET"):
-        values["api_secret"] = SecretStr(api_secret)
-    mode = env.get("REDOX_DATAMODEL_AUTH", "auto").lower()
-    if mode not in ("auto", "oauth", "legacy"):
-        raise RedoxConfigError(f"REDOX_DATAMODEL_AUTH={mode!r}: expected auto, oauth or legacy")
-    if mode == "auto":
+    values["api_key"] = settings.api_key
+    values["api_secret"] = settings.api_secret
+    if settings.datamodel_auth == "auto":
         if not partial:
             # OAuth is what Redox recommends; legacy keys are deprecated, so they are the fallback.
             values["datamodel_auth"] = "oauth" if keys else "legacy"
     else:
-        values["datamodel_auth"] = mode
+        values["datamodel_auth"] = settings.datamodel_auth
     return {k: v for k, v in values.items() if v is not None}
 
 
@@ -322,44 +320,22 @@ def _connection_from_credentials(path: Path) -> dict[str, Any]:
     return values
 
 
-def _tuning_from_env(env: Mapping[str, str]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    if text := env.get("REDOX_RATE_LIMIT"):
-        values["rate_limit"] = RateSpec.parse(text)
-    sub_limits = {
-        name.removeprefix("REDOX_RATE_LIMIT_").lower(): RateSpec.parse(value, name=name)
-        for name, value in env.items()
-        if name.startswith("REDOX_RATE_LIMIT_") and value
+def _tuning_from_settings(settings: Settings) -> dict[str, Any]:
+    return {
+        "rate_limit": RateSpec.parse(settings.rate_limit),
+        "sub_limits": {
+            name: RateSpec.parse(text, name=f"REDOX_RATE_LIMIT_{name.upper()}")
+            for name, text in settings.rate_sub_limits().items()
+        },
+        "budget_backend": settings.budget_backend,
+        "budget_url": settings.budget_url,
+        "budget_path": settings.budget_file,
+        "rate_margin": settings.rate_margin,
+        "max_in_flight": settings.max_in_flight,
+        "connect_timeout": settings.connect_timeout,
+        "read_timeout": settings.read_timeout,
+        "retry_attempts": settings.retry_attempts,
+        "retry_timeout": settings.retry_timeout,
+        "fhir_batch_size": settings.fhir_batch_size,
+        "fhir_page_size": settings.fhir_page_size,
     }
-    if sub_limits:
-        values["sub_limits"] = sub_limits
-    backend = env.get("REDOX_BUDGET_BACKEND", "").strip()
-    url = env.get("REDOX_BUDGET_URL", "").strip()
-    if "://" in backend:
-        # A URL alone says which backend it is.
-        backend, url = backend.split("://", 1)[0], backend
-    if backend:
-        backend = {"postgresql": "postgres", "rediss": "redis"}.get(backend.lower(), backend.lower())
-        if backend not in ("sqlite", "redis", "postgres"):
-            raise RedoxConfigError(f"REDOX_BUDGET_BACKEND={backend!r}: expected sqlite, redis or postgres")
-        values["budget_backend"] = backend
-    if url:
-        values["budget_url"] = SecretStr(url)
-    if path := env.get("REDOX_BUDGET_PATH"):
-        values["budget_path"] = Path(path).resolve()
-    for name, key, kind in (
-        ("REDOX_RATE_MARGIN", "rate_margin", float),
-        ("REDOX_MAX_IN_FLIGHT", "max_in_flight", int),
-        ("REDOX_CONNECT_TIMEOUT", "connect_timeout", float),
-        ("REDOX_READ_TIMEOUT", "read_timeout", float),
-        ("REDOX_RETRY_ATTEMPTS", "retry_attempts", int),
-        ("REDOX_RETRY_TIMEOUT", "retry_timeout", float),
-        ("REDOX_FHIR_BATCH_SIZE", "fhir_batch_size", int),
-        ("REDOX_FHIR_PAGE_SIZE", "fhir_page_size", int),
-    ):
-        if text := env.get(name):
-            try:
-                values[key] = kind(text)
-            except ValueError:
-                raise RedoxConfigError(f"{name}={text!r}: expected a number") from None
-    return values

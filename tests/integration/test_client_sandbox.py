@@ -18,10 +18,10 @@ from resources.redox import (
     RedoxClient,
     RedoxDataModelError,
     RedoxRequestError,
-    RedoxResource,
     RedoxSettings,
 )
 from resources.redox.fhir import date_window
+from resources.redox.resource import RedoxResource
 from resources.redox.settings import RateSpec
 from sandbox.server import serve_in_thread
 

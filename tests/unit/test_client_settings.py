@@ -123,8 +123,8 @@ def test_legacy_only_env_uses_legacy_for_datamodel(tmp_path):
     assert s.datamodel_auth == "legacy" and s.keys == ()
 
 
-def test_falls_back_to_sandbox_credentials(tmp_path, rsa_pem, monkeypatch):
-    monkeypatch.setenv("REDOX_ETL_HOME", str(tmp_path))
+def test_falls_back_to_sandbox_credentials(tmp_path, rsa_pem):
+    home = {"REDOX_ETL_HOME": str(tmp_path)}
     creds = {
         "base_url": "http://127.0.0.1:5555",
         "token_url": "http://127.0.0.1:5555/v2/auth/token",
@@ -140,7 +140,7 @@ def test_falls_back_to_sandbox_credentials(tmp_path, rsa_pem, monkeypatch):
     path.parent.mkdir()
     path.write_text(json.dumps(creds))
     os.chmod(path, 0o600)
-    s = RedoxSettings.from_env({"REDOX_RATE_LIMIT": "300/20"})
+    s = RedoxSettings.from_env({**home, "REDOX_RATE_LIMIT": "300/20"})
     assert s.base_url == "http://127.0.0.1:5555"
     assert s.fhir_org == "sandbox-org" and s.environment == "Development"
     assert s.fhir_base == creds["fhir_base"]
@@ -149,17 +149,16 @@ def test_falls_back_to_sandbox_credentials(tmp_path, rsa_pem, monkeypatch):
     assert s.rate_limit.limit == 300
     assert s.budget_path == tmp_path / "budget.sqlite"
     # Explicit variables still win over the file.
-    assert RedoxSettings.from_env({"REDOX_DATAMODEL_AUTH": "legacy"}).datamodel_auth == "legacy"
+    assert RedoxSettings.from_env({**home, "REDOX_DATAMODEL_AUTH": "legacy"}).datamodel_auth == "legacy"
     # Only a connection to the sandbox has a ground truth to measure against.
     assert s.sandbox
-    assert not RedoxSettings.from_env({}, base_url="https://api.redoxengine.com").sandbox
+    assert not RedoxSettings.from_env(home, base_url="https://api.redoxengine.com").sandbox
     assert not RedoxSettings.from_env(_base_env(tmp_path, REDOX_API_KEY="k", REDOX_API_SECRET="s")).sandbox
 
 
-def test_missing_everything_says_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.setenv("REDOX_ETL_HOME", str(tmp_path))
+def test_missing_everything_says_what_to_do(tmp_path):
     with pytest.raises(RedoxConfigError, match="redox-etl sandbox serve"):
-        RedoxSettings.from_env({})
+        RedoxSettings.from_env({"REDOX_ETL_HOME": str(tmp_path)})
 
 
 @pytest.mark.parametrize("text", ["7500", "abc/300", "7500/"])
