@@ -5,9 +5,9 @@ it, a page boundary moved) or again in a later load. The rule:
 
 - versions are ordered by ``NEWEST_FIRST``: the greatest ``source_updated_at`` first, a missing one
   counted as the oldest;
-- versions equal on every ordering column go to the later arrival (later in the batch; within a
-  batch this is the caller's arrival column), so a rerun of a partition rewrites it rather than
-  duplicating it;
+- versions equal on every ordering column go to the later arrival (within a batch, the caller's
+  arrival column, e.g. page order; against the lake, the incoming load), so a rerun of a partition
+  rewrites it rather than duplicating it;
 - against the version already in the lake, an arriving one loses only when it is strictly older on
   values both carry: a missing ``source_updated_at`` on either side says nothing about age, so the
   arrival wins, as on a tie.
