@@ -15,7 +15,7 @@ import duckdb
 import polars as pl
 
 import schema
-from resources.warehouse import Warehouse
+from resources.warehouse import LAKE, Warehouse
 
 # Rows per merge group in the concurrency tests.
 GROUP = 7
@@ -35,6 +35,17 @@ def offline_duckdb(empty: Path) -> duckdb.DuckDBPyConnection:
     )
     con.execute(f"SET custom_extension_repository = '{empty}'")
     return con
+
+
+def snapshots(wh: Warehouse) -> pl.DataFrame:
+    """Every snapshot the lake still keeps, oldest first: id, time, changes, commit message, run_id."""
+    return wh.query(f"SELECT * FROM ducklake_snapshots('{LAKE}') ORDER BY snapshot_id")
+
+
+def set_watermark(wh: Warehouse, stream: str, ts: dt.datetime, run_id: str) -> None:
+    """Move ``stream``'s watermark with nothing to queue: the pipeline's path, ``queue_changes``."""
+    nothing = pl.DataFrame(schema={"table_name": pl.String(), "partition_day": pl.Date()})
+    wh.queue_changes(stream, ts, nothing, run_id=run_id)
 
 
 def clinical(table: str, ids: list[str], stamps: list[dt.datetime | None], tag: str = "v") -> pl.DataFrame:

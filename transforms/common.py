@@ -26,6 +26,7 @@ import pyarrow.json as pa_json
 from polars.datatypes.classes import DataTypeClass
 
 import schema
+from schema import versions
 
 # polars annotates nested field dtypes as "a DataType instance or class" (its PolarsDataType).
 DType = pl.DataType | DataTypeClass
@@ -540,11 +541,12 @@ def _has_strings(dtype: DType) -> bool:
 # --- dedupe and output ---------------------------------------------------------------------------
 
 
-def dedupe(frame: pl.LazyFrame, *, prefer: Sequence[str] = ("source_updated_at",)) -> pl.LazyFrame:
+def dedupe(frame: pl.LazyFrame, *, prefer: Sequence[str] = versions.VERSION_COLUMNS) -> pl.LazyFrame:
     """Keep one good row per natural key; quarantined rows pass through untouched.
 
-    The kept row is the greatest by ``prefer`` (columns compared in order, nulls lowest), then the
-    last seen (``_seq``, the record's position in the batch: page order, then order in the page).
+    The kept row is the newest by ``schema.versions``'s rule over ``prefer`` (columns compared in
+    order, greatest first, nulls lowest), then the last seen (``_seq``, the record's position in the
+    batch: page order, then order in the page).
     ``duplicates`` on the kept row says how many copies were dropped, so the count invariant holds.
     Requires columns ``_seq`` (unique), ``quarantine_reason`` and the natural key. Row order is not
     kept.
@@ -561,11 +563,15 @@ def dedupe(frame: pl.LazyFrame, *, prefer: Sequence[str] = ("source_updated_at",
         .then(pl.concat_str([pl.col("source_surface"), pl.col("source_id")], separator="\x1f"))
         .otherwise(pl.concat_str([pl.lit("\x00"), pl.col("_seq").cast(pl.String)]))
     )
+    newest = versions.polars_sort(versions.newest_first(prefer), arrival="_seq")
     keep = (
         frame.with_columns(group.alias("_group"))
         .group_by("_group")
         .agg(
-            pl.col("_seq").sort_by([*prefer, "_seq"], nulls_last=False).last().alias("_keep"),
+            pl.col("_seq")
+            .sort_by(newest.by, descending=newest.descending, nulls_last=newest.nulls_last)
+            .first()
+            .alias("_keep"),
             (pl.len() - 1).cast(pl.UInt32).alias("duplicates"),
         )
         .drop("_group")

@@ -69,22 +69,25 @@ def test_passwords_are_redacted_everywhere_they_could_be_shown(tmp_path: Path) -
     assert "hunter2" not in str(excinfo.value)
 
 
-def test_warehouse_reads_catalog_and_data_path_from_the_environment(
+def test_warehouse_takes_catalog_and_data_path_as_fields_not_from_the_environment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("REDOX_ETL_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("REDOX_ETL_LAKE", raising=False)
-    monkeypatch.setenv("REDOX_LAKE_CATALOG", "postgres:dbname=lake host=db password=pw")
-    monkeypatch.setenv("REDOX_LAKE_DATA_PATH", "s3://bucket/lake/")
-    wh = Warehouse()
+    wh = Warehouse(catalog="postgres:dbname=lake host=db password=pw", data_path="s3://bucket/lake/")
     assert wh.lake_path == tmp_path / "home" / "lake"
     assert wh.catalog_spec.kind == "postgres"
     assert wh.data_location == "s3://bucket/lake/"
     assert "pw" not in wh.describe().replace("password=***", "")
-    # Explicit configuration wins over the environment.
     explicit = Warehouse(lake_dir=str(tmp_path / "x"), catalog="sqlite", data_path=str(tmp_path / "d"))
     assert explicit.catalog_spec.target == str(tmp_path / "x" / "catalog.sqlite")
     assert explicit.data_location == str(tmp_path / "d")
+    # Whoever builds the resource passes the settings; the resource itself reads no variable.
+    monkeypatch.setenv("REDOX_LAKE_CATALOG", "postgres:dbname=lake host=db")
+    monkeypatch.setenv("REDOX_LAKE_DATA_PATH", "s3://bucket/lake/")
+    defaults = Warehouse(lake_dir=str(tmp_path / "y"))
+    assert defaults.catalog_spec.target == str(tmp_path / "y" / "catalog.sqlite")
+    assert defaults.data_location == str(tmp_path / "y" / "data")
 
 
 def test_object_storage_data_paths_name_the_extension_they_need() -> None:
@@ -94,10 +97,7 @@ def test_object_storage_data_paths_name_the_extension_they_need() -> None:
     assert storage_extensions("/srv/lake/data") == ()
 
 
-def test_a_postgres_writer_without_a_data_path_is_refused_before_connecting(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.delenv("REDOX_LAKE_DATA_PATH", raising=False)
+def test_a_postgres_writer_without_a_data_path_is_refused_before_connecting(tmp_path: Path) -> None:
     wh = Warehouse(lake_dir=str(tmp_path / "lake"), catalog="postgres:dbname=lake host=127.0.0.1 port=1")
     with pytest.raises(ValueError, match="REDOX_LAKE_DATA_PATH"):
         wh.ensure_tables()

@@ -8,6 +8,7 @@ import pytest
 from polars.testing import assert_frame_equal
 
 from resources.warehouse import Warehouse
+from tests.lake_frames import snapshots
 
 pytestmark = pytest.mark.integration
 
@@ -20,7 +21,7 @@ def wh(tmp_path: Path) -> Warehouse:
 
 
 def _snapshots(wh: Warehouse) -> int:
-    return wh.snapshots().height
+    return snapshots(wh).height
 
 
 def test_tables_appends_and_views_commit_as_one_snapshot(wh: Warehouse) -> None:
@@ -37,7 +38,7 @@ def test_tables_appends_and_views_commit_as_one_snapshot(wh: Warehouse) -> None:
         },
     )
     assert _snapshots(wh) == before + 1
-    assert snapshot == wh.snapshots()["snapshot_id"].max()
+    assert snapshot == snapshots(wh)["snapshot_id"].max()
     assert wh.query("SELECT count(*) FROM derived_inbox").item() == 0  # created empty
     wh.write_derived(
         run_id="run-2", message="derive", replace={"derived_a": a.head(1)}, append={"derived_events": events}

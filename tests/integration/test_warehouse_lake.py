@@ -29,10 +29,11 @@ from resources.warehouse import (
     WriterBusyError,
     lake_schemas,
     load_extensions,
+    merge,
 )
 from resources.warehouse.extensions import wheel_binary
 from tests.lake_frames import clinical as _clinical
-from tests.lake_frames import offline_duckdb
+from tests.lake_frames import offline_duckdb, set_watermark, snapshots
 
 REPO = Path(__file__).resolve().parents[2]
 DAY = dt.date(2024, 3, 10)
@@ -114,8 +115,13 @@ def test_clinical_tables_round_trip_every_type(wh: Warehouse, table: str) -> Non
 
 def test_bookkeeping_tables_round_trip(wh: Warehouse) -> None:
     quarantine = _frame("quarantine", entity="results", source_surface="datamodel")
-    wh.replace_quarantine(
-        quarantine, entity="results", source_surface="datamodel", partition_day=DAY, run_id="r"
+    wh.merge(
+        "results",
+        schema.empty("results"),
+        partition_day=DAY,
+        run_id="r",
+        source_surface="datamodel",
+        quarantine=quarantine,
     )
     assert_frame_equal(
         wh.query("SELECT * FROM quarantine ORDER BY source_id").select(quarantine.columns), quarantine
@@ -249,16 +255,14 @@ def test_a_failure_mid_merge_leaves_nothing_visible(wh: Warehouse, monkeypatch: 
         source_surface="fhir",
     )
     before_rows = wh.query("SELECT * FROM results ORDER BY source_id")
-    before_snapshots = wh.snapshots().height
+    before_snapshots = snapshots(wh).height
 
-    def fail_after_the_merge_statement(
-        self: Warehouse, con: duckdb.DuckDBPyConnection, *args: object
-    ) -> None:
+    def fail_after_the_merge_statement(con: duckdb.DuckDBPyConnection, *args: object) -> None:
         # The MERGE has run inside the transaction; its effect is visible to this connection...
         assert con.execute("SELECT count(*) FROM results").fetchone() == (4,)
         raise RuntimeError("disk full (injected)")
 
-    monkeypatch.setattr(Warehouse, "_record_load", fail_after_the_merge_statement)
+    monkeypatch.setattr(merge, "record_load", fail_after_the_merge_statement)
     later = STAMP + dt.timedelta(days=1)
     with pytest.raises(RuntimeError, match="injected"):
         wh.merge(
@@ -274,23 +278,23 @@ def test_a_failure_mid_merge_leaves_nothing_visible(wh: Warehouse, monkeypatch: 
     assert_frame_equal(wh.query("SELECT * FROM results ORDER BY source_id"), before_rows)
     assert wh.query("SELECT count(*) FROM quarantine").item() == 0
     assert wh.query("SELECT run_id FROM partition_loads").rows() == [("1",)]
-    assert wh.snapshots().height == before_snapshots
+    assert snapshots(wh).height == before_snapshots
 
 
 _CRASHING_WRITER = textwrap.dedent(
     """
     import datetime as dt, sys, time
     import polars as pl
-    from resources.warehouse import Warehouse
+    from resources.warehouse import Warehouse, merge
     import schema
     lake, n, stop_inside = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "inside"
     if stop_inside:
-        record_load = Warehouse._record_load
-        def stall(self, con, *args):
-            record_load(self, con, *args)  # MERGE done, Parquet written, COMMIT not yet run
+        record_load = merge.record_load
+        def stall(con, *args):
+            record_load(con, *args)  # MERGE done, Parquet written, COMMIT not yet run
             print("inside", flush=True)
             time.sleep(120)
-        Warehouse._record_load = stall
+        merge.record_load = stall
     frame = schema.conform(pl.LazyFrame({
         "source_surface": ["fhir"] * n,
         "source_id": [f"k{i}" for i in range(n)],
@@ -358,9 +362,16 @@ def test_a_writer_killed_mid_merge_leaves_all_or_nothing(wh: Warehouse, when: st
 def test_quarantine_rerun_replaces_its_partition_only(wh: Warehouse) -> None:
     def load(day: dt.date, n: int, run: str) -> int:
         frame = _frame("quarantine", rows=max(n, 1), entity="results", source_surface="fhir").head(n)
-        return wh.replace_quarantine(
-            frame, entity="results", source_surface="fhir", partition_day=day, run_id=run
+        stats = wh.merge(
+            "results",
+            schema.empty("results"),
+            partition_day=day,
+            run_id=run,
+            source_surface="fhir",
+            quarantine=frame,
         )
+        assert stats.quarantined is not None
+        return stats.quarantined
 
     day2 = DAY + dt.timedelta(days=1)
     assert load(DAY, 3, "run-1") == 3
@@ -371,12 +382,13 @@ def test_quarantine_rerun_replaces_its_partition_only(wh: Warehouse) -> None:
     load(DAY, 0, "run-3")  # a rerun that quarantines nothing empties that partition's share
     assert wh.query("SELECT count(*) FROM quarantine WHERE partition_day = ?", [DAY]).item() == 0
     with pytest.raises(ValueError, match="entity"):
-        wh.replace_quarantine(
-            _frame("quarantine", entity="patients", source_surface="fhir"),
-            entity="results",
-            source_surface="fhir",
+        wh.merge(
+            "results",
+            schema.empty("results"),
             partition_day=DAY,
             run_id="x",
+            source_surface="fhir",
+            quarantine=_frame("quarantine", entity="patients", source_surface="fhir"),
         )
 
 
@@ -394,26 +406,26 @@ def test_api_calls_are_idempotent_per_run_and_step(wh: Warehouse) -> None:
 def test_watermarks_round_trip_in_utc(wh: Warehouse) -> None:
     assert wh.get_watermark("fhir/results") is None  # no lake yet: no watermark, no error
     plus2 = dt.timezone(dt.timedelta(hours=2))
-    wh.set_watermark("fhir/results", dt.datetime(2024, 5, 1, 12, 0, tzinfo=plus2), "run-1")
-    wh.set_watermark("datamodel/results", STAMP, "run-1")
+    set_watermark(wh, "fhir/results", dt.datetime(2024, 5, 1, 12, 0, tzinfo=plus2), "run-1")
+    set_watermark(wh, "datamodel/results", STAMP, "run-1")
     got = wh.get_watermark("fhir/results")
     assert got == dt.datetime(2024, 5, 1, 10, 0, tzinfo=dt.UTC) and got.utcoffset() == dt.timedelta(0)
-    wh.set_watermark("fhir/results", STAMP, "run-2")
+    set_watermark(wh, "fhir/results", STAMP, "run-2")
     assert wh.get_watermark("fhir/results") == STAMP
     assert wh.query("SELECT count(*) FROM sync_state").item() == 2
     with pytest.raises(ValueError, match="naive"):
-        wh.set_watermark("fhir/results", dt.datetime(2024, 1, 1), "run-3")
+        set_watermark(wh, "fhir/results", dt.datetime(2024, 1, 1), "run-3")
 
 
 def test_derived_tables_are_replaced_whole(wh: Warehouse) -> None:
     links = pl.DataFrame(
         {"source_surface": ["fhir", "datamodel"], "source_id": ["a", "b"], "person_key": [1, 1]}
     )
-    assert wh.replace_table("person_links", links, run_id="run-1") == 2
-    assert wh.replace_table("person_links", links.head(1), run_id="run-2") == 1
+    wh.write_derived(run_id="run-1", message="links", replace={"person_links": links})
+    wh.write_derived(run_id="run-2", message="links", replace={"person_links": links.head(1)})
     assert_frame_equal(wh.query("SELECT * FROM person_links"), links.head(1))
     with pytest.raises(ValueError, match="loaded table"):
-        wh.replace_table("patients", links, run_id="x")
+        wh.write_derived(run_id="x", message="links", replace={"patients": links})
 
 
 # ---- readers, snapshots, maintenance, schema -------------------------------------------------
@@ -465,7 +477,7 @@ def test_snapshots_label_each_load_and_allow_time_travel(wh: Warehouse) -> None:
         source_surface="fhir",
     )
     first = (
-        wh.snapshots().filter(pl.col("commit_message").str.starts_with("merge patients")).row(0, named=True)
+        snapshots(wh).filter(pl.col("commit_message").str.starts_with("merge patients")).row(0, named=True)
     )
     wh.merge(
         "patients",
@@ -491,7 +503,7 @@ def test_maintenance_compacts_files_and_expires_snapshots(wh: Warehouse) -> None
     assert report.files_merged > 0 and report.snapshots_expired > 0
     assert wh.query(files).item() < before
     assert_frame_equal(wh.query("SELECT * FROM results ORDER BY source_id"), content)
-    assert wh.snapshots().height < 8
+    assert snapshots(wh).height < 8
 
 
 def test_ensure_tables_adds_new_columns_and_refuses_type_drift(wh: Warehouse) -> None:
@@ -533,13 +545,13 @@ def test_a_second_writer_waits_for_the_lock_and_a_dead_holder_releases_it(wh: Wa
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         impatient = wh.model_copy(update={"writer_lock_timeout_s": 0.5})
         with pytest.raises(WriterBusyError, match=f"pid={holder.pid}"):
-            impatient.set_watermark("s", STAMP, "r")
+            set_watermark(impatient, "s", STAMP, "r")
         # Readers are not writers: they read while the lock is held.
         assert wh.query("SELECT count(*) FROM sync_state").item() == 0
     finally:
         holder.kill()
         holder.wait(timeout=30)
-    wh.model_copy(update={"writer_lock_timeout_s": 5.0}).set_watermark("s", STAMP, "r")
+    set_watermark(wh.model_copy(update={"writer_lock_timeout_s": 5.0}), "s", STAMP, "r")
     assert wh.get_watermark("s") == STAMP
 
 

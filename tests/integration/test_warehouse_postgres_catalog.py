@@ -19,9 +19,9 @@ import duckdb
 import polars as pl
 import pytest
 
-from resources.warehouse import LakeNotFoundError, Warehouse, load_extensions
+from resources.warehouse import LakeNotFoundError, Warehouse, load_extensions, merge
 from resources.warehouse.extensions import wheel_binary
-from tests.lake_frames import GROUP, offline_duckdb, readers_during_merges
+from tests.lake_frames import GROUP, offline_duckdb, readers_during_merges, snapshots
 from tests.lake_frames import clinical as _clinical
 from tests.servers import Postgres, postgres_server
 
@@ -112,7 +112,7 @@ def test_a_merge_commits_one_snapshot_that_a_reader_elsewhere_sees(
     )
     assert loads.rows() == [("run-1", 2, 2, 0, 0), ("run-2", 3, 1, 1, 1)]
     # Each load is one snapshot, labelled, and time travel reads the lake as it was.
-    merges = reader.snapshots().filter(pl.col("commit_message").str.starts_with("merge encounters"))
+    merges = snapshots(reader).filter(pl.col("commit_message").str.starts_with("merge encounters"))
     assert merges.height == 2 and set(merges.get_column("author")) == {"redox-etl"}
     assert merges.get_column("snapshot_id").to_list() == [first.snapshot_id, second.snapshot_id]
     version = first.snapshot_id
@@ -129,14 +129,12 @@ def test_readers_cannot_write_and_a_failed_merge_leaves_nothing(
     )
     with reader.connect() as con, pytest.raises(duckdb.Error, match="read-only"):
         con.execute("INSERT INTO sync_state (stream) VALUES ('x')")
-    snapshots = reader.snapshots().height
+    before = snapshots(reader).height
 
-    def fail_after_the_merge_statement(
-        self: Warehouse, con: duckdb.DuckDBPyConnection, *args: object
-    ) -> None:
+    def fail_after_the_merge_statement(con: duckdb.DuckDBPyConnection, *args: object) -> None:
         raise RuntimeError("disk full (injected)")
 
-    monkeypatch.setattr(Warehouse, "_record_load", fail_after_the_merge_statement)
+    monkeypatch.setattr(merge, "record_load", fail_after_the_merge_statement)
     with pytest.raises(RuntimeError, match="injected"):
         writer.merge(
             "results",
@@ -148,7 +146,7 @@ def test_readers_cannot_write_and_a_failed_merge_leaves_nothing(
     monkeypatch.undo()
     assert reader.query("SELECT source_id, run_id FROM results").rows() == [("a", "1")]
     assert reader.query("SELECT run_id FROM partition_loads").rows() == [("1",)]
-    assert reader.snapshots().height == snapshots
+    assert snapshots(reader).height == before
 
 
 def test_no_error_shows_the_catalogs_password(postgres: Postgres, tmp_path: Path) -> None:

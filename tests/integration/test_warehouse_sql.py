@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 import schema
 from pipelines.sql import app
 from resources.warehouse import Warehouse
+from tests.lake_frames import snapshots
 
 runner = CliRunner()
 STAMP = dt.datetime(2024, 3, 10, 7, 30, tzinfo=dt.UTC)
@@ -77,7 +78,7 @@ def test_writes_are_refused_with_a_clear_message(lake: Path, statement: str) -> 
 def test_a_write_that_passes_the_check_still_meets_the_read_only_attach(lake: Path) -> None:
     code, _, err = _run("call ducklake_expire_snapshots('lake', older_than => now())", "--lake", str(lake))
     assert code == 1 and "read-only" in err
-    assert Warehouse(lake_dir=str(lake)).snapshots().height >= 2
+    assert snapshots(Warehouse(lake_dir=str(lake))).height >= 2
 
 
 def test_csv_and_json_go_to_stdout_or_a_file(lake: Path, tmp_path: Path) -> None:

@@ -1,0 +1,219 @@
+"""Loading one partition of one surface into a clinical table: the newest version of each record wins.
+
+Invariants:
+- which version wins is ``schema.versions``'s rule, applied twice: within the incoming frame
+  (polars) and against the stored row (the MERGE's SQL), both rendered from that one definition;
+- a load (rows, the partition's quarantine share, its ``partition_loads`` row) is ONE transaction,
+  so every snapshot has loaded + quarantined = fetched for the partition;
+- only the natural key and ``source_updated_at`` are read; every other column passes through untouched.
+"""
+
+import dataclasses
+import datetime as dt
+import logging
+from collections.abc import Sequence
+
+import duckdb
+import polars as pl
+
+from resources.warehouse.checks import check_constant, check_frame, check_quarantine
+from resources.warehouse.connection import LAKE
+from resources.warehouse.ddl import quote_ident
+from resources.warehouse.migrate import lake_schemas
+from resources.warehouse.transaction import Writer, current_snapshot, registered, transaction, utcnow
+from schema import CLINICAL, NATURAL_KEY, PARTITION_LOADS, UTC_TS, versions
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MergeStats:
+    """What one ``merge`` did: ``total`` (rows in) = inserted + updated + ignored_older + duplicates."""
+
+    table: str
+    source_surface: str
+    partition_day: dt.date
+    run_id: str
+    total: int
+    inserted: int
+    updated: int
+    ignored_older: int
+    duplicates: int
+    quarantined: int | None  # None: the partition's quarantine was not replaced by this merge
+    snapshot_id: int | None
+
+    def as_metadata(self) -> dict[str, int]:
+        """Counts only, safe for Dagster metadata and logs."""
+        counts = {
+            "rows": self.total,
+            "inserted": self.inserted,
+            "updated": self.updated,
+            "ignored_older": self.ignored_older,
+            "duplicates": self.duplicates,
+        }
+        if self.quarantined is not None:
+            counts["quarantined"] = self.quarantined
+        return counts
+
+
+def merge(
+    writer: Writer,
+    table: str,
+    frame: pl.DataFrame,
+    *,
+    partition_day: dt.date,
+    run_id: str,
+    source_surface: str,
+    quarantine: pl.DataFrame | None = None,
+) -> MergeStats:
+    """Upsert one partition of one surface into a clinical table (see ``Warehouse.merge``)."""
+    if table not in CLINICAL:
+        raise ValueError(f"merge() loads clinical tables {sorted(CLINICAL)}, not {table!r}")
+    check_frame(table, frame, CLINICAL[table])
+    check_constant(frame, "source_surface", source_surface, table)
+    if quarantine is not None:
+        check_quarantine(quarantine, entity=table, source_surface=source_surface)
+    latest = newest_per_key(frame)
+    now = utcnow()
+    staged = _with_lineage(latest, partition_day, run_id, now)
+    columns = list(lake_schemas()[table])
+    target = f"{LAKE}.main.{quote_ident(table)}"
+    on = " AND ".join(f"t.{quote_ident(k)} = s.{quote_ident(k)}" for k in NATURAL_KEY)
+    older = versions.sql_strictly_older("s", "t")
+    key_cols = ", ".join(quote_ident(k) for k in NATURAL_KEY)
+    version_cols = ", ".join(quote_ident(c) for c in versions.VERSION_COLUMNS)
+    count_sql = (
+        "SELECT count(*) FILTER (WHERE t._hit IS NULL),"
+        f" count(*) FILTER (WHERE t._hit AND NOT {older}),"
+        f" count(*) FILTER (WHERE t._hit AND {older})"
+        f" FROM _incoming AS s LEFT JOIN"
+        f" (SELECT {key_cols}, {version_cols}, true AS _hit FROM {target}) AS t ON {on}"
+    )
+    merge_sql = (
+        f"MERGE INTO {target} AS t USING _incoming AS s ON ({on})"
+        f" WHEN MATCHED AND NOT {older} THEN UPDATE SET "
+        + ", ".join(f"{quote_ident(c)} = s.{quote_ident(c)}" for c in columns)
+        + f" WHEN NOT MATCHED THEN INSERT ({', '.join(quote_ident(c) for c in columns)})"
+        f" VALUES ({', '.join('s.' + quote_ident(c) for c in columns)})"
+    )
+    message = f"merge {table} {source_surface} {partition_day.isoformat()}"
+    staged_quarantine = (
+        _with_lineage(quarantine, partition_day, run_id, now) if quarantine is not None else None
+    )
+    with (
+        writer() as con,
+        registered(con, "_incoming", staged),
+        registered(con, "_quarantine", staged_quarantine),
+    ):
+        with transaction(con, message=message, extra={"run_id": run_id}):
+            counts = con.execute(count_sql).fetchone()
+            assert counts is not None
+            inserted, updated, ignored = (int(n) for n in counts)
+            affected = _rowcount(con.execute(merge_sql))
+            if affected != inserted + updated:
+                # Only possible if the table already holds a key twice; loading on would hide it.
+                raise RuntimeError(
+                    f"merge into {table} touched {affected} rows, expected {inserted + updated}: "
+                    "the table holds duplicate natural keys; run the key-uniqueness check"
+                )
+            stats = MergeStats(
+                table=table,
+                source_surface=source_surface,
+                partition_day=partition_day,
+                run_id=run_id,
+                total=frame.height,
+                inserted=inserted,
+                updated=updated,
+                ignored_older=ignored,
+                duplicates=frame.height - latest.height,
+                quarantined=None if staged_quarantine is None else staged_quarantine.height,
+                snapshot_id=None,
+            )
+            if staged_quarantine is not None:
+                _replace_quarantine_rows(
+                    con, "_quarantine", staged_quarantine.columns, table, source_surface, partition_day
+                )
+            record_load(con, stats, now)
+        stats = dataclasses.replace(stats, snapshot_id=current_snapshot(con))
+    log.info(
+        "merged %s/%s day=%s: rows=%d inserted=%d updated=%d ignored_older=%d duplicates=%d "
+        "quarantined=%s snapshot=%s",
+        table,
+        source_surface,
+        partition_day,
+        stats.total,
+        stats.inserted,
+        stats.updated,
+        stats.ignored_older,
+        stats.duplicates,
+        stats.quarantined,
+        stats.snapshot_id,
+    )
+    return stats
+
+
+def newest_per_key(frame: pl.DataFrame) -> pl.DataFrame:
+    """One row per natural key, chosen by ``schema.versions`` (ties: the later row); order kept."""
+    keys = list(NATURAL_KEY)
+    if frame.select(pl.struct(keys).n_unique()).item() == frame.height:
+        return frame
+    newest = versions.polars_sort(arrival="_order")
+    return (
+        frame.with_row_index("_order")
+        .sort(newest.by, descending=newest.descending, nulls_last=newest.nulls_last)
+        .unique(subset=keys, keep="first", maintain_order=True)
+        .sort("_order")
+        .drop("_order")
+    )
+
+
+def record_load(con: duckdb.DuckDBPyConnection, stats: MergeStats, now: dt.datetime) -> None:
+    """The ``partition_loads`` row of this load, written inside its transaction."""
+    con.execute(
+        f"INSERT INTO {LAKE}.main.partition_loads ({', '.join(quote_ident(c) for c in PARTITION_LOADS)})"
+        f" VALUES ({', '.join('?' * len(PARTITION_LOADS))})",
+        [
+            stats.table,
+            stats.source_surface,
+            stats.partition_day,
+            stats.run_id,
+            stats.total,
+            stats.inserted,
+            stats.updated,
+            stats.ignored_older,
+            stats.duplicates,
+            now,
+            stats.quarantined,
+        ],
+    )
+
+
+def _with_lineage(frame: pl.DataFrame, partition_day: dt.date, run_id: str, now: dt.datetime) -> pl.DataFrame:
+    return frame.with_columns(
+        pl.lit(partition_day, pl.Date()).alias("partition_day"),
+        pl.lit(run_id, pl.String()).alias("run_id"),
+        pl.lit(now, UTC_TS).alias("ingested_at"),
+    )
+
+
+def _replace_quarantine_rows(
+    con: duckdb.DuckDBPyConnection,
+    source: str,
+    columns: Sequence[str],
+    entity: str,
+    source_surface: str,
+    partition_day: dt.date,
+) -> None:
+    """A rerun replaces the partition's quarantine share, so it never duplicates, and empties it
+    when nothing is quarantined anymore (a mapping was fixed)."""
+    con.execute(
+        f"DELETE FROM {LAKE}.main.quarantine WHERE entity = ? AND source_surface = ? AND partition_day = ?",
+        [entity, source_surface, partition_day],
+    )
+    names = ", ".join(quote_ident(c) for c in columns)
+    con.execute(f"INSERT INTO {LAKE}.main.quarantine ({names}) SELECT {names} FROM {source}")
+
+
+def _rowcount(result: duckdb.DuckDBPyConnection) -> int:
+    row = result.fetchone()
+    return int(row[0]) if row else 0
