@@ -89,7 +89,7 @@ def test_checks_fail_on_missing_or_doubled_records_and_crowded_persons() -> None
 def test_asset_knows_nothing_of_the_sandbox() -> None:
     # Precision/recall against the sandbox's truth are measured by the tests (tests/identity_truth.py)
     # and the benchmark; the product asset needs only the warehouse and checks only its own output.
-    assert person_crosswalk.required_resource_keys == {"warehouse"}
+    assert "redox" not in person_crosswalk.required_resource_keys
     assert set(CHECKS) == {"every_record_one_person", "one_golden_row_per_person", "one_record_per_surface"}
 
 
