@@ -1,9 +1,10 @@
 """Comparison columns for matching: folded names, nickname groups, Soundex keys, birth-date parts,
 digits-only SSN and phone, a canonical street line, ZIP5.
 
-Invariant: ``features`` adds exactly ``FEATURE_COLUMNS`` to its input and never drops or reorders a
-row; a value that cannot be a real one (SSN 000-.., a 7-digit phone, sex 'unknown') becomes null, so
-it is missing evidence rather than agreeing evidence.
+Invariant: ``features`` returns its input row for row, in order, with ``FEATURE_COLUMNS`` added
+(``sex``, ``ssn``, ``phone`` and ``email`` replaced by their normalized forms); a value that cannot
+be a real one (SSN 000-.., a 7-digit phone, sex 'unknown') becomes null, so it is missing evidence
+rather than agreeing evidence.
 """
 
 from typing import Final
