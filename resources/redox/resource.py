@@ -8,12 +8,8 @@ unset. An unset field takes the environment's value through ``Settings`` when th
 so a bare ``RedoxResource()`` in a script or test behaves like the configured one.
 """
 
-import io
-import zipfile
 from typing import Any, Final
 
-import httpx
-import polars as pl
 from dagster import ConfigurableResource, EnvVar
 from pydantic import Field
 
@@ -107,18 +103,3 @@ class RedoxResource(ConfigurableResource):
     def client(self, *, run_id: str | None = None) -> RedoxClient:
         """A new client (use it as ``async with``); its audit rows carry ``run_id``."""
         return RedoxClient(self.settings(), run_id=run_id)
-
-    def sandbox_truth(
-        self, tables: tuple[str, ...] = ("persons",), *, timeout: float = 120.0
-    ) -> dict[str, pl.DataFrame] | None:
-        """The embedded sandbox's ground truth (``GET /sandbox/truth``), or None when the target is
-        not the sandbox. For measuring the pipeline, never for feeding it: real Redox has no truth.
-        """
-        settings = self.settings()
-        if not settings.sandbox:
-            return None
-        # Not through the rate budget: this route is the emulator's own, outside the Redox API.
-        response = httpx.get(f"{settings.base_url}/sandbox/truth", timeout=httpx.Timeout(timeout))
-        response.raise_for_status()
-        with zipfile.ZipFile(io.BytesIO(response.content)) as archive:
-            return {name: pl.read_parquet(archive.read(f"{name}.parquet")) for name in tables}

@@ -8,7 +8,7 @@ import pytest
 
 from schema import PATIENTS
 from transforms import identity as idn
-from transforms.nicknames import FORMAL_NAMES, VARIANTS
+from transforms.identity.nicknames import FORMAL_NAMES, VARIANTS
 
 NOW = datetime(2025, 1, 1, tzinfo=UTC)
 ENT = "urn:oid:2.16.840.1.113883.3.4242.1"
@@ -47,7 +47,7 @@ def pair(
 
 def pairs(*rows: dict[str, Any]) -> pl.DataFrame:
     base = pl.DataFrame(list(rows), schema={k: v for k, v in idn.PAIRS.items() if k != "pair_id"})
-    return base.with_columns(pair_id=idn._pair_id()).select(idn.PAIRS.names())
+    return base.with_columns(pair_id=idn.pair_id()).select(idn.PAIRS.names())
 
 
 # -- deterministic pass ----------------------------------------------------------------------------

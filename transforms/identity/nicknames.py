@@ -1,7 +1,7 @@
 """English given-name nickname groups, used by identity matching to treat Bob and Robert as one name.
 
 Invariant: every key and every variant is lowercase ASCII letters only, the form that
-``transforms.identity`` normalizes given names into, so lookups need no further cleaning. A name may
+``transforms.identity.features`` folds given names into, so lookups need no further cleaning. A name may
 belong to several groups (``al`` is short for Albert, Alfred and Alexander); matching asks whether two
 names share any group, never which group is "right".
 """
@@ -187,8 +187,3 @@ def _variants() -> Mapping[str, tuple[str, ...]]:
 #: name -> every name of every group it belongs to (itself included): what a clerk may have typed
 #: for the same person, so a slip in a nickname can still be recognised.
 VARIANTS: Final[Mapping[str, tuple[str, ...]]] = _variants()
-
-
-def formal_names(name: str) -> tuple[str, ...]:
-    """The formal names ``name`` may be short for, or ``(name,)`` when it is in no group."""
-    return FORMAL_NAMES.get(name, (name,))
