@@ -45,13 +45,13 @@ RESULT = "BENCH-RESULT "
 
 
 def _requests(run_ids: list[str] | None) -> dict[str, int]:
-    from resources.warehouse import Warehouse
+    from resources import configured_warehouse
 
     where = ""
     params: list[Any] = []
     if run_ids is not None:
         where, params = " WHERE run_id IN (SELECT unnest(?::VARCHAR[]))", [run_ids]
-    frame = Warehouse().query(
+    frame = configured_warehouse().query(
         "SELECT count(*) AS requests, count(*) FILTER (WHERE surface = 'auth') AS auth, "
         f"count(*) FILTER (WHERE status = 429) AS status_429 FROM api_calls{where}",
         params,

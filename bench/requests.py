@@ -133,9 +133,9 @@ def _stream_of(surface: str, endpoint: str) -> str:
 
 def spent(run_id: str) -> pl.DataFrame:
     """api_calls of one run: (stream, step kind, surface, endpoint) -> requests, 429s, retries."""
-    from resources.warehouse import Warehouse
+    from resources import configured_warehouse
 
-    frame = Warehouse().query(
+    frame = configured_warehouse().query(
         "SELECT surface, endpoint, status, attempt, step FROM api_calls WHERE run_id = ?", [run_id]
     )
     return (

@@ -20,6 +20,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from resources import configured_warehouse
 from resources.warehouse import Warehouse
 from transforms import identity
 
@@ -218,7 +219,7 @@ def decide(
     """Record a reviewer's decision on a pair in identity_decisions; the next identity run honours it."""
     if decision not in ("link", "no-link"):
         raise typer.BadParameter("decision must be 'link' or 'no-link'")
-    warehouse = Warehouse()
+    warehouse = configured_warehouse()
     ls, li, rs, ri = decision_pair(warehouse, pair=pair, person=person, left=left, right=right)
     row = pl.DataFrame(
         [
