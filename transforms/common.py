@@ -583,7 +583,7 @@ def finish(frame: pl.LazyFrame, table: str) -> pl.LazyFrame:
 def table_of(frame: pl.LazyFrame) -> str:
     """Which clinical table a normalized frame belongs to (its leading columns say it)."""
     names = frame.collect_schema().names()
-    for table, table_schema in schema.CLINICAL.items():
+    for table, table_schema in schema.UNIFIED_TABLES.items():
         if names[: len(table_schema)] == list(table_schema.names()):
             return table
     raise ValueError("frame is not a normalized clinical frame (its leading columns match no table)")

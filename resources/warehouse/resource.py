@@ -40,7 +40,6 @@ from resources.warehouse.lock import held_by_this_process, writer_lock
 from schema import (
     API_CALLS,
     API_CALLS_LINEAGE,
-    CLINICAL,
     LINEAGE,
     NATURAL_KEY,
     PARTITION_LOADS,
@@ -50,6 +49,7 @@ from schema import (
     UTC_TS,
     WAREHOUSE_TABLES,
 )
+from schema import UNIFIED_TABLES as CLINICAL
 
 log = logging.getLogger(__name__)
 
