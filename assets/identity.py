@@ -34,7 +34,8 @@ from resources.redox.errors import RedoxConfigError
 from resources.redox.resource import RedoxResource
 from resources.warehouse import LAKE, Warehouse
 from resources.warehouse.ddl import quote_ident
-from schema import CLINICAL, NATURAL_KEY, PATIENTS, UTC_TS
+from schema import NATURAL_KEY, PATIENTS, UTC_TS
+from schema import UNIFIED_TABLES as CLINICAL
 from transforms import identity
 
 IDENTITY_MODEL: Final = pl.Schema(

@@ -224,7 +224,7 @@ def count_entries(pages: pl.LazyFrame, entity: str) -> pl.LazyFrame:
         return common.dumps({"resourceType": "Bundle", "entry": kinds})
 
     def count(bodies: pl.Series) -> pl.Series:
-        decoded = common.robust_decode(bodies, _COUNT_DTYPE, stand_in)
+        decoded = common.robust_decode(bodies, _COUNT_DTYPE, stand_in, purpose="count")
         kinds = (
             pl.col("d")
             .struct.field("entry")
@@ -253,6 +253,106 @@ def count_entries(pages: pl.LazyFrame, entity: str) -> pl.LazyFrame:
             pl.col("skipped").sum().cast(pl.Int64),
             pl.len().cast(pl.Int64).alias("pages"),
         )
+    )
+
+
+# --- patient references --------------------------------------------------------------------------
+
+_REF: Final = pl.Struct({"reference": S})
+_REFS_DTYPE: Final = pl.Struct(
+    {
+        "resourceType": S,
+        "entry": pl.List(
+            pl.Struct(
+                {
+                    "resource": pl.Struct(
+                        {
+                            "resourceType": S,
+                            "subject": _REF,
+                            "participant": pl.List(pl.Struct({"actor": _REF})),
+                        }
+                    )
+                }
+            )
+        ),
+    }
+)
+
+
+def _references_only(body: str | None, generic: bool) -> str:
+    """A page the narrow decode rejects, rewritten to its well-typed reference fields only."""
+    page, problem = common.load_json(body)
+    if problem or _page_problem(page):
+        return "{}"
+
+    def ref(value: Any) -> dict[str, str] | None:
+        if isinstance(value, dict) and isinstance(value.get("reference"), str):
+            return {"reference": value["reference"]}
+        return None
+
+    kept = []
+    for entry in page.get("entry") or []:
+        resource = entry.get("resource") if isinstance(entry, dict) else None
+        if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
+            continue
+        participants = resource.get("participant")
+        kept.append(
+            {
+                "resource": {
+                    "resourceType": resource["resourceType"],
+                    "subject": ref(resource.get("subject")),
+                    "participant": [
+                        {"actor": ref(p.get("actor"))} for p in participants if isinstance(p, dict)
+                    ]
+                    if isinstance(participants, list)
+                    else None,
+                }
+            }
+        )
+    return common.dumps({"resourceType": "Bundle", "entry": kept})
+
+
+def referenced_patients(pages: pl.LazyFrame) -> pl.LazyFrame:
+    """Distinct ``source_id`` of the patients that clinical pages (any mix of Encounter, Observation
+    and Appointment Bundles) point at, read the way the normalizers read ``patient_source_id``.
+
+    It decodes only ``subject`` and ``participant.actor`` references, not the records: the patients
+    extract needs whom to fetch, not the rows. A record the normalizer would quarantine for another
+    field still names its patient here, which is what that patient's fetch needs.
+    """
+    resource = pl.col("_e").struct.field("resource")
+    kind = resource.struct.field("resourceType")
+    subject = _ref_id(resource.struct.field("subject").struct.field("reference"), "Patient")
+    actor = pl.element().struct.field("actor").struct.field("reference")
+    patient_actor = _ref_id(
+        resource.struct.field("participant")
+        .list.eval(actor)
+        .list.filter(pl.element().str.contains("Patient/").fill_null(False))
+        .list.first(),
+        "Patient",
+    )
+    by_subject = [RESOURCE_TYPES["encounters"], RESOURCE_TYPES["results"]]
+    return (
+        pages.select(
+            pl.col("body")
+            .map_batches(
+                lambda s: common.robust_decode(s, _REFS_DTYPE, _references_only, purpose="references"),
+                return_dtype=_REFS_DTYPE,
+                is_elementwise=True,
+            )
+            .struct.field("entry")
+            .alias("_e")
+        )
+        .explode("_e")
+        .select(
+            pl.when(kind.is_in(by_subject))
+            .then(subject)
+            .when(kind == RESOURCE_TYPES["appointments"])
+            .then(patient_actor)
+            .alias("source_id")
+        )
+        .drop_nulls()
+        .unique()
     )
 
 
@@ -625,12 +725,3 @@ def appointments(pages: pl.LazyFrame) -> pl.LazyFrame:
         ),
     ]
     return _finish(frame, pages, "appointments", checks)
-
-
-# entity -> normalizer, for callers that loop over the four streams.
-NORMALIZERS: Final = {
-    "patients": patients,
-    "encounters": encounters,
-    "results": results,
-    "appointments": appointments,
-}
