@@ -315,7 +315,7 @@ CODED = [
 def test_every_code_of_each_valueset(
     entity: str, base: dict[str, Any], field: str, column: str, valueset: str
 ) -> None:
-    table = valuesets.TABLES[("fhir", valueset)]
+    table = valuesets.CODE_MAPS[("fhir", valueset)]
     codes = [*table, "something-new"]
     resources = [with_(base, id=f"r{i}", **{field: code}) for i, code in enumerate(codes)]
     out = good(run(entity, bundle(*resources)))
