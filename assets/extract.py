@@ -1,7 +1,8 @@
-"""Extract assets: one per Redox surface x entity, partitioned by clinical day.
+"""Extract assets: one per stream (Redox surface x entity), partitioned by clinical day.
 
 Each materialization asks Redox for its days' windows through the one throttled client and lands
-the response bodies untouched (resources/landing.py), one file per day, replaced atomically.
+the response bodies untouched (resources/landing.py), one file per day, replaced atomically, with
+what it learned on the way (see ``Extra``) in the day's manifest.
 
 Invariants:
 - an extract step writes nothing to the warehouse tables but ``api_calls`` (its own audit trail);
@@ -10,7 +11,9 @@ Invariants:
   crash re-fetches only the days that were in flight; scheduled syncs refetch (``refetch=True``)
   because recent days still change;
 - patients are discovered from the day's clinical records and fetched once per run: in a backfill
-  only when new or stale, in a sync always (see ``ExtractConfig``).
+  only when new or stale, in a sync always (see ``ExtractConfig``);
+- the extract decodes no page itself beyond the transport's parse, except to find the patients a
+  day's clinical pages reference (FHIR: their references only).
 """
 
 import asyncio

@@ -14,6 +14,9 @@ Invariants kept:
   used (Arrow's JSON reader, or polars' ``json_decode`` where Arrow refuses, with the same result);
   Python touches only pages that fail both (see ``common.robust_decode``);
 - no PHI in reasons: they name FHIR element paths.
+
+Over 600 lines because the four resources share one decode path (dtypes, repair, explode, count)
+that must stay beside the mappings it feeds; split per resource, each part would reach into the others.
 """
 
 from typing import Any, Final
@@ -27,6 +30,8 @@ SURFACE: Final = "fhir"
 SSN_SYSTEM: Final = "http://hl7.org/fhir/sid/us-ssn"
 NPI_SYSTEM: Final = "http://hl7.org/fhir/sid/us-npi"
 
+# The FHIR resource type each entity is read from, stated once, beside the dtypes that decode it;
+# the stream registry (transforms/streams.py) and through it the extract and changes read it here.
 RESOURCE_TYPES: Final[dict[str, str]] = {
     "patients": "Patient",
     "encounters": "Encounter",
@@ -121,7 +126,7 @@ def _page_dtype(entity: str) -> pl.Struct:
 # --- the Python path for pages the vectorized decode rejects -------------------------------------
 
 
-def _page_problem(page: Any) -> str | None:
+def page_problem(page: Any) -> str | None:
     if not isinstance(page, dict):
         return "page: not a JSON object"
     if page.get("resourceType") != "Bundle":
@@ -172,7 +177,7 @@ def _repairer(entity: str) -> common.Repair:
 
     def repair(body: str | None, generic: bool) -> str:
         page, problem = common.load_json(body)
-        problem = problem or _page_problem(page)
+        problem = problem or page_problem(page)
         if problem:
             # One null entry: the page becomes exactly one (quarantined) row when exploded.
             return common.dumps({common.PAGE_ERROR: problem, "entry": [None]})
@@ -215,7 +220,7 @@ def count_entries(pages: pl.LazyFrame, entity: str) -> pl.LazyFrame:
         # A page polars cannot decode, rewritten to the same counts: malformed entries count as
         # records (they become quarantine rows), other resource types as skipped.
         page, problem = common.load_json(body)
-        if problem or _page_problem(page):
+        if problem or page_problem(page):
             return "{}"
         kinds = []
         for entry in page.get("entry") or []:
@@ -253,106 +258,6 @@ def count_entries(pages: pl.LazyFrame, entity: str) -> pl.LazyFrame:
             pl.col("skipped").sum().cast(pl.Int64),
             pl.len().cast(pl.Int64).alias("pages"),
         )
-    )
-
-
-# --- patient references --------------------------------------------------------------------------
-
-_REF: Final = pl.Struct({"reference": S})
-_REFS_DTYPE: Final = pl.Struct(
-    {
-        "resourceType": S,
-        "entry": pl.List(
-            pl.Struct(
-                {
-                    "resource": pl.Struct(
-                        {
-                            "resourceType": S,
-                            "subject": _REF,
-                            "participant": pl.List(pl.Struct({"actor": _REF})),
-                        }
-                    )
-                }
-            )
-        ),
-    }
-)
-
-
-def _references_only(body: str | None, generic: bool) -> str:
-    """A page the narrow decode rejects, rewritten to its well-typed reference fields only."""
-    page, problem = common.load_json(body)
-    if problem or _page_problem(page):
-        return "{}"
-
-    def ref(value: Any) -> dict[str, str] | None:
-        if isinstance(value, dict) and isinstance(value.get("reference"), str):
-            return {"reference": value["reference"]}
-        return None
-
-    kept = []
-    for entry in page.get("entry") or []:
-        resource = entry.get("resource") if isinstance(entry, dict) else None
-        if not isinstance(resource, dict) or not isinstance(resource.get("resourceType"), str):
-            continue
-        participants = resource.get("participant")
-        kept.append(
-            {
-                "resource": {
-                    "resourceType": resource["resourceType"],
-                    "subject": ref(resource.get("subject")),
-                    "participant": [
-                        {"actor": ref(p.get("actor"))} for p in participants if isinstance(p, dict)
-                    ]
-                    if isinstance(participants, list)
-                    else None,
-                }
-            }
-        )
-    return common.dumps({"resourceType": "Bundle", "entry": kept})
-
-
-def referenced_patients(pages: pl.LazyFrame) -> pl.LazyFrame:
-    """Distinct ``source_id`` of the patients that clinical pages (any mix of Encounter, Observation
-    and Appointment Bundles) point at, read the way the normalizers read ``patient_source_id``.
-
-    It decodes only ``subject`` and ``participant.actor`` references, not the records: the patients
-    extract needs whom to fetch, not the rows. A record the normalizer would quarantine for another
-    field still names its patient here, which is what that patient's fetch needs.
-    """
-    resource = pl.col("_e").struct.field("resource")
-    kind = resource.struct.field("resourceType")
-    subject = _ref_id(resource.struct.field("subject").struct.field("reference"), "Patient")
-    actor = pl.element().struct.field("actor").struct.field("reference")
-    patient_actor = _ref_id(
-        resource.struct.field("participant")
-        .list.eval(actor)
-        .list.filter(pl.element().str.contains("Patient/").fill_null(False))
-        .list.first(),
-        "Patient",
-    )
-    by_subject = [RESOURCE_TYPES["encounters"], RESOURCE_TYPES["results"]]
-    return (
-        pages.select(
-            pl.col("body")
-            .map_batches(
-                lambda s: common.robust_decode(s, _REFS_DTYPE, _references_only, purpose="references"),
-                return_dtype=_REFS_DTYPE,
-                is_elementwise=True,
-            )
-            .struct.field("entry")
-            .alias("_e")
-        )
-        .explode("_e")
-        .select(
-            pl.when(kind.is_in(by_subject))
-            .then(subject)
-            .when(kind == RESOURCE_TYPES["appointments"])
-            .then(patient_actor)
-            .alias("source_id")
-        )
-        .drop_nulls()
-        .unique()
     )
 
 
@@ -422,7 +327,7 @@ def _first(list_expr: pl.Expr) -> pl.Expr:
     return list_expr.list.first()
 
 
-def _ref_id(reference: pl.Expr, resource_type: str) -> pl.Expr:
+def ref_id(reference: pl.Expr, resource_type: str) -> pl.Expr:
     """The id in 'Type/id', 'https://host/fhir/Type/id' or 'Type/id/_history/n'; else null."""
     return reference.str.extract(rf"(?:^|/){resource_type}/([^/]+)(?:/_history/[^/]+)?$", 1)
 
@@ -436,7 +341,7 @@ def _is_practitioner(ref: pl.Expr) -> pl.Expr:
 def _practitioner_id(ref: pl.Expr) -> pl.Expr:
     """The Practitioner id of a literal reference, else the logical reference's identifier value."""
     return pl.coalesce(
-        _ref_id(ref.struct.field("reference"), "Practitioner"),
+        ref_id(ref.struct.field("reference"), "Practitioner"),
         ref.struct.field("identifier").struct.field("value"),
     )
 
@@ -593,7 +498,7 @@ def encounters(pages: pl.LazyFrame) -> pl.LazyFrame:
     start, end = _field("period", "start"), _field("period", "end")
     frame = _timestamps(_explode(pages, "encounters"), start_at=start, end_at=end).with_columns(
         *_common_columns(),
-        _ref_id(_field("subject", "reference"), "Patient").alias("patient_source_id"),
+        ref_id(_field("subject", "reference"), "Patient").alias("patient_source_id"),
         klass.alias("class_source"),
         type_code.alias("type_code"),
         type_system.alias("type_system"),
@@ -636,8 +541,8 @@ def results(pages: pl.LazyFrame) -> pl.LazyFrame:
     )
     frame = _timestamps(_explode(pages, "results"), effective_at=effective).with_columns(
         *_common_columns(),
-        _ref_id(_field("subject", "reference"), "Patient").alias("patient_source_id"),
-        _ref_id(_first(_field("basedOn")).struct.field("reference"), "ServiceRequest").alias("order_id"),
+        ref_id(_field("subject", "reference"), "Patient").alias("patient_source_id"),
+        ref_id(_first(_field("basedOn")).struct.field("reference"), "ServiceRequest").alias("order_id"),
         code.alias("code"),
         system.alias("code_system"),
         display.alias("display"),
@@ -698,7 +603,7 @@ def appointments(pages: pl.LazyFrame) -> pl.LazyFrame:
         _timestamps(_explode(pages, "appointments"), start_at=start, end_at=end)
         .with_columns(
             *_common_columns(),
-            _ref_id(actor("Patient").struct.field("reference"), "Patient").alias("patient_source_id"),
+            ref_id(actor("Patient").struct.field("reference"), "Patient").alias("patient_source_id"),
             status.alias("status_source"),
             type_code.alias("type_code"),
             type_display.alias("type_display"),

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 import schema
-from transforms import common, fhir, valuesets
+from transforms import common, fhir, references, valuesets
 
 TABLE = {
     "patients": "patients",
@@ -530,7 +530,7 @@ def _ref_pages() -> pl.LazyFrame:
 
 
 def test_referenced_patients_reads_what_the_normalizers_read() -> None:
-    got = set(fhir.referenced_patients(_ref_pages()).collect()["source_id"])
+    got = set(references.fhir_referenced_patients(_ref_pages()).collect()["source_id"])
     assert got == {"p1", "p2", "p3", "p5"}
     normalized = set()
     for entity in ("encounters", "results", "appointments"):
@@ -541,7 +541,7 @@ def test_referenced_patients_reads_what_the_normalizers_read() -> None:
 
 def test_referenced_patients_decodes_references_only() -> None:
     before = dict(common.DECODED_PAGES)
-    fhir.referenced_patients(_ref_pages()).collect()
+    references.fhir_referenced_patients(_ref_pages()).collect()
     after = common.DECODED_PAGES
     assert after["references"] - before.get("references", 0) == 5
     assert after["normalize"] == before.get("normalize", 0)
