@@ -1,11 +1,45 @@
-"""Dagster assets, by stage: changes, extract (per surface x entity), warehouse (load), identity."""
+"""Dagster assets and asset checks, by stage: changes, extract (per stream), warehouse (load),
+identity.
 
-from assets.changes import redox_changes
-from assets.checks import all_checks
-from assets.extract import extract_assets
+``build(partitions)`` makes them for one partitions definition; the code location
+(pipelines/definitions.py) builds it from configuration, and the jobs and the runner use the same
+object. ``all_assets`` and ``all_checks`` are a build with ``DEFAULT_START_DATE``, for tests and
+benchmarks that materialize assets directly.
+"""
+
+import dataclasses
+
+import dagster as dg
+
+from assets.changes import build_changes_asset
+from assets.checks import all_checks as _checks
+from assets.extract import build_extract_asset
 from assets.identity import identity_assets
-from assets.warehouse import load_assets
+from assets.partitions import DEFAULT_START_DATE, daily_partitions
+from assets.warehouse import build_load_asset
+from transforms.streams import ENTITIES, STREAMS
 
-all_assets = [redox_changes, *extract_assets, *load_assets, *identity_assets]
 
-__all__ = ["all_assets", "all_checks"]
+@dataclasses.dataclass(frozen=True)
+class Parts:
+    partitions: dg.DailyPartitionsDefinition
+    assets: list[dg.AssetsDefinition]
+    checks: list[dg.AssetChecksDefinition]
+
+
+def build(partitions: dg.DailyPartitionsDefinition) -> Parts:
+    """Every asset and check of the pipeline, partitioned by ``partitions``."""
+    assets = [
+        build_changes_asset(partitions),
+        *(build_extract_asset(stream, partitions) for stream in STREAMS.values()),
+        *(build_load_asset(entity, partitions) for entity in ENTITIES),
+        *identity_assets,
+    ]
+    return Parts(partitions=partitions, assets=assets, checks=list(_checks))
+
+
+_default = build(daily_partitions(DEFAULT_START_DATE))
+all_assets = _default.assets
+all_checks = _default.checks
+
+__all__ = ["Parts", "all_assets", "all_checks", "build"]

@@ -9,13 +9,15 @@ Checks (``records_accounted`` lives with the load assets in assets/warehouse.py)
 - ``timestamps_utc`` (each table; ERROR if a column is not TIMESTAMPTZ, WARN if values are out of
   range; blocking on ERROR): every timestamp is UTC-typed and plausible;
 - ``fresh`` (each table, WARN): the lake's own load record (``partition_loads``) is recent;
-- ``bundle_totals`` (FHIR clinical extracts, ERROR, blocking): each landed day's Bundle.total equals
-  the entries in its pages.
+- ``bundle_totals`` (FHIR clinical extracts, ERROR, blocking): each landed day's Bundle.total, as
+  the extract recorded it in the manifest, equals the distinct entries in its pages.
 
 Checks are unpartitioned: partitioned checks are a preview in Dagster 1.13 and record no partition
 for a run over a range of days, which is how syncs and backfills run. Table checks read whole tables
-(one GROUP BY in DuckDB); ``bundle_totals`` decodes pages, so it reads only the run's days, or the
-most recent landed days in a run without partitions.
+(one GROUP BY in DuckDB); ``bundle_totals`` counts the entries of pages (``count_entries``, which
+decodes only resourceType, is its independent count) and takes the total and the duplicates the
+client saw from the manifest, so it reads only the run's days, or the most recent landed days in a
+run without partitions.
 
 Invariant: metadata, logs and messages carry counts, dates of partitions and column names only,
 never a source id or any other value from a record.
@@ -28,16 +30,20 @@ from typing import Any
 import dagster as dg
 import polars as pl
 
-from assets.streams import CLINICAL, ENTITIES, STREAMS, Entity, partition_folder
+from assets.partitions import partition_folder
+from assets.streams import extract_asset
 from resources.landing import LandingResource, LandingZone
 from resources.warehouse import LAKE, LakeNotFoundError, Warehouse, lake_schemas
-from schema import SURFACES, UTC_TS
+from schema import UTC_TS
 from transforms import fhir as fhir_norm
+from transforms.streams import CLINICAL_ENTITIES, ENTITIES, SURFACES, Entity, clinical_streams, stream
 
 TIMESTAMPTZ = "TIMESTAMP WITH TIME ZONE"
 # Columns that say when something happened to the patient; the rest (source_updated_at, ingested_at)
 # say when a record was written, which cannot be in the future beyond clock skew.
-CLINICAL_TIMES = frozenset({"start_at", "end_at", "effective_at"})
+CLINICAL_TIMES = frozenset(
+    {"end_at"} | {s.clinical_time for s in clinical_streams("fhir") if s.clinical_time}
+)
 EARLIEST = dt.datetime(1900, 1, 1, tzinfo=dt.UTC)
 
 
@@ -67,7 +73,7 @@ def _query(warehouse: Warehouse, sql: str, params: Sequence[Any] | None = None) 
 
 def _by_surface(frame: pl.DataFrame | None, columns: Sequence[str]) -> dict[str, dict[str, int]]:
     """``{surface: {column: count}}`` for every surface, zero where the frame has no row for it."""
-    out = {surface: dict.fromkeys(columns, 0) for surface in SURFACES}
+    out: dict[str, dict[str, int]] = {surface: dict.fromkeys(columns, 0) for surface in SURFACES}
     if frame is not None:
         for row in frame.iter_rows(named=True):
             counts = out.setdefault(str(row["source_surface"]), dict.fromkeys(columns, 0))
@@ -304,25 +310,8 @@ def _run_days(tags: Mapping[str, str]) -> list[dt.date] | None:
     return [lo + dt.timedelta(days=n) for n in range((hi - lo).days + 1)]
 
 
-def _repeats(pages: pl.LazyFrame, entity: Entity) -> int:
-    """Entries that repeat a record already seen on the day's pages (the normalizer's duplicates)."""
-    normalized = STREAMS[("fhir", entity)].normalize(pages)
-    return int(normalized.select(pl.col("duplicates").sum()).collect().item() or 0)
-
-
-def _stated_total(zone: LandingZone, entity: str, folder: str) -> int | None:
-    """Bundle.total as page 1 states it, or None if the server left it out (it is optional in FHIR)."""
-    first = (
-        zone.scan("fhir", entity, [folder])
-        .filter(pl.col("raw_ref").str.ends_with("page-00001"))
-        .select(pl.col("body").str.json_path_match("$.total").cast(pl.Int64, strict=False))
-        .collect()
-    )
-    return None if first.is_empty() else first.item()
-
-
 def build_bundle_totals(entity: Entity) -> dg.AssetChecksDefinition:
-    asset = STREAMS[("fhir", entity)].asset_name
+    asset = extract_asset(stream("fhir", entity))
 
     # Blocking: a day whose pages hold fewer (or more) entries than the server said it had is a
     # partial or doubled landing; loading it would silently lose or duplicate records.
@@ -353,19 +342,19 @@ def build_bundle_totals(entity: Entity) -> dg.AssetChecksDefinition:
                 counts["missing_days"] += 1
                 mismatched.append(folder)
                 continue
-            if _stated_total(zone, entity, folder) is None:
-                # Without a stated total the extract records 0: nothing to compare against.
+            recorded = manifest.extra.get("bundle_total")
+            if recorded is None:
+                # Bundle.total is optional in FHIR: without one there is nothing to compare against.
                 counts["unstated_days"] += 1
                 continue
-            recorded = int(manifest.extra.get("bundle_total") or 0)
             pages = zone.scan("fhir", entity, [folder])
             # Bundle.total counts distinct matches; a record served on two pages (offset paging while
-            # data changes) is one match, which the load collapses. Count each record once.
-            entries = int(fhir_norm.count_entries(pages, entity).collect()["records"][0]) - _repeats(
-                pages, entity
+            # data changes) is one match, which the client counted as a duplicate when it arrived.
+            entries = int(fhir_norm.count_entries(pages, entity).collect()["records"][0]) - int(
+                manifest.extra.get("duplicates") or 0
             )
             counts["entries"] += entries
-            counts["bundle_total"] += recorded
+            counts["bundle_total"] += int(recorded)
             if entries != recorded:
                 mismatched.append(folder)
         context.log.info(
@@ -387,10 +376,10 @@ def build_bundle_totals(entity: Entity) -> dg.AssetChecksDefinition:
 # clinical streams carry one Bundle.total per day.
 all_checks: list[dg.AssetChecksDefinition] = [
     *(build_keys_unique(t) for t in ENTITIES),
-    *(build_patient_exists(t) for t in CLINICAL),
+    *(build_patient_exists(t) for t in CLINICAL_ENTITIES),
     *(build_timestamps_utc(t) for t in ENTITIES),
     *(build_fresh(t) for t in ENTITIES),
-    *(build_bundle_totals(e) for e in CLINICAL),
+    *(build_bundle_totals(e) for e in CLINICAL_ENTITIES),
 ]
 
 __all__ = ["BundleConfig", "FreshConfig", "TimestampConfig", "all_checks"]

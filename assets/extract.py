@@ -1,7 +1,8 @@
-"""Extract assets: one per Redox surface x entity, partitioned by clinical day.
+"""Extract assets: one per stream (Redox surface x entity), partitioned by clinical day.
 
 Each materialization asks Redox for its days' windows through the one throttled client and lands
-the response bodies untouched (resources/landing.py), one file per day, replaced atomically.
+the response bodies untouched (resources/landing.py), one file per day, replaced atomically, with
+what it learned on the way (see ``Extra``) in the day's manifest.
 
 Invariants:
 - an extract step writes nothing to the warehouse tables but ``api_calls`` (its own audit trail);
@@ -10,7 +11,9 @@ Invariants:
   crash re-fetches only the days that were in flight; scheduled syncs refetch (``refetch=True``)
   because recent days still change;
 - patients are discovered from the day's clinical records and fetched once per run: in a backfill
-  only when new or stale, in a sync always (see ``ExtractConfig``).
+  only when new or stale, in a sync always (see ``ExtractConfig``);
+- the extract decodes no page itself beyond the transport's parse, except to find the patients a
+  day's clinical pages reference (FHIR: their references only).
 """
 
 import asyncio
@@ -20,13 +23,22 @@ from collections.abc import Sequence
 import dagster as dg
 import polars as pl
 
-from assets.partitions import backfill_policy, daily
-from assets.streams import CLINICAL, STREAMS, Stream, Surface, day_window, partition_folder
+from assets.partitions import backfill_policy, day_window, partition_folder
+from assets.streams import extract_asset
 from resources.landing import LandingResource, LandingZone, RawPage
 from resources.redox import RedoxClient, date_window
 from resources.redox.resource import RedoxResource
 from resources.warehouse import Warehouse
-from transforms import datamodel as dm_norm
+from transforms.references import referenced_patients
+from transforms.streams import CLINICAL_ENTITIES, Stream, Surface, clinical_streams
+
+# Manifest ``extra`` of a landed day: what the extract learned while the pages passed through it,
+# so later steps read it instead of decoding the pages again. FHIR clinical days: ``bundle_total``
+# (Bundle.total of page 1, None if the server left it out), ``entries`` (entries on the pages) and
+# ``duplicates`` (entries the client had already received on an earlier page of the search).
+# Patients days: ``referenced_patients`` (distinct patients the day's clinical pages name) and
+# ``patients_wanted`` (those fetched).
+Extra = dict[str, int | str | None]
 
 
 class ExtractConfig(dg.Config):
@@ -40,48 +52,32 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-async def _fetch_clinical(client: RedoxClient, stream: Stream, day: dt.date) -> tuple[list[RawPage], int]:
+async def _fetch_clinical(client: RedoxClient, stream: Stream, day: dt.date) -> tuple[list[RawPage], Extra]:
     start, end = day_window(day)
     pages: list[RawPage] = []
-    total = 0
     if stream.surface == "fhir":
+        total: int | None = None
+        entries = duplicates = 0
         async for page in client.fhir.search(stream.source, params=date_window(start, end)):
             pages.append(RawPage(page.raw, f"{page.endpoint} day={day}", _now()))
             total = page.total if page.total is not None else total
-        return pages, total
+            entries += page.entries
+            duplicates += page.duplicates
+        return pages, {"bundle_total": total, "entries": entries, "duplicates": duplicates}
     dm = client.datamodel
-    if stream.entity == "encounters":
-        reply = await dm.visit_query(start=start, end=end)
-    elif stream.entity == "results":
-        reply = await dm.results_query(start=start, end=end)
-    else:
-        reply = await dm.scheduling_booked(start=start, end=end)
-    return [RawPage(reply.raw, f"{reply.endpoint} day={day}", _now())], 0
+    queries = {
+        "PatientAdmin.VisitQuery": dm.visit_query,
+        "Results.Query": dm.results_query,
+        "Scheduling.Booked": dm.scheduling_booked,
+    }
+    reply = await queries[stream.source](start=start, end=end)
+    return [RawPage(reply.raw, f"{reply.endpoint} day={day}", _now())], {}
 
 
 def _referenced_patients(zone: LandingZone, surface: Surface, day: dt.date) -> pl.DataFrame:
-    """Patients the day's clinical records point at: ``patient_source_id`` plus, for the Data Model,
-    whether the embedded record already carries demographics (then no PatientSearch is needed)."""
     folder = [partition_folder(day)]
-    if surface == "fhir":
-        frames = [
-            STREAMS[("fhir", entity)]
-            .normalize(zone.scan("fhir", entity, folder))
-            .select(pl.col("patient_source_id").alias("source_id"))
-            for entity in CLINICAL
-        ]
-        return pl.concat(frames).drop_nulls().unique().with_columns(pl.lit(False).alias("complete")).collect()
-    pages = pl.concat([zone.scan("datamodel", entity, folder) for entity in CLINICAL])
-    return (
-        dm_norm.patients(pages)
-        .filter(pl.col("quarantine_reason").is_null())
-        .select(
-            "source_id",
-            "identifiers",
-            (pl.col("family_name").is_not_null() & pl.col("birth_date").is_not_null()).alias("complete"),
-        )
-        .collect()
-    )
+    pages = pl.concat([zone.scan(surface, entity, folder) for entity in CLINICAL_ENTITIES])
+    return referenced_patients(surface, pages).collect()
 
 
 def _fresh_patients(warehouse: Warehouse, surface: Surface, stale_after: dt.timedelta) -> set[str]:
@@ -99,16 +95,16 @@ def _fresh_patients(warehouse: Warehouse, surface: Surface, stale_after: dt.time
 
 async def _fetch_patients(
     client: RedoxClient,
-    surface: Surface,
+    patients: Stream,
     wanted: pl.DataFrame,
     day: dt.date,
 ) -> list[RawPage]:
     pages: list[RawPage] = []
     if wanted.is_empty():
         return pages
-    if surface == "fhir":
+    if patients.surface == "fhir":
         ids = sorted(wanted["source_id"].to_list())
-        async for page in client.fhir.search_patients("Patient", patients=ids, patient_param="_id"):
+        async for page in client.fhir.search_patients(patients.source, patients=ids, patient_param="_id"):
             pages.append(RawPage(page.raw, f"{page.endpoint} day={day}", _now()))
         return pages
     # The Data Model has no batch patient read: one PatientSearch per patient, by its MR identifier.
@@ -127,22 +123,19 @@ async def _fetch_patients(
     return list(await asyncio.gather(*tasks))
 
 
-def build_extract_asset(stream: Stream) -> dg.AssetsDefinition:
-    deps = (
-        [STREAMS[(stream.surface, entity)].asset_name for entity in CLINICAL]
-        if stream.entity == "patients"
-        else []
-    )
+def build_extract_asset(stream: Stream, partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    deps = [extract_asset(s) for s in clinical_streams(stream.surface)] if stream.entity == "patients" else []
+    name = extract_asset(stream)
 
     @dg.asset(
-        name=stream.asset_name,
+        name=name,
         description=(
             f"Raw {stream.surface} {stream.entity} pages ({stream.source}) for each clinical day, "
             "landed untouched under <lake>/raw."
         ),
         group_name=f"extract_{stream.surface}",
         kinds={"python", "redox", "parquet"},
-        partitions_def=daily,
+        partitions_def=partitions,
         backfill_policy=backfill_policy,
         deps=deps,
     )
@@ -155,7 +148,15 @@ def build_extract_asset(stream: Stream) -> dg.AssetsDefinition:
     ) -> dg.MaterializeResult:
         zone = landing.zone()
         days = [dt.date.fromisoformat(k) for k in context.partition_keys]
-        stats = {"pages": 0, "bytes": 0, "skipped_days": 0, "patients_wanted": 0, "bundle_total": 0}
+        stats = {
+            "pages": 0,
+            "bytes": 0,
+            "skipped_days": 0,
+            "patients_wanted": 0,
+            "bundle_total": 0,
+            "entries": 0,
+            "duplicates": 0,
+        }
 
         async def run() -> pl.DataFrame:
             fetched: set[str] = set()
@@ -165,7 +166,6 @@ def build_extract_asset(stream: Stream) -> dg.AssetsDefinition:
                     if not config.refetch and zone.exists(stream.surface, stream.entity, folder):
                         stats["skipped_days"] += 1
                         continue
-                    total = 0
                     if stream.entity == "patients":
                         refs = _referenced_patients(zone, stream.surface, day)
                         # A re-pull of recent days re-reads every patient they mention: demographics
@@ -182,28 +182,25 @@ def build_extract_asset(stream: Stream) -> dg.AssetsDefinition:
                         )
                         fetched.update(wanted["source_id"].to_list())
                         stats["patients_wanted"] += wanted.height
-                        pages = await _fetch_patients(client, stream.surface, wanted, day)
+                        pages = await _fetch_patients(client, stream, wanted, day)
+                        extra: Extra = {"referenced_patients": refs.height, "patients_wanted": wanted.height}
                     else:
-                        pages, total = await _fetch_clinical(client, stream, day)
+                        pages, extra = await _fetch_clinical(client, stream, day)
                     manifest = zone.write(
-                        stream.surface,
-                        stream.entity,
-                        folder,
-                        pages,
-                        run_id=context.run_id,
-                        extra={"bundle_total": total},
+                        stream.surface, stream.entity, folder, pages, run_id=context.run_id, extra=extra
                     )
                     stats["pages"] += manifest.pages
                     stats["bytes"] += manifest.bytes
-                    stats["bundle_total"] += total
+                    for key in ("bundle_total", "entries", "duplicates"):
+                        stats[key] += int(extra.get(key) or 0)
                 return client.audit_frame()
 
         audit = asyncio.run(run())
-        step = f"{stream.asset_name}:{context.partition_keys[0]}..{context.partition_keys[-1]}"
+        step = f"{name}:{context.partition_keys[0]}..{context.partition_keys[-1]}"
         warehouse.append_api_calls(audit, run_id=context.run_id, step=step)
         context.log.info(
             "%s: %d day(s), %d page(s), %d request(s)",
-            stream.asset_name,
+            name,
             len(days),
             stats["pages"],
             audit.height,
@@ -221,6 +218,4 @@ def build_extract_asset(stream: Stream) -> dg.AssetsDefinition:
     return extract
 
 
-extract_assets = [build_extract_asset(stream) for stream in STREAMS.values()]
-
-__all__ = ["ExtractConfig", "build_extract_asset", "extract_assets"]
+__all__ = ["ExtractConfig", "build_extract_asset"]

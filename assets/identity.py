@@ -33,7 +33,8 @@ from pydantic import Field
 
 from resources.warehouse import LAKE, Warehouse
 from resources.warehouse.ddl import quote_ident
-from schema import CLINICAL, NATURAL_KEY, PATIENTS, UTC_TS
+from schema import NATURAL_KEY, PATIENTS, UTC_TS
+from schema import UNIFIED_TABLES
 from transforms import identity
 
 IDENTITY_MODEL: Final = pl.Schema(
@@ -55,7 +56,7 @@ VIEWS: Final[dict[str, str]] = {
         f"SELECT x.person_key, c.* FROM {table} AS c LEFT JOIN person_crosswalk AS x"
         " ON x.source_surface = c.source_surface AND x.source_id = c.patient_source_id"
     )
-    for table in CLINICAL
+    for table in UNIFIED_TABLES
     if table != "patients"
 }
 

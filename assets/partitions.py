@@ -1,22 +1,28 @@
-"""Daily partitions by clinical day (UTC), shared by every extract and load asset.
+"""Daily partitions by clinical day (UTC), shared by every extract and load asset and the jobs.
 
 A partition is one UTC calendar day of clinical time (encounter start, result effective time,
-appointment start). The first day comes from ``REDOX_ETL_START_DATE`` so a deployment can reach as
-far back as its Redox connection holds data; ``end_offset=1`` includes today, which is still filling.
+appointment start). The first day is configuration, passed to ``daily_partitions`` by whoever
+builds the definitions (pipelines/definitions.py), so a deployment can reach as far back as its Redox
+connection holds data; ``end_offset=1`` includes today, which is still filling.
+
+Invariant: one definitions object carries one partitions definition; assets, jobs, schedules and
+the runner all use that object (nothing here reads the environment at import).
 """
 
 import datetime as dt
-import os
 
 import dagster as dg
 
-START_DATE = os.environ.get("REDOX_ETL_START_DATE", "2025-01-01")
-
-daily = dg.DailyPartitionsDefinition(start_date=START_DATE, timezone="UTC", end_offset=1)
+# The first day when nothing configures one: what tests and benchmarks build against.
+DEFAULT_START_DATE = "2025-01-01"
 
 # A backfill run covers up to a week: few enough runs that process start-up is not the cost, small
 # enough that an interrupted run re-fetches at most a week (and only its days not yet landed).
 backfill_policy = dg.BackfillPolicy.multi_run(max_partitions_per_run=7)
+
+
+def daily_partitions(start_date: str) -> dg.DailyPartitionsDefinition:
+    return dg.DailyPartitionsDefinition(start_date=start_date, timezone="UTC", end_offset=1)
 
 
 def ranges(days: list[dt.date]) -> list[tuple[dt.date, dt.date]]:
@@ -28,3 +34,14 @@ def ranges(days: list[dt.date]) -> list[tuple[dt.date, dt.date]]:
         else:
             out.append((day, day))
     return out
+
+
+def day_window(day: dt.date) -> tuple[dt.datetime, dt.datetime]:
+    """The half-open UTC window [day 00:00, next day 00:00) a partition covers."""
+    start = dt.datetime.combine(day, dt.time(), tzinfo=dt.UTC)
+    return start, start + dt.timedelta(days=1)
+
+
+def partition_folder(day: dt.date) -> str:
+    """The landing-zone folder of a partition's pages."""
+    return f"day={day.isoformat()}"

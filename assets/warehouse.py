@@ -15,16 +15,15 @@ import datetime as dt
 import dagster as dg
 import polars as pl
 
-from assets.partitions import backfill_policy, daily
-from assets.streams import CLINICAL, ENTITIES, STREAMS, Entity, Surface, partition_folder
+from assets.partitions import backfill_policy, partition_folder
+from assets.streams import extract_asset
 from resources.landing import LandingResource, LandingZone
 from resources.warehouse import Warehouse
 from transforms import datamodel as dm_norm
 from transforms import fhir as fhir_norm
 from transforms import valuesets
 from transforms.common import split
-
-SURFACES: tuple[Surface, ...] = ("fhir", "datamodel")
+from transforms.streams import SURFACES, Entity, Surface, stream
 
 
 @dataclasses.dataclass
@@ -53,12 +52,6 @@ class LoadConfig(dg.Config):
     reload: bool = False
 
 
-def _streams_read(surface: Surface, entity: Entity) -> tuple[Entity, ...]:
-    if surface == "datamodel" and entity == "patients":
-        return (*CLINICAL, "patients")
-    return (entity,)
-
-
 def already_loaded(
     warehouse: Warehouse, zone: LandingZone, surface: Surface, entity: Entity, day: dt.date
 ) -> bool:
@@ -70,7 +63,7 @@ def already_loaded(
     """
     folder = partition_folder(day)
     landed = [
-        m for s in _streams_read(surface, entity) if (m := zone.manifest(surface, s, folder)) is not None
+        m for e in stream(surface, entity).reads if (m := zone.manifest(surface, e, folder)) is not None
     ]
     loaded = warehouse.query(
         "SELECT max(loaded_at) AS t FROM partition_loads"
@@ -83,9 +76,8 @@ def already_loaded(
 
 
 def pages_for(zone: LandingZone, surface: Surface, entity: Entity, folders: list[str]) -> pl.LazyFrame:
-    """The pages a (surface, entity) load reads. Data Model patients arrive embedded in every
-    clinical response as well as in PatientSearch replies, so they read all four streams."""
-    return pl.concat([zone.scan(surface, e, folders) for e in _streams_read(surface, entity)])
+    """The pages a stream's load reads (``Stream.reads``)."""
+    return pl.concat([zone.scan(surface, e, folders) for e in stream(surface, entity).reads])
 
 
 def count_records(pages: pl.LazyFrame, surface: Surface, entity: Entity) -> int:
@@ -125,7 +117,7 @@ def load_day(
     tally: Tally,
 ) -> None:
     pages = pages_for(zone, surface, entity, [partition_folder(day)]).collect().lazy()
-    normalized = STREAMS[(surface, entity)].normalize(pages).collect()
+    normalized = stream(surface, entity).normalize(pages).collect()
     good_lazy, bad_lazy = split(normalized.lazy(), entity)
     good, bad = pl.collect_all([good_lazy, bad_lazy])
     known_references = 0
@@ -146,10 +138,14 @@ def load_day(
     tally.unknown_codes += sum(valuesets.unmapped_counts(good, entity, surface).values())
 
 
-def build_load_asset(entity: Entity) -> dg.AssetsDefinition:
-    upstream = [STREAMS[(surface, entity)].asset_name for surface in SURFACES]
-    if entity == "patients":
-        upstream += [STREAMS[("datamodel", e)].asset_name for e in CLINICAL]
+def build_load_asset(entity: Entity, partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    upstream = list(
+        dict.fromkeys(
+            extract_asset(stream(surface, read))
+            for surface in SURFACES
+            for read in stream(surface, entity).reads
+        )
+    )
 
     @dg.asset(
         name=entity,
@@ -159,7 +155,7 @@ def build_load_asset(entity: Entity) -> dg.AssetsDefinition:
         ),
         group_name="warehouse",
         kinds={"duckdb", "polars", "parquet"},
-        partitions_def=daily,
+        partitions_def=partitions,
         backfill_policy=backfill_policy,
         deps=upstream,
         pool="warehouse",
@@ -230,6 +226,3 @@ def build_load_asset(entity: Entity) -> dg.AssetsDefinition:
         )
 
     return load
-
-
-load_assets = [build_load_asset(entity) for entity in ENTITIES]

@@ -1,81 +1,97 @@
-"""Jobs and schedules: the scheduled sync of recent days, and the job backfills run."""
+"""Jobs, schedules and sensors: the scheduled sync of recent days, and the job backfills run.
+
+``build(parts)`` makes them for the partitions definition the assets were built with, so a run
+requested by a schedule or sensor names the same days the assets are partitioned by.
+"""
+
+import dataclasses
 
 import dagster as dg
+from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
-from assets.checks import all_checks
-from assets.partitions import daily, ranges
+from assets import Parts
+from assets.partitions import ranges
 from resources.warehouse import LakeNotFoundError, Warehouse
 
-# Everything partitioned by day: extract from both surfaces, then load; then identity, once per run
-# (it is unpartitioned: it reconciles the whole patients table), so a sync ends reconciled. The
-# changes asset (unpartitioned too) queues older days Redox changed, for the sensor below.
-daily_sync = dg.define_asset_job(
-    name="daily_sync",
-    selection=dg.AssetSelection.groups(
-        "changes", "extract_fhir", "extract_datamodel", "warehouse", "identity"
-    ),
-    partitions_def=daily,
-    description="Pull the selected clinical days from both Redox surfaces, load the unified tables and "
-    "reconcile patients into persons.",
-)
+
+@dataclasses.dataclass(frozen=True)
+class Orchestration:
+    jobs: list[dg.JobDefinition | UnresolvedAssetJobDefinition]
+    schedules: list[dg.ScheduleDefinition]
+    sensors: list[dg.SensorDefinition]
 
 
-@dg.schedule(
-    job=daily_sync,
-    cron_schedule="0 */6 * * *",
-    execution_timezone="UTC",
-    description="Every 6 hours: re-pull the last three days (late commits, reschedules, corrections).",
-)
-def sync_recent_days(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
-    keys = daily.get_partition_keys(current_time=context.scheduled_execution_time)[-3:]
-    return dg.RunRequest(
-        partition_key_range=dg.PartitionKeyRange(keys[0], keys[-1]),
-        run_config={},
-        tags={"redox-etl/kind": "scheduled-sync"},
+def build(parts: Parts) -> Orchestration:
+    """The sync and check jobs over ``parts``, their schedules, and the pending-days sensor."""
+    daily = parts.partitions
+    # Everything partitioned by day: extract from both surfaces, then load; then identity, once per run
+    # (it is unpartitioned: it reconciles the whole patients table), so a sync ends reconciled. The
+    # changes asset (unpartitioned too) queues older days Redox changed, for the sensor below.
+    daily_sync = dg.define_asset_job(
+        name="daily_sync",
+        selection=dg.AssetSelection.groups(
+            "changes", "extract_fhir", "extract_datamodel", "warehouse", "identity"
+        ),
+        partitions_def=daily,
+        description="Pull the selected clinical days from both Redox surfaces, load the unified tables and "
+        "reconcile patients into persons.",
     )
 
+    @dg.schedule(
+        job=daily_sync,
+        cron_schedule="0 */6 * * *",
+        execution_timezone="UTC",
+        description="Every 6 hours: re-pull the last three days (late commits, reschedules, corrections).",
+    )
+    def sync_recent_days(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
+        keys = daily.get_partition_keys(current_time=context.scheduled_execution_time)[-3:]
+        return dg.RunRequest(
+            partition_key_range=dg.PartitionKeyRange(keys[0], keys[-1]),
+            run_config={},
+            tags={"redox-etl/kind": "scheduled-sync"},
+        )
 
-# The lake checks alone, no extraction or load: between syncs (freshness only means something
-# then) and on demand after fixing data by hand. Reads only, so it never waits for the writer.
-lake_checks = dg.define_asset_job(
-    name="lake_checks",
-    selection=dg.AssetSelection.checks(*all_checks),
-    description="Run the asset checks of assets/checks.py against the lake and the landing zone.",
-)
-check_lake_hourly = dg.ScheduleDefinition(
-    job=lake_checks, cron_schedule="30 * * * *", execution_timezone="UTC", name="check_lake_hourly"
-)
-
-
-@dg.sensor(
-    job=daily_sync,
-    minimum_interval_seconds=300,
-    description="Re-pull the days that redox_changes queued in pending_partitions (records Redox "
-    "changed on days no scheduled sync re-pulls), one run per run of consecutive days.",
-)
-def pending_partitions(
-    context: dg.SensorEvaluationContext, warehouse: Warehouse
-) -> dg.SensorResult | dg.SkipReason:
-    try:
-        pending = warehouse.pending_partitions()
-    except LakeNotFoundError:
-        return dg.SkipReason("no lake yet")
-    if pending.is_empty():
-        return dg.SkipReason("no changed days queued")
-    # A run key per queue state: the same queue is requested once, a newer queue entry again.
-    stamp = max(pending["queued_at"].to_list())
-    return dg.SensorResult(
-        run_requests=[
-            dg.RunRequest(
-                run_key=f"pending:{first}..{last}:{stamp}",
-                partition_key_range=dg.PartitionKeyRange(first.isoformat(), last.isoformat()),
-                tags={"redox-etl/kind": "pending-resync"},
-            )
-            for first, last in ranges(pending["partition_day"].to_list())
-        ]
+    # The lake checks alone, no extraction or load: between syncs (freshness only means something
+    # then) and on demand after fixing data by hand. Reads only, so it never waits for the writer.
+    lake_checks = dg.define_asset_job(
+        name="lake_checks",
+        selection=dg.AssetSelection.checks(*parts.checks),
+        description="Run the asset checks of assets/checks.py against the lake and the landing zone.",
+    )
+    check_lake_hourly = dg.ScheduleDefinition(
+        job=lake_checks, cron_schedule="30 * * * *", execution_timezone="UTC", name="check_lake_hourly"
     )
 
+    @dg.sensor(
+        job=daily_sync,
+        minimum_interval_seconds=300,
+        description="Re-pull the days that redox_changes queued in pending_partitions (records Redox "
+        "changed on days no scheduled sync re-pulls), one run per run of consecutive days.",
+    )
+    def pending_partitions(
+        context: dg.SensorEvaluationContext, warehouse: Warehouse
+    ) -> dg.SensorResult | dg.SkipReason:
+        try:
+            pending = warehouse.pending_partitions()
+        except LakeNotFoundError:
+            return dg.SkipReason("no lake yet")
+        if pending.is_empty():
+            return dg.SkipReason("no changed days queued")
+        # A run key per queue state: the same queue is requested once, a newer queue entry again.
+        stamp = max(pending["queued_at"].to_list())
+        return dg.SensorResult(
+            run_requests=[
+                dg.RunRequest(
+                    run_key=f"pending:{first}..{last}:{stamp}",
+                    partition_key_range=dg.PartitionKeyRange(first.isoformat(), last.isoformat()),
+                    tags={"redox-etl/kind": "pending-resync"},
+                )
+                for first, last in ranges(pending["partition_day"].to_list())
+            ]
+        )
 
-jobs = [daily_sync, lake_checks]
-schedules = [sync_recent_days, check_lake_hourly]
-sensors = [pending_partitions]
+    return Orchestration(
+        jobs=[daily_sync, lake_checks],
+        schedules=[sync_recent_days, check_lake_hourly],
+        sensors=[pending_partitions],
+    )

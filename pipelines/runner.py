@@ -28,7 +28,12 @@ from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
 from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
 from dagster._core.utils import make_new_backfill_id
 
+from assets.partitions import ranges
+from assets.streams import extract_asset
+from pipelines.definitions import defs
 from resources import settings
+from resources.warehouse import LakeNotFoundError, Warehouse
+from transforms.streams import ENTITIES, STREAMS
 
 ROOT = Path(__file__).resolve().parent.parent
 RANGE_TAG = "redox-etl/range"
@@ -47,14 +52,13 @@ def instance() -> dg.DagsterInstance:
 
 
 def _daily_sync_job() -> dg.JobDefinition:
-    from pipelines.definitions import defs
-
     return defs.resolve_job_def("daily_sync")
 
 
 def partition_keys(start: dt.date, end: dt.date) -> list[str]:
-    from assets.partitions import daily
-
+    """The daily_sync job's partition keys in [start, end]: the same definition the assets use."""
+    daily = _daily_sync_job().partitions_def
+    assert isinstance(daily, dg.TimeWindowPartitionsDefinition)
     keys = daily.get_partition_keys()
     chosen = [k for k in keys if start.isoformat() <= k <= end.isoformat()]
     if not chosen:
@@ -110,9 +114,6 @@ def sync(
 
 def pending_ranges() -> list[tuple[dt.date, dt.date]]:
     """Runs of consecutive days the changes asset queued and no load has cleared yet."""
-    from assets.partitions import ranges
-    from resources.warehouse import LakeNotFoundError, Warehouse
-
     try:
         pending = Warehouse().pending_partitions()
     except LakeNotFoundError:
@@ -121,9 +122,7 @@ def pending_ranges() -> list[tuple[dt.date, dt.date]]:
 
 
 def _extract_names() -> list[str]:
-    from assets.streams import STREAMS
-
-    return [s.asset_name for s in STREAMS.values()]
+    return [extract_asset(s) for s in STREAMS.values()]
 
 
 def _step_progress(inst: dg.DagsterInstance, range_tag: str) -> tuple[int, str]:
@@ -141,8 +140,6 @@ def _step_progress(inst: dg.DagsterInstance, range_tag: str) -> tuple[int, str]:
 
 def missing_partitions(inst: dg.DagsterInstance, keys: list[str]) -> list[str]:
     """Keys not yet materialized for every load asset: what a backfill still has to do."""
-    from assets.streams import ENTITIES
-
     done = set(keys)
     for entity in ENTITIES:
         materialized = inst.get_materialized_partitions(dg.AssetKey(entity))
@@ -187,8 +184,6 @@ def _cancel_open_backfills(inst: dg.DagsterInstance) -> None:
 
 
 def submit_backfill(inst: dg.DagsterInstance, keys: list[str], *, title: str) -> PartitionBackfill:
-    from pipelines.definitions import defs
-
     graph = defs.resolve_asset_graph()
     backfill = PartitionBackfill.from_asset_partitions(
         backfill_id=make_new_backfill_id(),

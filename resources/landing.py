@@ -1,6 +1,6 @@
-"""The landing zone: raw Redox response bodies, untouched, one file per (surface, stream, partition).
+"""The landing zone: raw Redox response bodies, untouched, one file per (surface, entity, partition).
 
-Layout: ``<lake>/raw/<surface>/<stream>/<partition>/pages.parquet`` with one row per response
+Layout: ``<lake>/raw/<surface>/<entity>/<partition>/pages.parquet`` with one row per response
 (``page``, ``body``, ``request``, ``fetched_at``) and a small JSON manifest beside it.
 
 Invariants:
@@ -9,7 +9,9 @@ Invariants:
   replaces rather than duplicates;
 - bodies are stored byte for byte as the server sent them (decoded as UTF-8, which JSON requires),
   so a normalizer fix can be replayed on exactly what Redox said;
-- the manifest holds counts and hashes only, never a body, so it is safe to show as metadata.
+- the manifest holds counts and hashes only, never a body, so it is safe to show as metadata; its
+  ``extra`` carries what the extract learned while the pages passed through it (totals, duplicates,
+  counts), so later steps read it rather than decode the pages again.
 """
 
 import dataclasses
@@ -57,7 +59,7 @@ class RawPage:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Manifest:
     surface: str
-    stream: str
+    entity: str
     partition: str
     pages: int
     bytes: int
@@ -73,20 +75,20 @@ class LandingZone:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
-    def folder(self, surface: str, stream: str, partition: str) -> Path:
-        return self.root / "raw" / surface / stream / partition
+    def folder(self, surface: str, entity: str, partition: str) -> Path:
+        return self.root / "raw" / surface / entity / partition
 
     def write(
         self,
         surface: str,
-        stream: str,
+        entity: str,
         partition: str,
         pages: Sequence[RawPage],
         *,
         run_id: str,
         extra: dict[str, int | str | None] | None = None,
     ) -> Manifest:
-        folder = self.folder(surface, stream, partition)
+        folder = self.folder(surface, entity, partition)
         _private_dirs(folder)
         digest = hashlib.sha256()
         for page in pages:
@@ -102,7 +104,7 @@ class LandingZone:
         )
         manifest = Manifest(
             surface=surface,
-            stream=stream,
+            entity=entity,
             partition=partition,
             pages=len(pages),
             bytes=sum(len(p.body) for p in pages),
@@ -121,23 +123,27 @@ class LandingZone:
         )
         return manifest
 
-    def exists(self, surface: str, stream: str, partition: str) -> bool:
-        return (self.folder(surface, stream, partition) / "pages.parquet").exists()
+    def exists(self, surface: str, entity: str, partition: str) -> bool:
+        return (self.folder(surface, entity, partition) / "pages.parquet").exists()
 
-    def manifest(self, surface: str, stream: str, partition: str) -> Manifest | None:
-        path = self.folder(surface, stream, partition) / "manifest.json"
+    def manifest(self, surface: str, entity: str, partition: str) -> Manifest | None:
+        path = self.folder(surface, entity, partition) / "manifest.json"
         if not path.exists():
             return None
-        return Manifest(**json.loads(path.read_text()))
+        fields = json.loads(path.read_text())
+        # Manifests landed before the vocabulary settled name the entity "stream".
+        if "stream" in fields:
+            fields["entity"] = fields.pop("stream")
+        return Manifest(**fields)
 
-    def scan(self, surface: str, stream: str, partitions: Sequence[str]) -> pl.LazyFrame:
+    def scan(self, surface: str, entity: str, partitions: Sequence[str]) -> pl.LazyFrame:
         """Pages of the given partitions as ``(raw_ref, body)``, the normalizers' input shape."""
         frames = []
         for partition in partitions:
-            path = self.folder(surface, stream, partition) / "pages.parquet"
+            path = self.folder(surface, entity, partition) / "pages.parquet"
             if not path.exists():
                 continue
-            ref = f"{surface}/{stream}/{partition}/page-"
+            ref = f"{surface}/{entity}/{partition}/page-"
             frames.append(
                 pl.scan_parquet(path).select(
                     (pl.lit(ref) + pl.col("page").cast(pl.String).str.zfill(5)).alias("raw_ref"),

@@ -226,7 +226,8 @@ WAREHOUSE_TABLES: Final[dict[str, pl.Schema]] = {
     "pending_partitions": PENDING_PARTITIONS,
 }
 
-CLINICAL: Final[dict[str, pl.Schema]] = {
+# The four unified tables the normalizers produce (patients and the three clinical tables).
+UNIFIED_TABLES: Final[dict[str, pl.Schema]] = {
     "patients": PATIENTS,
     "encounters": ENCOUNTERS,
     "results": RESULTS,
@@ -234,7 +235,7 @@ CLINICAL: Final[dict[str, pl.Schema]] = {
 }
 
 TABLES: Final[dict[str, pl.Schema]] = {
-    **CLINICAL,
+    **UNIFIED_TABLES,
     "quarantine": QUARANTINE,
     "api_calls": API_CALLS,
     "sync_state": SYNC_STATE,

@@ -14,6 +14,9 @@ Invariants kept:
   used (Arrow's JSON reader, or polars' ``json_decode`` where Arrow refuses, with the same result);
   Python touches only pages that fail both (see ``common.robust_decode``);
 - no PHI in reasons: they name FHIR element paths.
+
+Over 600 lines because the four resources share one decode path (dtypes, repair, explode, count)
+that must stay beside the mappings it feeds; split per resource, each part would reach into the others.
 """
 
 from typing import Any, Final
@@ -27,6 +30,8 @@ SURFACE: Final = "fhir"
 SSN_SYSTEM: Final = "http://hl7.org/fhir/sid/us-ssn"
 NPI_SYSTEM: Final = "http://hl7.org/fhir/sid/us-npi"
 
+# The FHIR resource type each entity is read from, stated once, beside the dtypes that decode it;
+# the stream registry (transforms/streams.py) and through it the extract and changes read it here.
 RESOURCE_TYPES: Final[dict[str, str]] = {
     "patients": "Patient",
     "encounters": "Encounter",
@@ -121,7 +126,7 @@ def _page_dtype(entity: str) -> pl.Struct:
 # --- the Python path for pages the vectorized decode rejects -------------------------------------
 
 
-def _page_problem(page: Any) -> str | None:
+def page_problem(page: Any) -> str | None:
     if not isinstance(page, dict):
         return "page: not a JSON object"
     if page.get("resourceType") != "Bundle":
@@ -172,7 +177,7 @@ def _repairer(entity: str) -> common.Repair:
 
     def repair(body: str | None, generic: bool) -> str:
         page, problem = common.load_json(body)
-        problem = problem or _page_problem(page)
+        problem = problem or page_problem(page)
         if problem:
             # One null entry: the page becomes exactly one (quarantined) row when exploded.
             return common.dumps({common.PAGE_ERROR: problem, "entry": [None]})
@@ -215,7 +220,7 @@ def count_entries(pages: pl.LazyFrame, entity: str) -> pl.LazyFrame:
         # A page polars cannot decode, rewritten to the same counts: malformed entries count as
         # records (they become quarantine rows), other resource types as skipped.
         page, problem = common.load_json(body)
-        if problem or _page_problem(page):
+        if problem or page_problem(page):
             return "{}"
         kinds = []
         for entry in page.get("entry") or []:
@@ -224,7 +229,7 @@ def count_entries(pages: pl.LazyFrame, entity: str) -> pl.LazyFrame:
         return common.dumps({"resourceType": "Bundle", "entry": kinds})
 
     def count(bodies: pl.Series) -> pl.Series:
-        decoded = common.robust_decode(bodies, _COUNT_DTYPE, stand_in)
+        decoded = common.robust_decode(bodies, _COUNT_DTYPE, stand_in, purpose="count")
         kinds = (
             pl.col("d")
             .struct.field("entry")
@@ -322,7 +327,7 @@ def _first(list_expr: pl.Expr) -> pl.Expr:
     return list_expr.list.first()
 
 
-def _ref_id(reference: pl.Expr, resource_type: str) -> pl.Expr:
+def ref_id(reference: pl.Expr, resource_type: str) -> pl.Expr:
     """The id in 'Type/id', 'https://host/fhir/Type/id' or 'Type/id/_history/n'; else null."""
     return reference.str.extract(rf"(?:^|/){resource_type}/([^/]+)(?:/_history/[^/]+)?$", 1)
 
@@ -336,7 +341,7 @@ def _is_practitioner(ref: pl.Expr) -> pl.Expr:
 def _practitioner_id(ref: pl.Expr) -> pl.Expr:
     """The Practitioner id of a literal reference, else the logical reference's identifier value."""
     return pl.coalesce(
-        _ref_id(ref.struct.field("reference"), "Practitioner"),
+        ref_id(ref.struct.field("reference"), "Practitioner"),
         ref.struct.field("identifier").struct.field("value"),
     )
 
@@ -493,7 +498,7 @@ def encounters(pages: pl.LazyFrame) -> pl.LazyFrame:
     start, end = _field("period", "start"), _field("period", "end")
     frame = _timestamps(_explode(pages, "encounters"), start_at=start, end_at=end).with_columns(
         *_common_columns(),
-        _ref_id(_field("subject", "reference"), "Patient").alias("patient_source_id"),
+        ref_id(_field("subject", "reference"), "Patient").alias("patient_source_id"),
         klass.alias("class_source"),
         type_code.alias("type_code"),
         type_system.alias("type_system"),
@@ -536,8 +541,8 @@ def results(pages: pl.LazyFrame) -> pl.LazyFrame:
     )
     frame = _timestamps(_explode(pages, "results"), effective_at=effective).with_columns(
         *_common_columns(),
-        _ref_id(_field("subject", "reference"), "Patient").alias("patient_source_id"),
-        _ref_id(_first(_field("basedOn")).struct.field("reference"), "ServiceRequest").alias("order_id"),
+        ref_id(_field("subject", "reference"), "Patient").alias("patient_source_id"),
+        ref_id(_first(_field("basedOn")).struct.field("reference"), "ServiceRequest").alias("order_id"),
         code.alias("code"),
         system.alias("code_system"),
         display.alias("display"),
@@ -598,7 +603,7 @@ def appointments(pages: pl.LazyFrame) -> pl.LazyFrame:
         _timestamps(_explode(pages, "appointments"), start_at=start, end_at=end)
         .with_columns(
             *_common_columns(),
-            _ref_id(actor("Patient").struct.field("reference"), "Patient").alias("patient_source_id"),
+            ref_id(actor("Patient").struct.field("reference"), "Patient").alias("patient_source_id"),
             status.alias("status_source"),
             type_code.alias("type_code"),
             type_display.alias("type_display"),
@@ -625,12 +630,3 @@ def appointments(pages: pl.LazyFrame) -> pl.LazyFrame:
         ),
     ]
     return _finish(frame, pages, "appointments", checks)
-
-
-# entity -> normalizer, for callers that loop over the four streams.
-NORMALIZERS: Final = {
-    "patients": patients,
-    "encounters": encounters,
-    "results": results,
-    "appointments": appointments,
-}

@@ -1,4 +1,4 @@
-"""ValueSet tables: every source code each surface may send, mapped to the canonical vocabulary.
+"""ValueSet code maps: every source code each surface may send, mapped to the canonical vocabulary.
 
 The canonical vocabularies live in ``schema.VALUESETS``; this module only says how each surface's
 codes land in them. Invariants kept:
@@ -7,9 +7,9 @@ codes land in them. Invariants kept:
 - lookups are case-insensitive and ignore surrounding blanks, because the Data Model's free-text
   codes arrive as 'Canceled', 'CANCELED' or ' canceled' depending on the EHR; the source code itself
   is stored untouched in ``<field>_source`` by the normalizers;
-- a code absent from a table maps to 'unknown' and is *counted* (``unmapped_counts``), never
+- a code absent from its code map maps to 'unknown' and is *counted* (``unmapped_counts``), never
   quarantined: a new EHR code is a mapping gap to fix, not a broken record. A code that is in a
-  table but has no canonical equivalent (e.g. FHIR Appointment 'proposed') maps to 'unknown' on
+  code map but has no canonical equivalent (e.g. FHIR Appointment 'proposed') maps to 'unknown' on
   purpose and is not counted as unmapped.
 - null stays null: "the source said nothing" is different from "the source said something we do
   not know".
@@ -22,14 +22,15 @@ import polars as pl
 
 import schema
 
-Table = Mapping[str, str]
+# source code (lower-cased, stripped) -> canonical value. Not a warehouse table: those are entities.
+CodeMap = Mapping[str, str]
 
 # --- FHIR R4 -------------------------------------------------------------------------------------
 
-FHIR_SEX: Final[Table] = {"male": "male", "female": "female", "other": "other", "unknown": "unknown"}
+FHIR_SEX: Final[CodeMap] = {"male": "male", "female": "female", "other": "other", "unknown": "unknown"}
 
 # v3 ActCode (http://terminology.hl7.org/CodeSystem/v3-ActCode), the R4 Encounter.class binding.
-FHIR_ENCOUNTER_CLASS: Final[Table] = {
+FHIR_ENCOUNTER_CLASS: Final[CodeMap] = {
     "amb": "ambulatory",
     "emer": "emergency",
     "imp": "inpatient",
@@ -46,7 +47,7 @@ FHIR_ENCOUNTER_CLASS: Final[Table] = {
     "unk": "unknown",
 }
 
-FHIR_ENCOUNTER_STATUS: Final[Table] = {
+FHIR_ENCOUNTER_STATUS: Final[CodeMap] = {
     "planned": "planned",
     "arrived": "arrived",
     "triaged": "arrived",
@@ -58,7 +59,7 @@ FHIR_ENCOUNTER_STATUS: Final[Table] = {
     "unknown": "unknown",
 }
 
-FHIR_APPOINTMENT_STATUS: Final[Table] = {
+FHIR_APPOINTMENT_STATUS: Final[CodeMap] = {
     "booked": "booked",
     "arrived": "arrived",
     "checked-in": "arrived",
@@ -73,7 +74,7 @@ FHIR_APPOINTMENT_STATUS: Final[Table] = {
     "waitlist": "unknown",
 }
 
-FHIR_RESULT_STATUS: Final[Table] = {
+FHIR_RESULT_STATUS: Final[CodeMap] = {
     # 'registered' exists before any value does; closest canonical meaning is "not final yet".
     "registered": "preliminary",
     "preliminary": "preliminary",
@@ -86,7 +87,7 @@ FHIR_RESULT_STATUS: Final[Table] = {
 }
 
 # v3 ObservationInterpretation codes.
-FHIR_ABNORMAL_FLAG: Final[Table] = {
+FHIR_ABNORMAL_FLAG: Final[CodeMap] = {
     "n": "normal",
     "l": "low",
     "h": "high",
@@ -107,7 +108,7 @@ FHIR_ABNORMAL_FLAG: Final[Table] = {
 
 # --- Redox Data Model ----------------------------------------------------------------------------
 
-DM_SEX: Final[Table] = {
+DM_SEX: Final[CodeMap] = {
     "male": "male",
     "m": "male",
     "female": "female",
@@ -118,7 +119,7 @@ DM_SEX: Final[Table] = {
     "u": "unknown",
 }
 
-DM_ENCOUNTER_CLASS: Final[Table] = {
+DM_ENCOUNTER_CLASS: Final[CodeMap] = {
     "outpatient": "ambulatory",
     "ambulatory": "ambulatory",
     "recurring": "ambulatory",
@@ -133,7 +134,7 @@ DM_ENCOUNTER_CLASS: Final[Table] = {
     "unknown": "unknown",
 }
 
-DM_ENCOUNTER_STATUS: Final[Table] = {
+DM_ENCOUNTER_STATUS: Final[CodeMap] = {
     "scheduled": "planned",
     "planned": "planned",
     "preadmit": "planned",
@@ -157,7 +158,7 @@ DM_ENCOUNTER_STATUS: Final[Table] = {
 
 # Scheduling event messages (New, Cancel, ...) often carry no Visit.Status; the event type then says
 # what happened to the appointment, so the normalizer falls back to it (see data dictionary).
-DM_APPOINTMENT_STATUS: Final[Table] = {
+DM_APPOINTMENT_STATUS: Final[CodeMap] = {
     "scheduled": "booked",
     "booked": "booked",
     "confirmed": "booked",
@@ -180,7 +181,7 @@ DM_APPOINTMENT_STATUS: Final[Table] = {
     "cancel": "cancelled",
 }
 
-DM_RESULT_STATUS: Final[Table] = {
+DM_RESULT_STATUS: Final[CodeMap] = {
     "final": "final",
     "preliminary": "preliminary",
     "in progress": "preliminary",
@@ -194,7 +195,7 @@ DM_RESULT_STATUS: Final[Table] = {
     "unknown": "unknown",
 }
 
-DM_ABNORMAL_FLAG: Final[Table] = {
+DM_ABNORMAL_FLAG: Final[CodeMap] = {
     "normal": "normal",
     "n": "normal",
     "low": "low",
@@ -212,9 +213,9 @@ DM_ABNORMAL_FLAG: Final[Table] = {
     "unknown": "unknown",
 }
 
-# (surface, field) -> table. `field` is the schema.VALUESETS key; the column it fills is given by
+# (surface, field) -> code map. `field` is the schema.VALUESETS key; the column it fills is given by
 # CODED_COLUMNS below.
-TABLES: Final[dict[tuple[str, str], Table]] = {
+CODE_MAPS: Final[dict[tuple[str, str], CodeMap]] = {
     ("fhir", "sex"): FHIR_SEX,
     ("fhir", "encounter_class"): FHIR_ENCOUNTER_CLASS,
     ("fhir", "encounter_status"): FHIR_ENCOUNTER_STATUS,
@@ -239,10 +240,10 @@ CODED_COLUMNS: Final[dict[str, tuple[tuple[str, str], ...]]] = {
 
 
 def _check() -> None:
-    for (surface, field), table in TABLES.items():
+    for (surface, field), codes in CODE_MAPS.items():
         allowed = set(schema.VALUESETS[field])
-        bad = {code for code, value in table.items() if value not in allowed}
-        if bad or any(code != code.strip().lower() for code in table):
+        bad = {code for code, value in codes.items() if value not in allowed}
+        if bad or any(code != code.strip().lower() for code in codes):
             raise ValueError(
                 f"ValueSet {surface}/{field} maps outside schema.VALUESETS or has un-normalized keys"
             )
@@ -256,16 +257,16 @@ def _lookup_key(source: pl.Expr) -> pl.Expr:
 
 
 def map_code(source: pl.Expr, surface: str, field: str) -> pl.Expr:
-    """The canonical value for a source code column: table hit, else 'unknown'; null stays null."""
-    table = TABLES[(surface, field)]
-    codes = list(table)
-    # A lookup through an Enum of the table's codes (a code outside it casts to null), not
+    """The canonical value for a source code column: code map hit, else 'unknown'; null stays null."""
+    code_map = CODE_MAPS[(surface, field)]
+    codes = list(code_map)
+    # A lookup through an Enum of the map's codes (a code outside it casts to null), not
     # replace_strict, which the streaming engine runs as an in-memory fallback that gathers every
     # row of the batch first (that alone more than doubled the normalizers' peak memory), nor a
     # when/is_in chain, which recomputes the lookup key once per canonical value (three times
     # the CPU).
     position = _lookup_key(source).cast(pl.Enum(codes), strict=False).to_physical()
-    mapped = pl.lit(pl.Series([table[code] for code in codes], dtype=pl.String)).gather(position)
+    mapped = pl.lit(pl.Series([code_map[code] for code in codes], dtype=pl.String)).gather(position)
     return (
         pl.when(source.is_null() | (source.str.strip_chars() == ""))
         .then(None)
@@ -274,17 +275,17 @@ def map_code(source: pl.Expr, surface: str, field: str) -> pl.Expr:
 
 
 def is_unmapped(source: pl.Expr, surface: str, field: str) -> pl.Expr:
-    """True where a non-blank source code is absent from the table (a mapping gap to report)."""
-    table = TABLES[(surface, field)]
+    """True where a non-blank source code is absent from the code map (a mapping gap to report)."""
+    code_map = CODE_MAPS[(surface, field)]
     blank = source.is_null() | (source.str.strip_chars() == "")
-    return ~blank & ~_lookup_key(source).is_in(list(table))
+    return ~blank & ~_lookup_key(source).is_in(list(code_map))
 
 
 def unmapped_counts(frame: pl.DataFrame, table: str, surface: str) -> dict[str, int]:
-    """Per coded column, how many rows carried a source code the ValueSet table does not know.
+    """Per coded column of ``table``, how many rows carried a source code its code map does not know.
 
     Counts, for asset metadata; the codes themselves are in the warehouse (``<column>_source``),
-    which is where to look when extending a table.
+    which is where to look when extending a code map.
     """
     out: dict[str, int] = {}
     for column, field in CODED_COLUMNS[table]:

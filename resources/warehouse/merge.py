@@ -21,7 +21,7 @@ from resources.warehouse.connection import LAKE
 from resources.warehouse.ddl import quote_ident
 from resources.warehouse.migrate import lake_schemas
 from resources.warehouse.transaction import Writer, current_snapshot, registered, transaction, utcnow
-from schema import CLINICAL, NATURAL_KEY, PARTITION_LOADS, UTC_TS, versions
+from schema import NATURAL_KEY, PARTITION_LOADS, UNIFIED_TABLES, UTC_TS, versions
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,9 @@ def merge(
     quarantine: pl.DataFrame | None = None,
 ) -> MergeStats:
     """Upsert one partition of one surface into a clinical table (see ``Warehouse.merge``)."""
-    if table not in CLINICAL:
-        raise ValueError(f"merge() loads clinical tables {sorted(CLINICAL)}, not {table!r}")
-    check_frame(table, frame, CLINICAL[table])
+    if table not in UNIFIED_TABLES:
+        raise ValueError(f"merge() loads clinical tables {sorted(UNIFIED_TABLES)}, not {table!r}")
+    check_frame(table, frame, UNIFIED_TABLES[table])
     check_constant(frame, "source_surface", source_surface, table)
     if quarantine is not None:
         check_quarantine(quarantine, entity=table, source_surface=source_surface)

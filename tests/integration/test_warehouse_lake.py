@@ -99,7 +99,7 @@ def test_lake_columns_have_the_declared_duckdb_types(wh: Warehouse) -> None:
         assert [c for (t, c) in got if t == table] == list(columns), table
 
 
-@pytest.mark.parametrize("table", sorted(schema.CLINICAL))
+@pytest.mark.parametrize("table", sorted(schema.UNIFIED_TABLES))
 def test_clinical_tables_round_trip_every_type(wh: Warehouse, table: str) -> None:
     frame = _frame(table, source_surface="fhir")
     wh.merge(table, frame, partition_day=DAY, run_id="run-1", source_surface="fhir")

@@ -27,9 +27,9 @@ def _fixture(name: str) -> dict[str, Any]:
     return json.loads((FIXTURES / f"{name}.json").read_text())
 
 
-def _land(zone: LandingZone, stream: str, day: dt.date, body: dict[str, Any]) -> None:
-    page = RawPage(json.dumps(body).encode(), f"test {stream}", dt.datetime.now(dt.UTC))
-    zone.write("datamodel", stream, f"day={day.isoformat()}", [page], run_id="test")
+def _land(zone: LandingZone, entity: str, day: dt.date, body: dict[str, Any]) -> None:
+    page = RawPage(json.dumps(body).encode(), f"test {entity}", dt.datetime.now(dt.UTC))
+    zone.write("datamodel", entity, f"day={day.isoformat()}", [page], run_id="test")
 
 
 @pytest.fixture

@@ -49,6 +49,7 @@ from resources.redox.settings import RateSpec, RedoxSettings, SigningKey
 from resources.warehouse import Warehouse
 from sandbox.server import serve_in_thread
 from transforms import common, datamodel, fhir, valuesets
+from transforms.streams import STREAMS
 
 # --- building pages ------------------------------------------------------------------------------
 
@@ -178,8 +179,7 @@ def changed(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
 
 def normalize(surface: str, entity: str, batch: pl.LazyFrame) -> pl.DataFrame:
     """Normalize, and check the count invariant against the independent record count."""
-    module = fhir if surface == "fhir" else datamodel
-    out = module.NORMALIZERS[entity](batch).collect()
+    out = STREAMS[(surface, entity)].normalize(batch).collect()  # type: ignore[index]
     assert out.schema == common.normalized_schema(entity)
     if surface == "fhir":
         counted = fhir.count_entries(batch, entity).collect()["records"][0]

@@ -34,8 +34,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.integration]
 READERS = 8
 PATIENTS = 80
 DAYS = 3
-CLINICAL = ("patients", "encounters", "results", "appointments")
-COUNTED = (*CLINICAL, "quarantine")
+TABLES_READ = ("patients", "encounters", "results", "appointments")
+COUNTED = (*TABLES_READ, "quarantine")
 
 COUNTS_SQL = "SELECT " + ", ".join(f"(SELECT count(*) FROM {t}{{at}}) AS {t}" for t in COUNTED)
 LOADS_SQL = """
@@ -77,7 +77,7 @@ def _read_once(con: Any) -> tuple[int, dict[str, int], list[str]]:
         problems.append(f"snapshot moved inside a transaction: {snapshot} -> {again}")
     if at != counts:
         problems.append(f"snapshot {snapshot}: counts {counts} but AT VERSION {at}")
-    for table in CLINICAL:
+    for table in TABLES_READ:
         if counts[table] != inserted.get(table, 0):
             problems.append(
                 f"snapshot {snapshot}: {table} has {counts[table]} rows, partition_loads inserted "
@@ -101,7 +101,7 @@ def _reader(
     wh = Warehouse(lake_dir=lake_dir)
     queries, errors, violations = 0, [], []
     snapshots: set[int] = set()
-    last_snapshot, last_counts = -1, dict.fromkeys(CLINICAL, 0)
+    last_snapshot, last_counts = -1, dict.fromkeys(TABLES_READ, 0)
     con = None
     try:
         while not stop.is_set():
@@ -122,12 +122,12 @@ def _reader(
                 violations += problems
                 if snapshot < last_snapshot:
                     violations.append(f"snapshot went back: {last_snapshot} -> {snapshot}")
-                shrunk = [t for t in CLINICAL if counts[t] < last_counts[t]]
+                shrunk = [t for t in TABLES_READ if counts[t] < last_counts[t]]
                 if shrunk:
                     violations.append(
                         f"snapshot {snapshot}: {shrunk} lost rows since snapshot {last_snapshot}"
                     )
-                last_snapshot, last_counts = snapshot, {t: counts[t] for t in CLINICAL}
+                last_snapshot, last_counts = snapshot, {t: counts[t] for t in TABLES_READ}
                 snapshots.add(snapshot)
             except Exception:
                 errors.append(traceback.format_exc(limit=4))
@@ -199,4 +199,4 @@ def test_eight_analysts_query_while_a_real_sync_writes(
         # idle run leaves (one query per 1-2 s of think time), the snapshots count is the real proof.
         assert result["queries"] >= 8, result
         assert result["snapshots"] >= 3, result  # it watched the sync's commits land
-        assert result["last_counts"] == {t: final[t] for t in CLINICAL}, (result["last_counts"], final)
+        assert result["last_counts"] == {t: final[t] for t in TABLES_READ}, (result["last_counts"], final)

@@ -30,7 +30,8 @@ from sandbox.population import (
     generate_patient_frame,
 )
 from sandbox.store import Bounds
-from schema import CLINICAL, PATIENTS, VALUESETS
+from schema import PATIENTS, VALUESETS
+from schema import UNIFIED_TABLES
 
 CONFIG = PopulationConfig(seed=7, patients=1000, start=date(2025, 3, 1), end=date(2025, 5, 31))
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -299,7 +300,7 @@ def test_hard_groups(world: World, truth: dict[str, pl.DataFrame]) -> None:
 
 
 def test_truth_columns_and_dtypes_match_the_unified_schema(truth: dict[str, pl.DataFrame]) -> None:
-    for kind, schema in CLINICAL.items():
+    for kind, schema in UNIFIED_TABLES.items():
         expected = [
             (name, dtype)
             for name, dtype in schema.items()

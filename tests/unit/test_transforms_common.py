@@ -279,7 +279,7 @@ def test_split_infers_the_table_and_conforms_both_halves() -> None:
 
 
 def test_valuesets_only_map_into_the_canonical_sets() -> None:
-    for (_surface, field), table in valuesets.TABLES.items():
+    for (_surface, field), table in valuesets.CODE_MAPS.items():
         assert set(table.values()) <= set(schema.VALUESETS[field])
 
 

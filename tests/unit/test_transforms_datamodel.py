@@ -359,7 +359,7 @@ VISIT = {
 @pytest.mark.parametrize("field", ["encounter_class", "encounter_status"])
 def test_encounter_codes(field: str) -> None:
     key = {"encounter_class": "PatientClass", "encounter_status": "Status"}[field]
-    table = valuesets.TABLES[("datamodel", field)]
+    table = valuesets.CODE_MAPS[("datamodel", field)]
     visits = [{**VISIT, "VisitNumber": f"V{i}", key: code.title()} for i, code in enumerate(table)]
     out = good(run("encounters", visits_body(*visits)))
     column = {"encounter_class": "class", "encounter_status": "status"}[field]

@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 import schema
-from transforms import common, fhir, valuesets
+from transforms import common, fhir, references, valuesets
 
 TABLE = {
     "patients": "patients",
@@ -315,7 +315,7 @@ CODED = [
 def test_every_code_of_each_valueset(
     entity: str, base: dict[str, Any], field: str, column: str, valueset: str
 ) -> None:
-    table = valuesets.TABLES[("fhir", valueset)]
+    table = valuesets.CODE_MAPS[("fhir", valueset)]
     codes = [*table, "something-new"]
     resources = [with_(base, id=f"r{i}", **{field: code}) for i, code in enumerate(codes)]
     out = good(run(entity, bundle(*resources)))
@@ -494,3 +494,54 @@ def test_dedupe_function_passes_quarantine_through() -> None:
     out = common.dedupe(frame).collect().sort("_seq")
     assert out["_seq"].to_list() == [1, 2, 3]
     assert out["duplicates"].to_list() == [1, 0, 0]
+
+
+# --- referenced_patients --------------------------------------------------------------------------
+
+
+def _ref_pages() -> pl.LazyFrame:
+    encounter = {"resourceType": "Encounter", "id": "e1", "subject": {"reference": "Patient/p1"}}
+    observation = {
+        "resourceType": "Observation",
+        "id": "o1",
+        "subject": {"reference": "https://fhir.example.org/R4/Patient/p2/_history/3"},
+    }
+    appointment = {
+        "resourceType": "Appointment",
+        "id": "a1",
+        "participant": [
+            {"actor": {"reference": "Practitioner/dr"}},
+            {"actor": {"reference": "Patient/p3"}},
+            {"actor": {"reference": "Patient/p4"}},
+        ],
+    }
+    warning = {"resourceType": "OperationOutcome", "id": "w", "subject": {"reference": "Patient/nobody"}}
+    # A subject of the wrong JSON type makes the narrow decode fail: the page takes the repair path,
+    # and its well-typed references still count.
+    broken = {"resourceType": "Encounter", "id": "e2", "subject": "Patient/p9"}
+    repaired = {"resourceType": "Encounter", "id": "e3", "subject": {"reference": "Patient/p5"}}
+    return pages(
+        bundle(encounter, warning),
+        bundle(observation, {**observation, "id": "o2"}),
+        bundle(appointment),
+        bundle(broken, repaired),
+        "not json",
+    )
+
+
+def test_referenced_patients_reads_what_the_normalizers_read() -> None:
+    got = set(references.fhir_referenced_patients(_ref_pages()).collect()["source_id"])
+    assert got == {"p1", "p2", "p3", "p5"}
+    normalized = set()
+    for entity in ("encounters", "results", "appointments"):
+        frame = getattr(fhir, entity)(_ref_pages()).collect()
+        normalized |= set(frame["patient_source_id"].drop_nulls())
+    assert got == normalized
+
+
+def test_referenced_patients_decodes_references_only() -> None:
+    before = dict(common.DECODED_PAGES)
+    references.fhir_referenced_patients(_ref_pages()).collect()
+    after = common.DECODED_PAGES
+    assert after["references"] - before.get("references", 0) == 5
+    assert after["normalize"] == before.get("normalize", 0)
