@@ -33,8 +33,7 @@ from pydantic import Field
 
 from resources.warehouse import LAKE, Warehouse
 from resources.warehouse.ddl import quote_ident
-from schema import NATURAL_KEY, PATIENTS, UTC_TS
-from schema import UNIFIED_TABLES
+from schema import NATURAL_KEY, PATIENTS, UNIFIED_TABLES, UTC_TS
 from transforms import identity
 
 IDENTITY_MODEL: Final = pl.Schema(

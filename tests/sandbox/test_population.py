@@ -30,8 +30,7 @@ from sandbox.population import (
     generate_patient_frame,
 )
 from sandbox.store import Bounds
-from schema import PATIENTS, VALUESETS
-from schema import UNIFIED_TABLES
+from schema import PATIENTS, UNIFIED_TABLES, VALUESETS
 
 CONFIG = PopulationConfig(seed=7, patients=1000, start=date(2025, 3, 1), end=date(2025, 5, 31))
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
