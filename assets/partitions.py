@@ -13,8 +13,11 @@ import datetime as dt
 
 import dagster as dg
 
-# The first day when nothing configures one: what tests and benchmarks build against.
-DEFAULT_START_DATE = "2025-01-01"
+from resources.settings import Settings
+
+# The first day when nothing configures one (the settings' default): what tests and benchmarks
+# build against.
+DEFAULT_START_DATE: str = Settings.model_fields["start_date"].default.isoformat()
 
 # A backfill run covers up to a week: few enough runs that process start-up is not the cost, small
 # enough that an interrupted run re-fetches at most a week (and only its days not yet landed).
