@@ -10,7 +10,8 @@ The package, in the order a page goes through it:
 - ``repair``: the Python path for pages the vectorized decode rejects (markers, page errors);
 - ``locate``: decode pages, one row per located record, and ``count_records`` from the same steps;
 - ``fields``: expressions that read Data Model fields into column values;
-- ``entities``: the four normalizers and ``reference_only``.
+- ``entities``: the four normalizers and ``reference_only``;
+- here: ``normalize_counted``, a normalizer and ``count_records`` on one decode.
 
 Invariants kept (each module states its part):
 
@@ -24,9 +25,11 @@ Invariants kept (each module states its part):
 
 from typing import Final
 
+import polars as pl
+
 from transforms.datamodel.entities import appointments, encounters, patients, reference_only, results
 from transforms.datamodel.fields import DEFAULT_ID_TYPES, SURFACE
-from transforms.datamodel.locate import count_records
+from transforms.datamodel.locate import count_records, decode
 
 # entity -> normalizer, for callers that loop over the four streams.
 NORMALIZERS: Final = {
@@ -36,6 +39,16 @@ NORMALIZERS: Final = {
     "appointments": appointments,
 }
 
+
+def normalize_counted(pages: pl.LazyFrame, entity: str) -> tuple[pl.LazyFrame, pl.LazyFrame]:
+    """``entity``'s normalized frame and its ``count_records``, built on one decode of the pages.
+
+    Collect the two with one ``pl.collect_all``: each page is then decoded once for both.
+    """
+    decoded = decode(pages, entity)
+    return NORMALIZERS[entity](pages, decoded=decoded), count_records(pages, entity, decoded=decoded)
+
+
 __all__ = [
     "DEFAULT_ID_TYPES",
     "NORMALIZERS",
@@ -43,6 +56,7 @@ __all__ = [
     "appointments",
     "count_records",
     "encounters",
+    "normalize_counted",
     "patients",
     "reference_only",
     "results",

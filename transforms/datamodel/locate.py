@@ -151,14 +151,16 @@ def record_path(row: dict[str, Any]) -> list[str | int] | None:
     return [int(p) if p.isdigit() else p for p in row["_path"].split("/")]
 
 
-def count_records(pages: pl.LazyFrame, entity: str) -> pl.LazyFrame:
+def count_records(pages: pl.LazyFrame, entity: str, *, decoded: pl.LazyFrame | None = None) -> pl.LazyFrame:
     """One row: ``records`` located in the pages (the normalizer's rows before dedupe), ``pages``.
 
     Shares the decoding and locating step with the normalizer (Data Model records are nested in
     several response shapes, and a second locator would be a second thing to get wrong); what it
-    checks is that no later step (field mapping, dedupe, split) loses a record.
+    checks is that no later step (field mapping, dedupe, split) loses a record. Pass the
+    normalizer's ``decoded`` frame and collect both together (``pl.collect_all``): the pages are
+    then decoded once for the two, the frame being cached.
     """
-    decoded = decode(pages, entity)
+    decoded = decode(pages, entity) if decoded is None else decoded
     parts = [records(decoded, chain, entity).select(pl.len()) for chain in CHAINS[entity]]
     parts.append(page_rows(decoded).select(pl.len()))
     total = pl.concat(parts).select(pl.col("len").sum().cast(pl.Int64).alias("records"))
