@@ -76,8 +76,13 @@ def already_loaded(
 
 
 def pages_for(zone: LandingZone, surface: Surface, entity: Entity, folders: list[str]) -> pl.LazyFrame:
-    """The pages a stream's load reads (``Stream.reads``)."""
-    return pl.concat([zone.scan(surface, e, folders) for e in stream(surface, entity).reads])
+    """The pages a stream's load reads (``Stream.reads``), with what the extract carried forward
+    for the patients (Data Model clinical replies: their embedded patients, already typed)."""
+    carried = entity == "patients"
+    return pl.concat(
+        [zone.scan(surface, e, folders, carried=carried) for e in stream(surface, entity).reads],
+        how="diagonal",
+    )
 
 
 def count_records(pages: pl.LazyFrame, surface: Surface, entity: Entity) -> int:
