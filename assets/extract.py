@@ -85,7 +85,8 @@ async def _fetch_clinical(
 def _referenced_patients(zone: LandingZone, surface: Surface, day: dt.date) -> pl.DataFrame:
     folder = [partition_folder(day)]
     pages = pl.concat(
-        [zone.scan(surface, entity, folder, carried=True) for entity in CLINICAL_ENTITIES], how="diagonal"
+        [zone.scan(surface, entity, folder, carried=datamodel.CARRIED_DTYPE) for entity in CLINICAL_ENTITIES],
+        how="diagonal",
     )
     return referenced_patients(surface, pages).collect()
 

@@ -78,7 +78,7 @@ def already_loaded(
 def pages_for(zone: LandingZone, surface: Surface, entity: Entity, folders: list[str]) -> pl.LazyFrame:
     """The pages a stream's load reads (``Stream.reads``), with what the extract carried forward
     for the patients (Data Model clinical replies: their embedded patients, already typed)."""
-    carried = entity == "patients"
+    carried = dm_norm.CARRIED_DTYPE if entity == "patients" else None
     return pl.concat(
         [zone.scan(surface, e, folders, carried=carried) for e in stream(surface, entity).reads],
         how="diagonal",

@@ -158,10 +158,12 @@ class LandingZone:
         return Manifest(**fields)
 
     def scan(
-        self, surface: str, entity: str, partitions: Sequence[str], *, carried: bool = False
+        self, surface: str, entity: str, partitions: Sequence[str], *, carried: pl.DataType | None = None
     ) -> pl.LazyFrame:
         """Pages of the given partitions as ``(raw_ref, body)``, the normalizers' input shape; with
-        ``carried``, plus the carried column of partitions that have one (null on pages without)."""
+        ``carried`` (a dtype), plus the carried column of the partitions that have one of that dtype
+        (null on other pages). A carried file of another dtype, landed by another version of the
+        extract, is not read: its pages are decoded instead."""
         frames = []
         for partition in partitions:
             folder = self.folder(surface, entity, partition)
@@ -170,10 +172,16 @@ class LandingZone:
                 continue
             ref = f"{surface}/{entity}/{partition}/page-"
             frame = pl.scan_parquet(path)
-            if carried and (folder / CARRIED_FILE).exists():
-                frame = frame.join(
-                    pl.scan_parquet(folder / CARRIED_FILE), on="page", how="left", maintain_order="left"
-                )
+            side = folder / CARRIED_FILE
+            if carried is not None and side.exists():
+                kept = [n for n, t in pl.read_parquet_schema(side).items() if n != "page" and t == carried]
+                if kept:
+                    frame = frame.join(
+                        pl.scan_parquet(side).select("page", *kept),
+                        on="page",
+                        how="left",
+                        maintain_order="left",
+                    )
             frames.append(
                 frame.select(
                     (pl.lit(ref) + pl.col("page").cast(pl.String).str.zfill(5)).alias("raw_ref"),

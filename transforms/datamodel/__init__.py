@@ -30,7 +30,7 @@ from typing import Final
 
 import polars as pl
 
-from transforms.datamodel.carry import CARRIED, carried_patients
+from transforms.datamodel.carry import CARRIED, CARRIED_DTYPE, carried_patients
 from transforms.datamodel.entities import appointments, encounters, patients, reference_only, results
 from transforms.datamodel.fields import DEFAULT_ID_TYPES, SURFACE
 from transforms.datamodel.locate import count_records, decode
@@ -55,6 +55,7 @@ def normalize_counted(pages: pl.LazyFrame, entity: str) -> tuple[pl.LazyFrame, p
 
 __all__ = [
     "CARRIED",
+    "CARRIED_DTYPE",
     "DEFAULT_ID_TYPES",
     "NORMALIZERS",
     "SURFACE",
