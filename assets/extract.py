@@ -13,7 +13,9 @@ Invariants:
 - patients are discovered from the day's clinical records and fetched once per run: in a backfill
   only when new or stale, in a sync always (see ``ExtractConfig``);
 - the extract decodes no page itself beyond the transport's parse, except to find the patients a
-  day's clinical pages reference (FHIR: their references only).
+  day's FHIR clinical pages reference (their references only); a Data Model clinical reply's
+  embedded patients are typed from that parse and landed beside it (``carried``), so neither the
+  patients extract nor the patients load decodes the clinical page again.
 """
 
 import asyncio
@@ -29,6 +31,7 @@ from resources.landing import LandingResource, LandingZone, RawPage
 from resources.redox import RedoxClient, date_window
 from resources.redox.resource import RedoxResource
 from resources.warehouse import Warehouse
+from transforms import datamodel
 from transforms.references import referenced_patients
 from transforms.streams import CLINICAL_ENTITIES, Stream, Surface, clinical_streams
 
@@ -52,7 +55,9 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-async def _fetch_clinical(client: RedoxClient, stream: Stream, day: dt.date) -> tuple[list[RawPage], Extra]:
+async def _fetch_clinical(
+    client: RedoxClient, stream: Stream, day: dt.date
+) -> tuple[list[RawPage], Extra, pl.Series | None]:
     start, end = day_window(day)
     pages: list[RawPage] = []
     if stream.surface == "fhir":
@@ -63,7 +68,7 @@ async def _fetch_clinical(client: RedoxClient, stream: Stream, day: dt.date) -> 
             total = page.total if page.total is not None else total
             entries += page.entries
             duplicates += page.duplicates
-        return pages, {"bundle_total": total, "entries": entries, "duplicates": duplicates}
+        return pages, {"bundle_total": total, "entries": entries, "duplicates": duplicates}, None
     dm = client.datamodel
     queries = {
         "PatientAdmin.VisitQuery": dm.visit_query,
@@ -71,12 +76,18 @@ async def _fetch_clinical(client: RedoxClient, stream: Stream, day: dt.date) -> 
         "Scheduling.Booked": dm.scheduling_booked,
     }
     reply = await queries[stream.source](start=start, end=end)
-    return [RawPage(reply.raw, f"{reply.endpoint} day={day}", _now())], {}
+    # The reply's patients, typed from the client's parse: the patients extract and load read them
+    # from here rather than decoding the page again.
+    carried = datamodel.carried_patients([reply.json])
+    return [RawPage(reply.raw, f"{reply.endpoint} day={day}", _now())], {}, carried
 
 
 def _referenced_patients(zone: LandingZone, surface: Surface, day: dt.date) -> pl.DataFrame:
     folder = [partition_folder(day)]
-    pages = pl.concat([zone.scan(surface, entity, folder) for entity in CLINICAL_ENTITIES])
+    pages = pl.concat(
+        [zone.scan(surface, entity, folder, carried=datamodel.CARRIED_DTYPE) for entity in CLINICAL_ENTITIES],
+        how="diagonal",
+    )
     return referenced_patients(surface, pages).collect()
 
 
@@ -184,10 +195,17 @@ def build_extract_asset(stream: Stream, partitions: dg.PartitionsDefinition) -> 
                         stats["patients_wanted"] += wanted.height
                         pages = await _fetch_patients(client, stream, wanted, day)
                         extra: Extra = {"referenced_patients": refs.height, "patients_wanted": wanted.height}
+                        carried = None
                     else:
-                        pages, extra = await _fetch_clinical(client, stream, day)
+                        pages, extra, carried = await _fetch_clinical(client, stream, day)
                     manifest = zone.write(
-                        stream.surface, stream.entity, folder, pages, run_id=context.run_id, extra=extra
+                        stream.surface,
+                        stream.entity,
+                        folder,
+                        pages,
+                        run_id=context.run_id,
+                        extra=extra,
+                        carried=carried,
                     )
                     stats["pages"] += manifest.pages
                     stats["bytes"] += manifest.bytes

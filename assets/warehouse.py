@@ -76,11 +76,18 @@ def already_loaded(
 
 
 def pages_for(zone: LandingZone, surface: Surface, entity: Entity, folders: list[str]) -> pl.LazyFrame:
-    """The pages a stream's load reads (``Stream.reads``)."""
-    return pl.concat([zone.scan(surface, e, folders) for e in stream(surface, entity).reads])
+    """The pages a stream's load reads (``Stream.reads``), with what the extract carried forward
+    for the patients (Data Model clinical replies: their embedded patients, already typed)."""
+    carried = dm_norm.CARRIED_DTYPE if entity == "patients" else None
+    return pl.concat(
+        [zone.scan(surface, e, folders, carried=carried) for e in stream(surface, entity).reads],
+        how="diagonal",
+    )
 
 
 def count_records(pages: pl.LazyFrame, surface: Surface, entity: Entity) -> int:
+    """Records in the pages, counted independently of the normalizer (FHIR: entries by resourceType;
+    the Data Model counts from its own decode, which ``load_day`` shares with the normalizer)."""
     counted = (
         fhir_norm.count_entries(pages, entity) if surface == "fhir" else dm_norm.count_records(pages, entity)
     )
@@ -117,7 +124,13 @@ def load_day(
     tally: Tally,
 ) -> None:
     pages = pages_for(zone, surface, entity, [partition_folder(day)]).collect().lazy()
-    normalized = stream(surface, entity).normalize(pages).collect()
+    if surface == "datamodel":
+        # The count reads the normalizer's decoded frame: one decode of each page for both.
+        normalized, counted = pl.collect_all(dm_norm.normalize_counted(pages, entity))
+        records = int(counted["records"][0])
+    else:
+        normalized = stream(surface, entity).normalize(pages).collect()
+        records = count_records(pages, surface, entity)
     good_lazy, bad_lazy = split(normalized.lazy(), entity)
     good, bad = pl.collect_all([good_lazy, bad_lazy])
     known_references = 0
@@ -127,7 +140,7 @@ def load_day(
     stats = warehouse.merge(
         entity, good, partition_day=day, run_id=run_id, source_surface=surface, quarantine=bad
     )
-    tally.records += count_records(pages, surface, entity)
+    tally.records += records
     tally.loaded += good.height
     tally.duplicates += int(normalized.filter(pl.col("quarantine_reason").is_null())["duplicates"].sum())
     tally.quarantined += bad.height

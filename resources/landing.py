@@ -1,14 +1,18 @@
 """The landing zone: raw Redox response bodies, untouched, one file per (surface, entity, partition).
 
 Layout: ``<lake>/raw/<surface>/<entity>/<partition>/pages.parquet`` with one row per response
-(``page``, ``body``, ``request``, ``fetched_at``) and a small JSON manifest beside it.
+(``page``, ``body``, ``request``, ``fetched_at``) and a small JSON manifest beside it; optionally a
+``carried.parquet`` (``page`` and one column) with what the extract parsed out of each page, which
+the manifest names.
 
 Invariants:
-- a partition's file is replaced atomically (written under a temporary name in the same folder,
+- a partition's files are replaced atomically (written under a temporary name in the same folder,
   fsynced, then ``os.replace``d), so a reader or a crash never sees half a partition and a rerun
   replaces rather than duplicates;
 - bodies are stored byte for byte as the server sent them (decoded as UTF-8, which JSON requires),
   so a normalizer fix can be replayed on exactly what Redox said;
+- the carried file is removed before new pages are written and written after them, so it always
+  describes the pages beside it; it holds patient data, so it is owner-only like them;
 - the manifest holds counts and hashes only, never a body, so it is safe to show as metadata; its
   ``extra`` carries what the extract learned while the pages passed through it (totals, duplicates,
   counts), so later steps read it rather than decode the pages again.
@@ -39,6 +43,9 @@ WriteFn = Callable[[IO[bytes]], Any]
 # times as long.
 PAGES_PER_ROW_GROUP: Final = 4
 
+# Beside a partition's pages: what the extract parsed out of them (``LandingZone.write``).
+CARRIED_FILE: Final = "carried.parquet"
+
 PAGE_SCHEMA = pl.Schema(
     {
         "page": pl.Int32(),
@@ -67,6 +74,8 @@ class Manifest:
     run_id: str
     written_at: str
     extra: dict[str, int | str | None]
+    # The carried file beside the pages (see ``LandingZone.write``), if the extract wrote one.
+    carried: str | None = None
 
 
 class LandingZone:
@@ -87,7 +96,10 @@ class LandingZone:
         *,
         run_id: str,
         extra: dict[str, int | str | None] | None = None,
+        carried: pl.Series | None = None,
     ) -> Manifest:
+        """Land ``pages`` (and ``carried``, one value per page: what the extract already parsed out
+        of them, for later steps to read instead of decoding the pages again) and the manifest."""
         folder = self.folder(surface, entity, partition)
         _private_dirs(folder)
         digest = hashlib.sha256()
@@ -112,11 +124,20 @@ class LandingZone:
             run_id=run_id,
             written_at=dt.datetime.now(dt.UTC).isoformat(),
             extra=dict(extra or {}),
+            carried=CARRIED_FILE if carried is not None else None,
         )
+        if carried is not None and carried.len() != len(pages):
+            raise ValueError("carried values must be one per page")
+        # The carried file of an earlier landing describes other pages: gone before the new pages
+        # arrive, so a reader finds the right one or none (and decodes the pages).
+        (folder / CARRIED_FILE).unlink(missing_ok=True)
         _atomic_write(
             folder / "pages.parquet",
             lambda f: frame.write_parquet(f, compression="zstd", row_group_size=PAGES_PER_ROW_GROUP),
         )
+        if carried is not None:
+            side = pl.DataFrame([pl.Series("page", range(1, len(pages) + 1), dtype=pl.Int32()), carried])
+            _atomic_write(folder / CARRIED_FILE, lambda f: side.write_parquet(f, compression="zstd"))
         _atomic_write(
             folder / "manifest.json",
             lambda f: f.write(json.dumps(dataclasses.asdict(manifest), indent=2).encode()),
@@ -136,23 +157,40 @@ class LandingZone:
             fields["entity"] = fields.pop("stream")
         return Manifest(**fields)
 
-    def scan(self, surface: str, entity: str, partitions: Sequence[str]) -> pl.LazyFrame:
-        """Pages of the given partitions as ``(raw_ref, body)``, the normalizers' input shape."""
+    def scan(
+        self, surface: str, entity: str, partitions: Sequence[str], *, carried: pl.DataType | None = None
+    ) -> pl.LazyFrame:
+        """Pages of the given partitions as ``(raw_ref, body)``, the normalizers' input shape; with
+        ``carried`` (a dtype), plus the carried column of the partitions that have one of that dtype
+        (null on other pages). A carried file of another dtype, landed by another version of the
+        extract, is not read: its pages are decoded instead."""
         frames = []
         for partition in partitions:
-            path = self.folder(surface, entity, partition) / "pages.parquet"
+            folder = self.folder(surface, entity, partition)
+            path = folder / "pages.parquet"
             if not path.exists():
                 continue
             ref = f"{surface}/{entity}/{partition}/page-"
+            frame = pl.scan_parquet(path)
+            side = folder / CARRIED_FILE
+            if carried is not None and side.exists():
+                kept = [n for n, t in pl.read_parquet_schema(side).items() if n != "page" and t == carried]
+                if kept:
+                    frame = frame.join(
+                        pl.scan_parquet(side).select("page", *kept),
+                        on="page",
+                        how="left",
+                        maintain_order="left",
+                    )
             frames.append(
-                pl.scan_parquet(path).select(
+                frame.select(
                     (pl.lit(ref) + pl.col("page").cast(pl.String).str.zfill(5)).alias("raw_ref"),
-                    pl.col("body"),
+                    pl.exclude("page", "request", "fetched_at"),
                 )
             )
         if not frames:
             return pl.LazyFrame(schema={"raw_ref": pl.String(), "body": pl.String()})
-        return pl.concat(frames)
+        return pl.concat(frames, how="diagonal")
 
 
 def _private_dirs(folder: Path) -> None:

@@ -3,7 +3,9 @@
 Invariant: it reads what a patient fetch needs and no more. FHIR clinical pages are decoded for
 their patient references only (``fhir_referenced_patients``). Data Model responses embed the patient
 (identifiers, and demographics in some events), so there the patients normalizer is the reader: it
-says whether the embedded record is complete enough that no PatientSearch is needed.
+says whether the embedded record is complete enough that no PatientSearch is needed. It reads what
+the extract carried forward from the transport's parse (``datamodel.carry``) where the pages come
+with it, so a clinical page is not decoded again for its patients.
 """
 
 from typing import Any, Final

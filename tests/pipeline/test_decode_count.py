@@ -1,4 +1,5 @@
-"""A landed FHIR page is decoded at most twice in a sync: once by the transport, once by its load.
+"""A landed page, FHIR or Data Model, is decoded at most twice in a sync: once by the transport,
+once by its load.
 
 The extract records what it learned in the landing manifest (Bundle.total, entries, the duplicates
 the client saw, referenced patients), the FHIR patients extract reads only patient references, and
@@ -9,10 +10,11 @@ the dtype decoded to (Data Model dtypes carry ``Meta``), and counts the transpor
 ``Transport._interpret``. Light decodes (``count``: resourceType only; ``references``: patient
 references only) are not full decodes and are reported, not bounded.
 
-Data Model pages are reported, not bounded: its load still decodes a page twice (the normalizer and
-``datamodel.count_records``, which shares the normalizer's decode step but not its result), and a
-clinical response is also read by the patients extract and the patients load for its embedded
-patients.
+The Data Model meets the same bound: a load counts its records from the normalizer's own decoded
+frame (``datamodel.normalize_counted``), and a clinical reply's embedded patients are typed from the
+transport's parse by the extract and landed beside the page (``carried.parquet``), so the patients
+extract and the patients load read them there instead of decoding the clinical page again. A page
+whose values polars would not read unchanged carries nothing and is decoded (and counted) as before.
 """
 
 import collections
@@ -44,7 +46,7 @@ def _landed_pages() -> collections.Counter[str]:
     return landed
 
 
-def test_a_landed_fhir_page_is_decoded_at_most_twice(tmp_path, monkeypatch):
+def test_a_landed_page_is_decoded_at_most_twice(tmp_path, monkeypatch):
     monkeypatch.setenv("REDOX_ETL_HOME", str(tmp_path))
     monkeypatch.setenv("REDOX_BUDGET_PATH", str(tmp_path / "budget.sqlite"))
     parses: collections.Counter[str] = collections.Counter()
@@ -103,3 +105,5 @@ def test_a_landed_fhir_page_is_decoded_at_most_twice(tmp_path, monkeypatch):
     assert sum(counted.values()) == normalized.total() + light.total()
     assert landed["fhir"] > 0
     assert full["fhir"] <= 2 * landed["fhir"], (full, landed)
+    assert landed["datamodel"] > 0
+    assert full["datamodel"] <= 2 * landed["datamodel"], (full, landed)

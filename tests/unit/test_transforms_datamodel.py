@@ -11,6 +11,7 @@ import pytest
 
 import schema
 from transforms import common, datamodel, valuesets
+from transforms.datamodel import locate
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "redox-datamodel"
 ENTITIES = ("patients", "encounters", "appointments", "results")
@@ -543,3 +544,64 @@ def test_duplicate_visits_across_pages_keep_one() -> None:
     out = run("encounters", first, second)
     row = one(out, "V1")
     assert (row["reason"], row["duplicates"]) == ("second", 1)
+
+
+# --- decode once: carried patients, shared count -------------------------------------------------
+
+
+def _same_rows(left: pl.DataFrame, right: pl.DataFrame) -> bool:
+    """Equal as multisets of rows (dedupe does not promise an order)."""
+    return left.schema == right.schema and sorted(map(repr, left.rows())) == sorted(map(repr, right.rows()))
+
+
+def _carried_pages(*bodies: str) -> pl.LazyFrame:
+    parsed = [common.load_json(b)[0] for b in bodies]
+    return pages(*bodies).with_columns(datamodel.carried_patients(parsed))
+
+
+def _variants() -> list[str]:
+    bodies = [fixture(p.stem) for p in sorted(FIXTURES.glob("*.json"))]
+    visits = json.loads(fixture("patientadmin_visitqueryresponse"))
+    numbers = copy.deepcopy(visits)
+    # Integers and booleans where strings are read: polars prints them as JSON does.
+    numbers["Patients"][0]["Identifiers"][0]["ID"] = 1234
+    numbers["Patients"][0]["Demographics"]["SSN"] = True
+    numbers["Patients"][0]["Demographics"]["ZIP"] = -7
+    floats = copy.deepcopy(visits)
+    floats["Patients"][0]["Identifiers"][0]["ID"] = 1e3
+    shape = copy.deepcopy(visits)
+    shape["Patients"][0]["Demographics"] = ["not", "an", "object"]
+    return [*bodies, *(json.dumps(v) for v in (numbers, floats, shape)), "[1, 2]", '"text"']
+
+
+def test_carried_patients_equal_the_decode_or_are_left_to_it() -> None:
+    bodies = _variants()
+    parsed = [common.load_json(b)[0] for b in bodies]
+    carried = datamodel.carried_patients(parsed)
+    decoded = locate.decode(pages(*bodies), "patients").select("_b").collect().to_series()
+    # Left to the decode: Clinical Summary pages (EmailAddresses as objects, which repair rewrites),
+    # the float, the wrong shape and the two pages that are not objects.
+    assert carried.null_count() == 8
+    assert carried.tail(5).null_count() == 4
+    for i, value in enumerate(carried.to_list()):
+        if value is not None:
+            assert value == decoded[i], i
+
+
+def test_patients_from_carried_pages_are_the_patients_from_decoded_pages() -> None:
+    bodies = _variants()
+    before = common.DECODED_PAGES["normalize"]
+    from_carried = datamodel.patients(_carried_pages(*bodies)).collect()
+    # Only the pages that carry nothing are decoded.
+    assert common.DECODED_PAGES["normalize"] - before == 8
+    assert _same_rows(from_carried, datamodel.patients(pages(*bodies)).collect())
+
+
+@pytest.mark.parametrize("entity", ENTITIES)
+def test_normalize_counted_decodes_once_and_matches_the_normalizer(entity: str) -> None:
+    bodies = _variants()
+    before = common.DECODED_PAGES["normalize"]
+    normalized, counted = pl.collect_all(datamodel.normalize_counted(pages(*bodies), entity))
+    assert common.DECODED_PAGES["normalize"] - before == len(bodies)
+    assert _same_rows(normalized, getattr(datamodel, entity)(pages(*bodies)).collect())
+    assert counted.equals(datamodel.count_records(pages(*bodies), entity).collect())

@@ -6,11 +6,15 @@ Output: the normalized frame of ``transforms.common``; ``common.split`` separate
 The package, in the order a page goes through it:
 
 - ``dtypes``: the dtypes of the response parts read (every leaf a string);
+- ``carry``: a reply's embedded patients typed from the client's parse, landed beside the page so
+  the patients steps need not decode it;
 - ``chains``: where each kind of record lives in a response, and the page dtype built from that;
 - ``repair``: the Python path for pages the vectorized decode rejects (markers, page errors);
-- ``locate``: decode pages, one row per located record, and ``count_records`` from the same steps;
+- ``locate``: decode pages (or take their carried value), one row per located record, and
+  ``count_records`` from the same steps;
 - ``fields``: expressions that read Data Model fields into column values;
-- ``entities``: the four normalizers and ``reference_only``.
+- ``entities``: the four normalizers and ``reference_only``;
+- here: ``normalize_counted``, a normalizer and ``count_records`` on one decode.
 
 Invariants kept (each module states its part):
 
@@ -24,9 +28,12 @@ Invariants kept (each module states its part):
 
 from typing import Final
 
+import polars as pl
+
+from transforms.datamodel.carry import CARRIED, CARRIED_DTYPE, carried_patients
 from transforms.datamodel.entities import appointments, encounters, patients, reference_only, results
 from transforms.datamodel.fields import DEFAULT_ID_TYPES, SURFACE
-from transforms.datamodel.locate import count_records
+from transforms.datamodel.locate import count_records, decode
 
 # entity -> normalizer, for callers that loop over the four streams.
 NORMALIZERS: Final = {
@@ -36,13 +43,27 @@ NORMALIZERS: Final = {
     "appointments": appointments,
 }
 
+
+def normalize_counted(pages: pl.LazyFrame, entity: str) -> tuple[pl.LazyFrame, pl.LazyFrame]:
+    """``entity``'s normalized frame and its ``count_records``, built on one decode of the pages.
+
+    Collect the two with one ``pl.collect_all``: each page is then decoded once for both.
+    """
+    decoded = decode(pages, entity)
+    return NORMALIZERS[entity](pages, decoded=decoded), count_records(pages, entity, decoded=decoded)
+
+
 __all__ = [
+    "CARRIED",
+    "CARRIED_DTYPE",
     "DEFAULT_ID_TYPES",
     "NORMALIZERS",
     "SURFACE",
     "appointments",
+    "carried_patients",
     "count_records",
     "encounters",
+    "normalize_counted",
     "patients",
     "reference_only",
     "results",

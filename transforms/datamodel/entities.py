@@ -31,9 +31,14 @@ from transforms.datamodel.fields import (
 from transforms.datamodel.locate import decode, located, page_rows, record_path
 
 
-def encounters(pages: pl.LazyFrame, *, preferred_id_types: Sequence[str] = DEFAULT_ID_TYPES) -> pl.LazyFrame:
+def encounters(
+    pages: pl.LazyFrame,
+    *,
+    preferred_id_types: Sequence[str] = DEFAULT_ID_TYPES,
+    decoded: pl.LazyFrame | None = None,
+) -> pl.LazyFrame:
     """Data Model PatientAdmin / Clinical Summary responses -> normalized ``encounters`` frame."""
-    decoded = decode(pages, "encounters")
+    decoded = decode(pages, "encounters") if decoded is None else decoded
     event_at, event_check = timestamp(pl.col("_event_at"), "_event_ts", "Meta.EventDateTime")
     frames = []
     for chain in CHAINS["encounters"]:
@@ -106,10 +111,13 @@ def encounters(pages: pl.LazyFrame, *, preferred_id_types: Sequence[str] = DEFAU
 
 
 def appointments(
-    pages: pl.LazyFrame, *, preferred_id_types: Sequence[str] = DEFAULT_ID_TYPES
+    pages: pl.LazyFrame,
+    *,
+    preferred_id_types: Sequence[str] = DEFAULT_ID_TYPES,
+    decoded: pl.LazyFrame | None = None,
 ) -> pl.LazyFrame:
     """Data Model Scheduling responses -> normalized ``appointments`` frame."""
-    decoded = decode(pages, "appointments")
+    decoded = decode(pages, "appointments") if decoded is None else decoded
     event_at, event_check = timestamp(pl.col("_event_at"), "_event_ts", "Meta.EventDateTime")
     frames = []
     for chain in CHAINS["appointments"]:
@@ -182,9 +190,14 @@ def appointments(
     return _finish(frames, decoded, pages, "appointments")
 
 
-def results(pages: pl.LazyFrame, *, preferred_id_types: Sequence[str] = DEFAULT_ID_TYPES) -> pl.LazyFrame:
+def results(
+    pages: pl.LazyFrame,
+    *,
+    preferred_id_types: Sequence[str] = DEFAULT_ID_TYPES,
+    decoded: pl.LazyFrame | None = None,
+) -> pl.LazyFrame:
     """Data Model Results / Clinical Summary responses -> normalized ``results`` frame."""
-    decoded = decode(pages, "results")
+    decoded = decode(pages, "results") if decoded is None else decoded
     event_at, event_check = timestamp(pl.col("_event_at"), "_event_ts", "Meta.EventDateTime")
     frames = []
     for chain in CHAINS["results"]:
@@ -302,10 +315,15 @@ def results(pages: pl.LazyFrame, *, preferred_id_types: Sequence[str] = DEFAULT_
     return _finish(frames, decoded, pages, "results")
 
 
-def patients(pages: pl.LazyFrame, *, preferred_id_types: Sequence[str] = DEFAULT_ID_TYPES) -> pl.LazyFrame:
+def patients(
+    pages: pl.LazyFrame,
+    *,
+    preferred_id_types: Sequence[str] = DEFAULT_ID_TYPES,
+    decoded: pl.LazyFrame | None = None,
+) -> pl.LazyFrame:
     """Embedded patients of any Data Model response -> normalized ``patients`` frame, one row per
     distinct patient: the most complete record wins, then the newest, then the last seen."""
-    decoded = decode(pages, "patients")
+    decoded = decode(pages, "patients") if decoded is None else decoded
     frames = []
     rec = pl.col("rec")
     demo = field(rec, "Demographics")

@@ -19,6 +19,7 @@ from typing import Any, Final
 import polars as pl
 
 from transforms import common
+from transforms.datamodel.carry import CARRIED
 from transforms.datamodel.chains import CHAINS, Chain, page_dtype, with_mark
 from transforms.datamodel.dtypes import MARK, PATIENT_CTX
 from transforms.datamodel.fields import SURFACE, field
@@ -42,16 +43,26 @@ REQUEST_EVENTS: Final = frozenset(
 
 def decode(pages: pl.LazyFrame, entity: str) -> pl.LazyFrame:
     """Pages -> ``raw_ref``, ``_b`` (the page struct), ``_page`` (position), ``_page_reason`` and
-    the Meta columns ``_data_model``, ``_event``, ``_event_at``."""
+    the Meta columns ``_data_model``, ``_event``, ``_event_at``. A page that comes with a carried
+    value of this entity's page dtype (``carry.CARRIED``) takes it instead of decoding its body."""
     b = pl.col("_b")
     meta = b.struct.field("Meta")
+    dtype = page_dtype(entity)
+    decoded = common.decode_expr("body", dtype, repairer(entity)).alias("_b")
+    if pages.collect_schema().get(CARRIED) == dtype:
+        # Pages whose parse the extract carried forward (``carry``) are not decoded again.
+        indexed = pages.with_row_index("_page")
+        has = pl.col(CARRIED).is_not_null()
+        frame = pl.concat(
+            [
+                indexed.filter(has).select("_page", "raw_ref", pl.col(CARRIED).alias("_b")),
+                indexed.filter(~has).select("_page", "raw_ref", decoded),
+            ]
+        ).sort("_page")
+    else:
+        frame = pages.select(pl.col("raw_ref"), decoded).with_row_index("_page")
     return (
-        pages.select(
-            pl.col("raw_ref"),
-            common.decode_expr("body", page_dtype(entity), repairer(entity)).alias("_b"),
-        )
-        .with_row_index("_page")
-        .with_columns(
+        frame.with_columns(
             pl.coalesce(
                 b.struct.field(common.PAGE_ERROR),
                 pl.when(b.is_null()).then(pl.lit(NOT_AN_OBJECT)),
@@ -151,14 +162,16 @@ def record_path(row: dict[str, Any]) -> list[str | int] | None:
     return [int(p) if p.isdigit() else p for p in row["_path"].split("/")]
 
 
-def count_records(pages: pl.LazyFrame, entity: str) -> pl.LazyFrame:
+def count_records(pages: pl.LazyFrame, entity: str, *, decoded: pl.LazyFrame | None = None) -> pl.LazyFrame:
     """One row: ``records`` located in the pages (the normalizer's rows before dedupe), ``pages``.
 
     Shares the decoding and locating step with the normalizer (Data Model records are nested in
     several response shapes, and a second locator would be a second thing to get wrong); what it
-    checks is that no later step (field mapping, dedupe, split) loses a record.
+    checks is that no later step (field mapping, dedupe, split) loses a record. Pass the
+    normalizer's ``decoded`` frame and collect both together (``pl.collect_all``): the pages are
+    then decoded once for the two, the frame being cached.
     """
-    decoded = decode(pages, entity)
+    decoded = decode(pages, entity) if decoded is None else decoded
     parts = [records(decoded, chain, entity).select(pl.len()) for chain in CHAINS[entity]]
     parts.append(page_rows(decoded).select(pl.len()))
     total = pl.concat(parts).select(pl.col("len").sum().cast(pl.Int64).alias("records"))
