@@ -198,6 +198,19 @@ def _canonical(v: Vec, ids: Ids, first_person: int, m: int, today: date) -> pl.D
     return frame.select("index", "person_id", *DEMOGRAPHICS)
 
 
+def _next_name(name: str, sex: str) -> str:
+    """A different given name for a twin who drew the same one: the next in the list that holds it.
+
+    People whose sex is neither female nor male get a name from either list, so the list is found
+    by the name, not assumed from the sex.
+    """
+    for pool in (FEMALE, MALE) if sex == "female" else (MALE, FEMALE):
+        if name in pool:
+            return pool[(pool.index(name) + 1) % len(pool)]
+    pool = FEMALE if sex == "female" else MALE
+    return pool[0] if pool[0] != name else pool[1]
+
+
 def _carve_hard_groups(
     rng: random.Random, frame: pl.DataFrame, first_person: int, today: date
 ) -> pl.DataFrame:
@@ -235,8 +248,7 @@ def _carve_hard_groups(
                 for field in ("family", "dob", "address", "phone"):
                     src[field][r] = a
                 if cols["given_name"][r] == cols["given_name"][a]:
-                    pool = FEMALE if cols["sex"][r] == "female" else MALE
-                    given_fix[r] = pool[(pool.index(cols["given_name"][a]) + 1) % len(pool)]
+                    given_fix[r] = _next_name(cols["given_name"][a], cols["sex"][r])
             elif kind == "same-name-dob":
                 for field in ("family", "dob", "given", "sex"):
                     src[field][r] = a
