@@ -6,10 +6,11 @@ Invariants:
 - determinism: the same ``PopulationConfig`` (after defaults are resolved) gives the same world,
   record for record and byte for byte, and the same sequence of ``advance`` calls gives the same
   changes. Build and advance draw from their own seeded streams; nothing reads the global random
-  state, the wall clock (except to default ``end`` to today) or ``uuid4``;
+  state, the wall clock (except to default ``end`` to today and ``clock`` to now) or ``uuid4``;
 - build timestamps: each record's first ``last_updated`` is backdated to when it would plausibly
   have been written (a visit's end plus a little, a result's collection plus hours, a booking weeks
-  before its slot), never later than the start clock; ``advance`` writes at event times inside
+  before its slot), never later than the start clock, which is never later than the wall clock
+  (``PopulationConfig.clock``); ``advance`` writes at event times inside
   (old clock, new clock];
 - ``advance`` and ``truth`` hold the world's lock, so server threads see one change at a time.
 """
@@ -75,20 +76,35 @@ CHANGE_KINDS: Final = (
 @dataclasses.dataclass(frozen=True)
 class PopulationConfig:
     """What the sandbox world looks like. ``end`` defaults to today (UTC), ``start`` to 90 days
-    before ``end``; the world's clock starts at the end of ``end`` (midnight UTC after it)."""
+    before ``end``; the world's clock starts at the end of ``end`` (midnight UTC after it) or, when
+    that midnight is still to come, at ``clock`` (default: now, to the second). So the world built
+    for a range reaching today holds what happened up to now, and no record is stamped later than
+    the wall clock: a record written "at tonight's midnight" would look like it came from the future.
+    """
 
     seed: int = 7
     patients: int = 1000  # number of Persons
     start: date | None = None
     end: date | None = None
     fhir_tz: str = "America/New_York"
+    clock: datetime | None = None  # "now" for a range that reaches it; resolved() fills it in
 
     def resolved(self) -> "PopulationConfig":
-        end = self.end or datetime.now(UTC).date()
+        now = self.clock or datetime.now(UTC).replace(microsecond=0)
+        if now.tzinfo is None:
+            raise ValueError("PopulationConfig.clock must be timezone-aware")
+        end = self.end or now.astimezone(UTC).date()
         start = self.start or end - timedelta(days=90)
         if start > end:
             raise ValueError("PopulationConfig.start is after end")
-        return dataclasses.replace(self, start=start, end=end)
+        if start > now.astimezone(UTC).date():
+            raise ValueError(
+                f"PopulationConfig.start ({start}) is after today ({now.astimezone(UTC).date()}): "
+                "the sandbox holds only what has already happened"
+            )
+        midnight_after_end = datetime.combine(end + timedelta(days=1), datetime.min.time(), UTC)
+        clock = min(midnight_after_end, now.astimezone(UTC))
+        return dataclasses.replace(self, start=start, end=end, clock=clock)
 
 
 # Heap events: (time, tiebreak, what, surface, source_id, payload). The tiebreak is unique, so
@@ -105,14 +121,15 @@ class World:
 
     ``persons`` maps person_id to Person; ``patients_of`` maps person_id to its surface patients'
     (surface, source_id); ``groups`` maps a hard-group id to its member person_ids. ``clock0`` is
-    where the clock started (the end of the configured range).
+    where the clock started (the end of the configured range, or now if that is later).
     """
 
     def __init__(self, config: PopulationConfig) -> None:
         self.config = config.resolved()
         assert self.config.start is not None and self.config.end is not None
         self.start_at = datetime.combine(self.config.start, datetime.min.time(), UTC)
-        self.clock0 = datetime.combine(self.config.end + timedelta(days=1), datetime.min.time(), UTC)
+        assert self.config.clock is not None
+        self.clock0 = self.config.clock
         self.store = Store(self.clock0)
         self.persons: dict[str, Person] = {}
         self.patients_of: dict[str, list[tuple[Surface, str]]] = {}
