@@ -62,6 +62,36 @@ def connect(lake: LakeConfig, *, read_only: bool) -> duckdb.DuckDBPyConnection:
     return _open(lake, read_only=read_only)
 
 
+def contained_reader(lake: LakeConfig) -> duckdb.DuckDBPyConnection:
+    """A read-only connection that can read the lake and no other file, URL or extension.
+
+    For sessions that run SQL a person typed (``redox-etl sql``): DuckDB's file functions
+    (``read_csv``, ``read_text``, ``glob``, ``ATTACH``, ``COPY``) would otherwise reach anything this
+    user can read, such as credentials beside the lake. After the attach, external access is turned
+    off with the lake's data location as the only allowed directory (DuckLake allows its own catalog
+    files), and the configuration is locked so no statement can turn it back on. Those settings are
+    per DuckDB instance, so this connection gets an instance of its own, never a shared one.
+    """
+    spec = lake.catalog
+    if spec.exists() is False:
+        raise LakeNotFoundError(
+            f"no lake at {spec.describe()}: nothing has been loaded yet (run `redox-etl sync`), "
+            "or REDOX_ETL_HOME / REDOX_ETL_LAKE / --lake points somewhere else"
+        )
+    con = _attach(lake, read_only=True, create=False)
+    try:
+        con.execute("SET TimeZone = 'UTC'")
+        con.execute(f"USE {LAKE}")
+        data = lake.data_location.rstrip("/") + "/"
+        con.execute("SET allowed_directories = $dirs", {"dirs": [data]})
+        con.execute("SET enable_external_access = false")
+        con.execute("SET lock_configuration = true")
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
 @contextlib.contextmanager
 def writer(lake: LakeConfig) -> Iterator[duckdb.DuckDBPyConnection]:
     """Hold the lake's writer lock and yield a read-write connection, closed on leaving."""

@@ -112,6 +112,10 @@ class Warehouse(ConfigurableResource):
         """
         return connection.connect(self._lake(), read_only=read_only)
 
+    def connect_contained(self) -> duckdb.DuckDBPyConnection:
+        """A read-only connection that reads the lake and no other file (for SQL people type)."""
+        return connection.contained_reader(self._lake())
+
     @contextlib.contextmanager
     def writer(self) -> Iterator[duckdb.DuckDBPyConnection]:
         """Hold the lake's writer lock and yield a read-write connection with every table present."""
