@@ -10,7 +10,10 @@ two-record ``person_key``, or by both records) in the lake's ``identity_decision
 the ``person_crosswalk`` asset honours it. It prints no record id either.
 """
 
+import contextlib
 import json
+import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -19,6 +22,7 @@ import polars as pl
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from resources import configured_warehouse
 from resources.warehouse import Warehouse
@@ -46,14 +50,67 @@ PAIRS_OUT = pl.Schema(
 )
 
 
+EXPECTED_INPUT = (
+    "expected a Parquet file of patients in the unified schema (at least source_surface and "
+    "source_id); docs/identity.md says how to make one"
+)
+
+
+class InputFileError(Exception):
+    """An input file this command cannot use; the message is one line naming it and what to do."""
+
+
 def _read(path: Path, side: str) -> pl.DataFrame:
+    """The ``side`` (--left/--right) file as patients, or InputFileError naming the file and the fix.
+
+    No polars message is passed on: a parse error may quote the file's bytes, i.e. patient data.
+    """
     if not path.is_file():
-        raise typer.BadParameter(f"{side} file not found: {path}")
-    frame = pl.read_parquet(path)
+        raise InputFileError(f"--{side} {path}: no such file; {EXPECTED_INPUT}")
+    try:
+        frame = pl.read_parquet(path)
+    except (pl.exceptions.PolarsError, OSError, ValueError):
+        raise InputFileError(f"--{side} {path}: not a readable Parquet file; {EXPECTED_INPUT}") from None
     missing = {"source_surface", "source_id"} - set(frame.columns)
     if missing:
-        raise typer.BadParameter(f"{side} file lacks required column(s): {', '.join(sorted(missing))}")
-    return identity.conform_patients(frame).collect()
+        raise InputFileError(
+            f"--{side} {path}: lacks the column(s) {', '.join(sorted(missing))}; {EXPECTED_INPUT}"
+        )
+    try:
+        return identity.conform_patients(frame).collect()
+    except pl.exceptions.PolarsError as err:
+        raise InputFileError(
+            f"--{side} {path}: a column has the wrong type ({type(err).__name__}); {EXPECTED_INPUT}"
+        ) from None
+
+
+def _read_model(path: Path) -> dict[str, object]:
+    try:
+        model = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise InputFileError(
+            f"--model {path}: not a readable JSON model; pass a file written by --save-model"
+        ) from None
+    if not isinstance(model, dict):
+        raise InputFileError(f"--model {path}: not a model; pass a file written by --save-model")
+    return model
+
+
+def _write_owner_only(out: Path, write: Callable[[Path], object]) -> None:
+    """Write ``out`` through a 0600 staging file renamed into place: the pairs hold patient ids."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    try:
+        write(tmp)
+        tmp.chmod(0o600)
+        tmp.replace(out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
 
 
 def link_files(
@@ -123,10 +180,14 @@ def link(
 ) -> None:
     """Link two patient files and write every scored pair with its decision (link/review/no-link)."""
     console = Console(stderr=True)
-    lhs, rhs = _read(left, "left"), _read(right, "right")
+    try:
+        lhs, rhs = _read(left, "left"), _read(right, "right")
+        model = _read_model(model_path) if model_path is not None else None
+    except InputFileError as err:
+        console.print(Text.assemble(("identity link:", "red"), f" {err}"), soft_wrap=True)
+        raise typer.Exit(2) from None
     if lhs.height == 0 or rhs.height == 0:
         raise typer.BadParameter("both files need at least one patient")
-    model = json.loads(model_path.read_text()) if model_path is not None else None
     try:
         pairs, used = link_files(
             lhs,
@@ -141,10 +202,7 @@ def link(
         message = str(err) if type(err) in (ValueError, identity.IdentityError) else type(err).__name__
         console.print(f"[red]identity link failed:[/red] {message}")
         raise typer.Exit(1) from None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    pairs.write_parquet(tmp)
-    tmp.replace(out)
+    _write_owner_only(out, pairs.write_parquet)
     if save_model is not None:
         save_model.write_text(json.dumps(used, indent=2))
     counts = dict(pairs.group_by("decision").len().iter_rows())

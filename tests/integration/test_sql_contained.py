@@ -131,6 +131,7 @@ def test_tables_lists_views_too(lake: Path) -> None:
     assert "patients_by_person" in out and "view" in out and "given_name" in out
 
 
+@pytest.mark.slow  # the installed command imports the whole project: seconds on a busy machine
 def test_the_installed_command_refuses_reading_a_host_file(lake: Path) -> None:
     command = Path(sys.executable).with_name("redox-etl")
     env = {**os.environ, "REDOX_ETL_LAKE": str(lake)}
