@@ -142,7 +142,7 @@ def build_extract_asset(stream: Stream, partitions: dg.PartitionsDefinition) -> 
         name=name,
         description=(
             f"Raw {stream.surface} {stream.entity} pages ({stream.source}) for each clinical day, "
-            "landed untouched under <lake>/raw."
+            "landed untouched under `raw/` in the lake folder."
         ),
         group_name=f"extract_{stream.surface}",
         kinds={"python", "redox", "parquet"},
