@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 import polars as pl
 
+from resources.warehouse import comments
 from resources.warehouse.connection import LAKE
 from resources.warehouse.ddl import columns_sql, quote_ident
 from resources.warehouse.migrate import lake_schemas
@@ -57,6 +58,9 @@ def write_derived(
                     con.execute(f"INSERT INTO {target} BY NAME SELECT * FROM {staged[name]}")
             for name, select in views.items():
                 con.execute(f"CREATE OR REPLACE VIEW {LAKE}.main.{quote_ident(name)} AS {select}")
+            # Replacing drops comments: put the dictionary's back in the same snapshot.
+            for statement in comments.statements(con, names):
+                con.execute(statement)
         snapshot = current_snapshot(con)
     log.info(
         "derived write %r: replaced %s, appended %s, views %s, snapshot=%s",

@@ -1,7 +1,8 @@
 """The lake's tables and columns, kept in step with the schema package: create, extend, refuse drift.
 
 ``lake_schemas()`` is every lake table as it must look: ``schema.TABLES`` with load lineage, plus the
-warehouse's own bookkeeping tables. ``ensure`` makes the lake match it.
+warehouse's own bookkeeping tables. ``ensure`` makes the lake match it, comments from the data
+dictionary included (``comments``).
 
 Invariant: tables and columns are only ever added, in one transaction; a column whose type differs
 from the schema raises ``SchemaMismatchError`` instead of being altered, so no load ever writes
@@ -13,6 +14,7 @@ import logging
 import duckdb
 import polars as pl
 
+from resources.warehouse import comments
 from resources.warehouse.connection import LAKE
 from resources.warehouse.ddl import columns_sql, duckdb_type, normalize_type, quote_ident
 from resources.warehouse.transaction import transaction
@@ -80,10 +82,13 @@ def ensure(con: duckdb.DuckDBPyConnection) -> list[str]:
                     f"declares {duckdb_type(dtype)}; migrate the lake table explicitly"
                 )
     if not statements:
+        _comment(con)
         return []
     new_lake = not existing
     with transaction(con, message="create or extend tables", extra={"changed": changed}):
         for statement in statements:
+            con.execute(statement)
+        for statement in comments.statements(con, wanted):
             con.execute(statement)
     if new_lake:
         con.execute(f"CALL {LAKE}.set_option('data_inlining_row_limit', 0)")
@@ -96,3 +101,12 @@ def ensure(con: duckdb.DuckDBPyConnection) -> list[str]:
             )
     log.info("warehouse schema: %d change(s): %s", len(changed), ", ".join(changed))
     return changed
+
+
+def _comment(con: duckdb.DuckDBPyConnection) -> None:
+    """Bring the loaded tables' comments in line with the dictionary (a lake made before they existed)."""
+    needed = comments.statements(con, lake_schemas())
+    if needed:
+        with transaction(con, message="comment tables from the data dictionary"):
+            for statement in needed:
+                con.execute(statement)
