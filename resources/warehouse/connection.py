@@ -82,7 +82,10 @@ def contained_reader(lake: LakeConfig) -> duckdb.DuckDBPyConnection:
     try:
         con.execute("SET TimeZone = 'UTC'")
         con.execute(f"USE {LAKE}")
-        data = lake.data_location.rstrip("/") + "/"
+        # The data path the catalog pinned, not this machine's setting: a reader of a shared
+        # (Postgres) catalog often has none, and the catalog's is where the files are.
+        pinned = con.execute(f"SELECT data_path FROM ducklake_settings('{LAKE}')").fetchone()
+        data = (pinned[0] if pinned and pinned[0] else lake.data_location).rstrip("/") + "/"
         con.execute("SET allowed_directories = $dirs", {"dirs": [data]})
         con.execute("SET enable_external_access = false")
         con.execute("SET lock_configuration = true")

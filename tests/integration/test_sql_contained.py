@@ -105,11 +105,13 @@ def test_the_lock_cannot_be_lifted(lake: Path) -> None:
 
 def test_the_lake_itself_still_reads_including_time_travel(lake: Path) -> None:
     code, out, err = _run(
-        "select count(*) as n from patients at (version => 1); select count(*) from ducklake_snapshots('lake')",
+        "select count(*) as n from patients at (version => 1); "
+        "select count(*) > 1 as several from ducklake_snapshots('lake')",
         "--lake",
         str(lake),
     )
     assert code == 0, err
+    assert out.count("1 row") == 2 and "True" in out
 
 
 @pytest.mark.parametrize("fmt", ["csv", "json", "parquet"])
