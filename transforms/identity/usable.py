@@ -92,20 +92,22 @@ class _Sides:
     def both(self, feature: str) -> bool:
         return self.has("l", feature) and self.has("r", feature)
 
-    def _lack(self, side: str, source: str) -> str | None:
+    def _lack(self, side: str, source: str) -> tuple[str, str] | None:
         present = self.stats[side].present.get(source, 0)
         if any(self.has(side, f) for f, s in FEATURE_SOURCES.items() if s == source):
             return None
         if present == 0:
-            return "empty"
-        return f"no usable value ({present:,} present, none valid)"
+            return "empty", ""
+        return "no usable value", f" ({present:,} present, none valid)"
 
     def why(self, source: str) -> str:
         """What ``source`` lacks: 'empty on both sides', 'no usable value on the right (...)'."""
         left, right = self._lack("l", source), self._lack("r", source)
         if left is not None and left == right:
-            return f"{source}: {left} on both sides"
-        said = [f"{lack} on the {name}" for lack, name in ((left, "left"), (right, "right")) if lack]
+            return f"{source}: {left[0]} on both sides{left[1]}"
+        said = [
+            f"{lack[0]} on the {name}{lack[1]}" for lack, name in ((left, "left"), (right, "right")) if lack
+        ]
         return f"{source}: {', '.join(said) if said else 'no value on one side where the other has one'}"
 
 
