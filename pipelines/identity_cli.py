@@ -2,8 +2,9 @@
 
 ``link`` reads two Parquet files in the unified ``patients`` schema (any origin: a warehouse export,
 an outside registry list), runs the same deterministic and probabilistic passes as the identity
-asset, and writes every scored pair with its decision. Output on the terminal is counts only: the
-files hold PHI, the terminal and its scrollback must not.
+asset, and writes every scored pair with its decision. Output on the terminal is counts, and the
+parts of the model left out for lack of data (column names and reasons): the files hold PHI, the
+terminal and its scrollback must not.
 
 ``decide`` records a reviewer's decision on a pair (named by its review-queue ``pair_id``, by a
 two-record ``person_key``, or by both records) in the lake's ``identity_decisions``; the next run of
@@ -21,6 +22,7 @@ from typing import Annotated
 import polars as pl
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -200,7 +202,11 @@ def link(
     except (ValueError, identity.IdentityError) as err:
         # Our errors carry no patient values; a library's ValueError subclass might, so only its type.
         message = str(err) if type(err) in (ValueError, identity.IdentityError) else type(err).__name__
-        console.print(f"[red]identity link failed:[/red] {message}")
+        console.print(f"[red]identity link failed:[/red] {escape(message)}", highlight=False)
+        if model_path is None and type(err) is identity.IdentityError:
+            console.print(
+                "A model trained on fuller lists (e.g. the lake's identity_model) scores with --model."
+            )
         raise typer.Exit(1) from None
     _write_owner_only(out, pairs.write_parquet)
     if save_model is not None:
@@ -214,7 +220,22 @@ def link(
     for decision in ("link", "review", "no-link"):
         table.add_row(f"pairs: {decision}", f"{counts.get(decision, 0):,}")
     console.print(table)
+    _print_left_out(console, used)
     console.print(f"wrote {pairs.height:,} pairs to {out}")
+
+
+def _print_left_out(console: Console, model: dict[str, object]) -> None:
+    """The parts of the model its training data could not feed: names and reasons, no values."""
+    left_out = model.get("left_out")
+    if not isinstance(left_out, list) or not left_out:
+        return
+    table = Table(title="left out of the model (no usable data on one side or both)")
+    table.add_column("part")
+    table.add_column("name")
+    table.add_column("why")
+    for part in left_out:
+        table.add_row(*(escape(str(part[k])) for k in ("part", "name", "reason")))
+    console.print(table)
 
 
 def _record(text: str, side: str) -> tuple[str, str]:

@@ -45,3 +45,29 @@ def assert_meets_bar(metrics: dict[str, float | int]) -> None:
     """Precision and recall at or above the acceptance bar (the metrics are the failure message)."""
     assert metrics["precision"] >= MIN_PRECISION, metrics
     assert metrics["recall"] >= MIN_RECALL, metrics
+
+
+def link_metrics(
+    pairs: pl.DataFrame,
+    records: pl.DataFrame,
+    truth_persons: pl.DataFrame,
+    *,
+    decisions: tuple[str, ...] = ("link",),
+) -> dict[str, float | int]:
+    """``crosswalk_metrics`` of the output of ``redox-etl identity link``: the pairs whose decision is
+    in ``decisions`` join their two records, every other record of ``records`` stands alone."""
+    chosen = pairs.filter(pl.col("decision").is_in(decisions))
+    keyed = pl.concat(
+        [
+            chosen.select(source_surface="left_surface", source_id="left_id", person_key="pair_id"),
+            chosen.select(source_surface="right_surface", source_id="right_id", person_key="pair_id"),
+        ]
+    ).unique(["source_surface", "source_id"], keep="first", maintain_order=True)
+    crosswalk = (
+        records.select("source_surface", "source_id")
+        .join(keyed, on=["source_surface", "source_id"], how="left")
+        .with_columns(
+            person_key=pl.coalesce("person_key", pl.concat_str("source_surface", "source_id", separator="|"))
+        )
+    )
+    return crosswalk_metrics(crosswalk, truth_persons)

@@ -1,5 +1,6 @@
 """`redox-etl identity link`: two patient files in, scored pairs out, counts (never values) printed."""
 
+import re
 from pathlib import Path
 
 import polars as pl
@@ -56,3 +57,25 @@ def test_missing_file_is_a_usage_error(tmp_path: Path) -> None:
         ["link", "--left", str(tmp_path / "x"), "--right", str(tmp_path / "y"), "--out", str(tmp_path / "o")],
     )
     assert result.exit_code != 0
+
+
+def test_too_few_usable_columns_is_one_clear_error_naming_them(tmp_path: Path) -> None:
+    frame = generate_patient_frame(400, seed=5)
+    left, right = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    # Names only on the left; names and birth date on the right: two comparisons, no blocking rule.
+    keep = ["source_surface", "source_id", "given_name", "family_name"]
+    frame.filter(pl.col("source_surface") == "fhir").select(keep).write_parquet(left)
+    frame.filter(pl.col("source_surface") == "datamodel").select(*keep, "birth_date").write_parquet(right)
+
+    result = CliRunner().invoke(
+        app, ["link", "--left", str(left), "--right", str(right), "--out", str(tmp_path / "o.parquet")]
+    )
+    assert result.exit_code == 1
+    text = " ".join(result.output.split())
+    assert "identity link failed: too few columns usable on both sides to link" in text
+    assert "Usable on both sides: given_name, family_name." in text
+    assert "birth_date: empty on the left" in text
+    assert "--model" in text  # what to do
+    assert "Traceback" not in result.output and not (tmp_path / "o.parquet").exists()
+    names = set(frame["family_name"].drop_nulls()) | set(frame["given_name"].drop_nulls())
+    assert not [n for n in names if re.search(rf"\b{re.escape(n)}\b", result.output)]

@@ -6,14 +6,15 @@ Each step is a pure function on polars frames, in the module named for it:
 - ``features``: comparison columns (folded names, nickname groups from ``nicknames``, Soundex...);
 - ``deterministic``: links on an equal identifier of a shared (enterprise/MPI) system;
 - ``comparisons`` + ``model``: a Fellegi-Sunter model (Splink, trained without labels) that scores
-  candidate pairs and explains each score with per-comparison match weights;
+  candidate pairs and explains each score with per-comparison match weights, narrowed by ``usable``
+  to the comparisons and training sessions the two inputs have data for;
 - ``decide``: links above ``LINK_THRESHOLD``, a review queue down to ``REVIEW_THRESHOLD``, recorded
   decisions honoured, conflicting pairs refused, each record linked at most once;
 - ``persons``: links clustered into persons keeping every existing ``person_key`` (merges and splits
   go to ``person_history``), and golden records by documented survivorship rules;
 - ``run``: ``resolve``, all of the above over one ``patients`` table (what the asset calls);
 - ``evaluate``: precision/recall of a crosswalk against a truth (benchmark and tests only);
-- ``tables``: the schemas of everything above.
+- ``tables``: the schemas of everything above; ``errors``: ``IdentityError``.
 
 Invariants kept across the package:
 - a link always joins one record of the left input to one record of the right input, and each
@@ -29,9 +30,10 @@ import a caller needs.
 from transforms.identity.comparisons import BLOCKING_RULES
 from transforms.identity.decide import AMBIGUITY_MARGIN, LINK_THRESHOLD, REVIEW_THRESHOLD, decide
 from transforms.identity.deterministic import ENTERPRISE_SYSTEMS, deterministic_links
+from transforms.identity.errors import IdentityError
 from transforms.identity.evaluate import evaluate
 from transforms.identity.features import features
-from transforms.identity.model import MIN_MATCH_WEIGHT, MODEL_FORMAT, IdentityError, score_pairs, train_model
+from transforms.identity.model import MIN_MATCH_WEIGHT, MODEL_FORMAT, score_pairs, train_model
 from transforms.identity.persons import cluster, golden_records
 from transforms.identity.records import conform_patients, latest_versions, normalize_system, split_surfaces
 from transforms.identity.run import IdentityResult, resolve
@@ -47,6 +49,7 @@ from transforms.identity.tables import (
     empty,
     pair_id,
 )
+from transforms.identity.usable import MIN_COMPARISONS
 
 __all__ = [
     "AMBIGUITY_MARGIN",
@@ -56,6 +59,7 @@ __all__ = [
     "IDENTITY_DECISIONS",
     "IDENTITY_REVIEW",
     "LINK_THRESHOLD",
+    "MIN_COMPARISONS",
     "MIN_MATCH_WEIGHT",
     "MODEL_FORMAT",
     "PAIRS",

@@ -4,6 +4,8 @@ Invariant: SQL here reads only ``FEATURE_COLUMNS`` (suffixed ``_l``/``_r``); eve
 its levels most specific first and ends in ``ELSE``, so each pair falls in exactly one level.
 """
 
+import copy
+from collections.abc import Sequence
 from typing import Any, Final
 
 
@@ -147,13 +149,20 @@ def _comparisons() -> list[dict[str, Any]]:
             _level("ELSE", "different", 0.03),
         ],
     }
+    # The column holds a US SSN or another country's national id (see features._national_id). A
+    # slip is tolerated only between two SSNs, whose format is known; any other id is exact or not.
     ssn = {
         "output_column_name": "ssn",
-        "comparison_description": "SSN: exact, one digit or adjacent transposition",
+        "comparison_description": "SSN or national id: exact; two SSNs one digit or transposition apart",
         "comparison_levels": [
             _null("ssn"),
             _level("ssn_l = ssn_r", "exact", 0.9),
-            _level(_one_edit("ssn"), "one edit", 0.05),
+            _level(
+                f"regexp_full_match(ssn_l, '[0-9]{{9}}') AND regexp_full_match(ssn_r, '[0-9]{{9}}') "
+                f"AND ({_one_edit('ssn')})",
+                "one edit",
+                0.05,
+            ),
             _level("ELSE", "different", 0.05),
         ],
     }
@@ -203,6 +212,10 @@ def _comparisons() -> list[dict[str, Any]]:
     return [given, family, middle, dob, sex, ssn, address, phone, email]
 
 
+#: Every comparison of the full model, in model order.
+COMPARISONS: Final[tuple[dict[str, Any], ...]] = tuple(_comparisons())
+
+
 #: Candidate pairs: a pair is scored when it agrees on any one rule. Each rule is narrow enough to
 #: stay small at a million records; together they cover the noise the model tolerates (a typo in
 #: one field never hides a pair from every rule).
@@ -225,15 +238,21 @@ EM_RULES: Final[tuple[str, ...]] = (
 )
 
 
-def settings(*, probability_two_random_records_match: float = 1e-4) -> dict[str, Any]:
-    """The untrained Splink settings: comparisons, blocking rules, column names."""
+def settings(
+    *,
+    probability_two_random_records_match: float = 1e-4,
+    comparisons: Sequence[dict[str, Any]] = COMPARISONS,
+    blocking_rules: Sequence[str] = BLOCKING_RULES,
+) -> dict[str, Any]:
+    """The untrained Splink settings: comparisons, blocking rules, column names. ``comparisons`` and
+    ``blocking_rules`` narrow the model to what two inputs can feed (see ``usable.plan``)."""
     return {
         "link_type": "link_only",
         "unique_id_column_name": "rid",
         "probability_two_random_records_match": probability_two_random_records_match,
-        "comparisons": _comparisons(),
+        "comparisons": copy.deepcopy(list(comparisons)),
         "blocking_rules_to_generate_predictions": [
-            {"blocking_rule": rule, "sql_dialect": "duckdb"} for rule in BLOCKING_RULES
+            {"blocking_rule": rule, "sql_dialect": "duckdb"} for rule in blocking_rules
         ],
         "retain_matching_columns": True,
         "retain_intermediate_calculation_columns": True,

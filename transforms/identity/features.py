@@ -1,10 +1,11 @@
 """Comparison columns for matching: folded names, nickname groups, Soundex keys, birth-date parts,
-digits-only SSN and phone, a canonical street line, ZIP5.
+the SSN or other national id, digits-only phone, a canonical street line, ZIP5.
 
 Invariant: ``features`` returns its input row for row, in order, with ``FEATURE_COLUMNS`` added
 (``sex``, ``ssn``, ``phone`` and ``email`` replaced by their normalized forms); a value that cannot
-be a real one (SSN 000-.., a 7-digit phone, sex 'unknown') becomes null, so it is missing evidence
-rather than agreeing evidence.
+be a real one (SSN 000-.., a 7-digit phone, sex 'unknown', an id of one repeated digit) becomes
+null, so it is missing evidence rather than agreeing evidence. ``FEATURE_SOURCES`` names the input
+column each feature comes from, so anything said about a feature can name what the user supplied.
 """
 
 from typing import Final
@@ -128,6 +129,45 @@ FEATURE_COLUMNS: Final = (
     "email",
 )
 
+#: The input (``patients``) column each feature is computed from.
+FEATURE_SOURCES: Final[dict[str, str]] = {
+    **dict.fromkeys(("given", "given_formal", "given_variants", "given_sx"), "given_name"),
+    "middle": "middle_name",
+    **dict.fromkeys(("family", "family_tokens", "family_sx"), "family_name"),
+    **dict.fromkeys(("dob", "dob_y", "dob_m", "dob_d", "dob_key"), "birth_date"),
+    "sex": "sex",
+    "ssn": "ssn",
+    "addr": "address_line",
+    "zip5": "address_postal_code",
+    "phone": "phone",
+    "email": "email",
+}
+
+
+def _national_id(raw: pl.Expr) -> pl.Expr:
+    """The ``ssn`` column as one identifier: a US SSN as its 9 digits (never-issued and placeholder
+    numbers -> null), anything else as an exact national id (uppercase letters and digits).
+
+    Outside lists carry other countries' ids in this column (7- or 8-digit numbers, letters and
+    digits); discarding them would throw away a list's strongest evidence. An id with no digit
+    (``UNKNOWN``), of one repeated character or counting up from 1 is a placeholder, not an id.
+    """
+    compact = raw.str.to_uppercase().str.replace_all(r"[\s\-./]", "")
+    ssn = pl.when(~compact.str.contains(r"^(000|666)|^\d{3}00|0000$|^123456789$")).then(compact)
+    other = compact.str.replace_all(r"[^0-9A-Z]", "")
+    placeholder = (
+        ~other.str.contains(r"\d")
+        | (other.str.strip_chars(other.str.slice(0, 1)) == "")
+        | pl.lit("12345678901234567890").str.starts_with(other)
+    )
+    return (
+        pl.when(compact.str.contains(r"^\d{9}$"))
+        .then(ssn)
+        .when(other.str.len_chars().is_between(5, 20) & ~placeholder)
+        .then(other)
+        .otherwise(None)
+    )
+
 
 def _given_features(given_name: pl.LazyFrame) -> pl.LazyFrame:
     full = _letters(pl.col("given_name"))
@@ -167,7 +207,8 @@ def _family_features(family_name: pl.LazyFrame) -> pl.LazyFrame:
 
 def features(patients: pl.LazyFrame) -> pl.LazyFrame:
     """The comparison columns for matching: names folded to ASCII letters, nickname groups,
-    Soundex keys, birth-date parts, digits-only SSN/phone, a canonical street line and ZIP5."""
+    Soundex keys, birth-date parts, the SSN or national id, digits-only phone, a canonical street
+    line and ZIP5."""
     addr = (
         pl.col("address_line")
         .str.normalize("NFKD")
@@ -179,7 +220,6 @@ def features(patients: pl.LazyFrame) -> pl.LazyFrame:
         .str.strip_chars()
     )
     addr_tokens = addr.str.split(" ").list.eval(pl.element().replace(_STREET_WORDS))
-    ssn = pl.col("ssn").str.replace_all(r"\D", "")
     phone = pl.col("phone").str.replace_all(r"\D", "").str.slice(-10)
     dob = pl.col("birth_date")
     sex = pl.col("sex").str.to_lowercase().str.strip_chars()
@@ -197,11 +237,7 @@ def features(patients: pl.LazyFrame) -> pl.LazyFrame:
             dob_m=dob.dt.month().cast(pl.Int32),
             dob_d=dob.dt.day().cast(pl.Int32),
             sex=pl.when(sex.is_in(["male", "female", "other"])).then(sex).otherwise(None),
-            ssn=pl.when(
-                (ssn.str.len_chars() == 9) & ~ssn.str.contains(r"^(000|666)|^\d{3}00|0000$|^123456789$")
-            )
-            .then(ssn)
-            .otherwise(None),
+            ssn=_national_id(pl.col("ssn")),
             addr=addr_tokens.list.join(" ").replace("", None),
             zip5=pl.col("address_postal_code").str.replace_all(r"\D", "").str.slice(0, 5).replace("", None),
             phone=pl.when(phone.str.len_chars() == 10).then(phone).otherwise(None),

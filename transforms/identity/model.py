@@ -7,14 +7,18 @@ package (the Dagster code location, the other CLI commands) never train or score
 Invariants:
 - a model is plain JSON (``MODEL_FORMAT``) and the same input and seed train the same model, so a
   stored model scores, and so links, the same on every rerun;
+- a model holds only the comparisons, blocking rules and EM sessions its two inputs could feed
+  (``usable.plan``), and lists the others under ``left_out`` with the reason;
 - no level can decide a pair alone (parameter floors in ``_regularize``);
-- no patient value reaches a log or an exception: Splink's logging is held at ERROR while it runs and
-  an engine failure becomes an ``IdentityError`` that names only the kind of failure.
+- no patient value reaches a log or an exception: Splink's logging is held at ERROR while it runs,
+  Splink's own reasons (about rules and settings) are passed on, and an error of the engine below
+  it (whose text can quote a value) becomes an ``IdentityError`` naming only its kind.
 """
 
 import contextlib
 import dataclasses
 import logging
+import re
 from collections.abc import Iterator
 from typing import Any, Final
 
@@ -22,10 +26,14 @@ import duckdb
 import polars as pl
 
 from schema import NATURAL_KEY
-from transforms.identity.comparisons import EM_RULES, settings
+from transforms.identity.comparisons import settings
+from transforms.identity.errors import IdentityError
 from transforms.identity.features import FEATURE_COLUMNS, features
 from transforms.identity.records import latest_versions
 from transforms.identity.tables import PAIRS, pair_id
+from transforms.identity.usable import SideStats, plan, side_stats
+
+__all__ = ["MIN_MATCH_WEIGHT", "MODEL_FORMAT", "IdentityError", "score_pairs", "train_model"]
 
 MODEL_FORMAT: Final = "redox-etl-identity/1"
 
@@ -49,8 +57,24 @@ def _quiet_splink() -> Iterator[None]:
         logger.setLevel(before)
 
 
-class IdentityError(RuntimeError):
-    """A failure inside the matching engine, reported without the engine's message (see _session)."""
+_ANSI: Final = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _engine_error(err: Exception) -> IdentityError:
+    """The ``IdentityError`` for a failure in Splink or DuckDB, keeping what is safe to show.
+
+    Splink wraps a failed SQL statement in a ``SplinkException`` whose text holds the SQL and
+    DuckDB's message, and DuckDB quotes offending values in some messages (a failed cast shows the
+    value): only the kind of the engine's error is kept. A Splink exception of its own making
+    (``EMTrainingException``: a training rule found no pairs; a settings error) is about rules and
+    settings, never records, and its first paragraph is the reason the user needs.
+    """
+    cause = err.__cause__
+    if isinstance(err, duckdb.Error) or cause is not None:
+        kind = type(cause if cause is not None else err).__name__
+        return IdentityError(f"identity matching failed in DuckDB ({kind})")
+    reason = " ".join(_ANSI.sub("", str(err)).strip().split("\n\n")[0].split())
+    return IdentityError(f"identity matching failed in Splink ({type(err).__name__}): {reason[:600]}")
 
 
 @dataclasses.dataclass
@@ -60,6 +84,10 @@ class _Session:
     right: Any
     left_keys: pl.DataFrame
     right_keys: pl.DataFrame
+    left_features: pl.DataFrame
+    right_features: pl.DataFrame
+    left_stats: SideStats
+    right_stats: SideStats
 
 
 @contextlib.contextmanager
@@ -73,9 +101,13 @@ def _session(
     from splink import DuckDBAPI
     from splink.internals.exceptions import SplinkException  # Splink's wrapper: SQL + DuckDB message
 
+    left_records = latest_versions(left.lazy()).collect()
+    right_records = latest_versions(right.lazy()).collect()
     # Sorted so that row ids, and with them Splink's hash-based samples, repeat between runs.
-    lhs = features(latest_versions(left.lazy())).sort(NATURAL_KEY).collect()
-    rhs = features(latest_versions(right.lazy())).sort(NATURAL_KEY).collect()
+    lhs = features(left_records.lazy()).sort(NATURAL_KEY).collect()
+    rhs = features(right_records.lazy()).sort(NATURAL_KEY).collect()
+    stats = side_stats(left_records, lhs), side_stats(right_records, rhs)
+    del left_records, right_records
     # Splink joins on a small integer id; the natural key goes back on afterwards.
     lhs = lhs.with_row_index("rid").with_columns(pl.col("rid").cast(pl.Int64))
     rhs = rhs.with_row_index("rid").with_columns(pl.col("rid").cast(pl.Int64) + lhs.height)
@@ -98,11 +130,14 @@ def _session(
             right=right_sdf,
             left_keys=lhs.select("rid", "source_surface", "source_id"),
             right_keys=rhs.select("rid", "source_surface", "source_id"),
+            left_features=lhs,
+            right_features=rhs,
+            left_stats=stats[0],
+            right_stats=stats[1],
         )
     except (duckdb.Error, SplinkException) as err:
-        # DuckDB quotes offending values in some messages (a failed cast shows the value), and
-        # those values are patient data: keep the kind of failure, drop the message and its chain.
-        raise IdentityError(f"identity matching failed in DuckDB ({type(err).__name__})") from None
+        # Raised without the chain: the original's text (and its cause's) can quote patient data.
+        raise _engine_error(err) from None
     finally:
         con.close()
 
@@ -121,7 +156,9 @@ def train_model(
 
     u probabilities come from random pairs (almost all non-matches), m probabilities from EM over
     blocked pairs, and the prior probability of a match from the EM sessions. Deterministic given
-    ``seed`` and the input.
+    ``seed`` and the input. Comparisons, blocking rules and EM sessions the inputs cannot feed are
+    left out and listed in the model's ``left_out`` (part, name, columns, reason); too few usable
+    columns raise ``IdentityError`` naming them.
     """
     from splink import Linker
 
@@ -129,11 +166,15 @@ def train_model(
         n_left, n_right = s.left_keys.height, s.right_keys.height
         if n_left == 0 or n_right == 0:
             raise ValueError("train_model needs records on both sides")
+        usable = plan(s.left_stats, s.right_stats, s.left_features, s.right_features)
         # Prior: at most one match per record of the smaller side; EM refines it below.
         prior = min(n_left, n_right) / (n_left * n_right) * 0.5
-        linker = Linker(
-            [s.left, s.right], settings(probability_two_random_records_match=prior), log_level=None
+        untrained = settings(
+            probability_two_random_records_match=prior,
+            comparisons=usable.comparisons,
+            blocking_rules=usable.blocking_rules,
         )
+        linker = Linker([s.left, s.right], untrained, log_level=None)
         # No early stop and one chunk: Splink's early stop depends on chunk order, and a model
         # that changes between identical runs would move links between runs.
         linker.training.estimate_u_using_random_sampling(
@@ -142,7 +183,7 @@ def train_model(
             min_count_per_level=None,
             num_chunks=1,
         )
-        for rule in EM_RULES:
+        for rule in usable.em_rules:
             linker.training.estimate_parameters_using_expectation_maximisation(
                 rule,
                 estimate_without_term_frequencies=True,
@@ -152,7 +193,7 @@ def train_model(
     trained.pop("linker_uid", None)
     _regularize(trained)
     trained["probability_two_random_records_match"] = prior
-    return {"format": MODEL_FORMAT, "splink": trained}
+    return {"format": MODEL_FORMAT, "splink": trained, "left_out": list(usable.left_out)}
 
 
 def _regularize(splink_settings: dict[str, Any]) -> None:
@@ -266,15 +307,20 @@ def score_pairs(
             for name in names
         ]
     )
-    level = {
+    levels_of = {
         name: pl.col(f"gamma_{name}").replace_strict(labels[name], return_dtype=pl.String()) for name in names
     }
+
+    def level(name: str) -> pl.Expr:
+        # A comparison the model left out (no data on one side when it was trained) is missing.
+        return levels_of.get(name, pl.lit("missing", pl.String()))
+
     corroborated = pl.any_horizontal(
-        level[name].is_in(levels) for name, levels in _CORROBORATING.items() if name in level
+        [pl.lit(False), *(level(name).is_in(lv) for name, lv in _CORROBORATING.items() if name in levels_of)]
     )
     flags = pl.concat_list(
         [
-            pl.when(level["ssn"] == "different")
+            pl.when(level("ssn") == "different")
             .then(pl.lit(["ssn-differs"]))
             .otherwise(pl.lit([], pl.List(pl.String()))),
             # Name and birth date alone are what strangers share too (two Maria Garcias born the same
@@ -284,25 +330,25 @@ def score_pairs(
             .otherwise(pl.lit([], pl.List(pl.String()))),
             # A birth date that is not even a slip away: a parent and child who share name and
             # address (Jr/Sr) look alike on everything else.
-            pl.when(level["birth_date"] == "different")
+            pl.when(level("birth_date") == "different")
             .then(pl.lit(["dob-differs"]))
             .otherwise(pl.lit([], pl.List(pl.String()))),
             # Twins and same-family relatives agree on family, birth date and address but differ
             # in given name; only an identical SSN outweighs that.
             pl.when(
                 (
-                    level["given_name"].is_in(["different", "initial or prefix"])
+                    level("given_name").is_in(["different", "initial or prefix"])
                     # A slip away from a nickname is too loose to tell siblings apart (Anna and
                     # Ann) unless something personal, not household-wide, agrees as well.
                     | (
-                        (level["given_name"] == "nickname with a slip")
-                        & (level["middle_name"] != "exact")
-                        & (level["email"] != "exact")
+                        (level("given_name") == "nickname with a slip")
+                        & (level("middle_name") != "exact")
+                        & (level("email") != "exact")
                     )
                 )
-                & (level["ssn"] != "exact")
-                & level["family_name"].is_in(["exact", "shared token", "typo"])
-                & level["birth_date"].is_in(["exact", "day-month swapped"])
+                & (level("ssn") != "exact")
+                & level("family_name").is_in(["exact", "shared token", "typo"])
+                & level("birth_date").is_in(["exact", "day-month swapped"])
             )
             .then(pl.lit(["possible-relative"]))
             .otherwise(pl.lit([], pl.List(pl.String()))),

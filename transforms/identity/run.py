@@ -13,7 +13,8 @@ import polars as pl
 
 from transforms.identity.decide import LINK_THRESHOLD, REVIEW_THRESHOLD, decide
 from transforms.identity.deterministic import ENTERPRISE_SYSTEMS, deterministic_links
-from transforms.identity.model import IdentityError, score_pairs, train_model
+from transforms.identity.errors import IdentityError
+from transforms.identity.model import score_pairs, train_model
 from transforms.identity.persons import cluster, golden_records
 from transforms.identity.records import latest_versions, split_surfaces
 from transforms.identity.tables import PAIRS
@@ -76,14 +77,21 @@ def resolve(
     if both and model is None:
         try:
             model = train_model(left, right, seed=seed, threads=threads, memory_limit=memory_limit)
-        except IdentityError:
-            # Too few records for EM to estimate anything (a first sync of a day or two). Shared
-            # identifiers still link; the next run, with more records, trains again.
+        except IdentityError as err:
+            # Typically too few records for EM to estimate anything (a first sync of a day or two).
+            # Shared identifiers still link; the next run, with more records, trains again. The
+            # message names columns and rules only (IdentityError's invariant).
             _log.warning(
-                "identity: %d record(s) are too few to train the match model; linking on shared "
-                "identifiers only this run",
+                "identity: cannot train the match model on %d record(s), linking on shared "
+                "identifiers only this run: %s",
                 current.height,
+                err,
             )
+        else:
+            for part in model.get("left_out", []):
+                _log.info(
+                    "identity: %s %s left out of the model: %s", part["part"], part["name"], part["reason"]
+                )
     if both and model is not None:
         scored = score_pairs(left, right, model, threads=threads, memory_limit=memory_limit)
     else:
