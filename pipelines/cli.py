@@ -43,7 +43,7 @@ def _main(ctx: typer.Context) -> None:
 
 app.command(name="sql")(sql_command)
 app.add_typer(identity_app, name="identity")
-console = Console()
+console = Console(soft_wrap=True)  # one line per message in logs, never wrapped mid-word
 
 Day = Annotated[str | None, typer.Option(help="First clinical day (YYYY-MM-DD, UTC).")]
 EndDay = Annotated[str | None, typer.Option(help="Last clinical day (YYYY-MM-DD, UTC; default today).")]

@@ -57,7 +57,10 @@ class PlainSteps:
 
     def _say(self, text: str) -> None:
         self.console.print(
-            f"[{time.monotonic() - self.began:6.1f}s] {self.label}: {text}", markup=False, highlight=False
+            f"[{time.monotonic() - self.began:6.1f}s] {self.label}: {text}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
         )
 
     def __call__(self, done: int, total: int, current: str) -> None:
@@ -160,13 +163,17 @@ def backfill_progress(console: Console, label: str) -> Iterator[Update]:
                 f"({time.monotonic() - began:.1f} s of start-up)",
                 markup=False,
                 highlight=False,
+                soft_wrap=True,
             )
         last.update(done=done, status=current)
         console.print(
             f"[{time.monotonic() - began:6.1f}s] {label}: {done}/{total} day(s) loaded ({current})",
             markup=False,
             highlight=False,
+            soft_wrap=True,
         )
 
-    console.print(f"[{0.0:6.1f}s] {label}: starting the Dagster daemon", markup=False, highlight=False)
+    console.print(
+        f"[{0.0:6.1f}s] {label}: starting the Dagster daemon", markup=False, highlight=False, soft_wrap=True
+    )
     yield plain
