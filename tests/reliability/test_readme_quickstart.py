@@ -54,7 +54,7 @@ def _free_port() -> int:
 
 def _run(command: str, clone: Path, env: dict[str, str], log: Path) -> str:
     began = time.monotonic()
-    done = subprocess.run(  # noqa: S603
+    done = subprocess.run(
         ["/bin/bash", "-c", command],
         cwd=clone,
         env=env,
@@ -79,7 +79,7 @@ def _ui_run_ids(port: int, timeout: float = 240) -> set[str]:
             request = urllib.request.Request(
                 f"http://127.0.0.1:{port}/graphql", data=query, headers={"Content-Type": "application/json"}
             )
-            with urllib.request.urlopen(request, timeout=10) as reply:  # noqa: S310
+            with urllib.request.urlopen(request, timeout=10) as reply:
                 body = json.loads(reply.read())
             return {r["runId"] for r in body["data"]["runsOrError"]["results"]}
         except (OSError, KeyError, ValueError):
@@ -92,7 +92,7 @@ def test_readme_quick_start_then_block(tmp_path: Path) -> None:
     assert quick[0].startswith("make demo") and any(c.startswith("make test") for c in quick)
     assert not [c for c in quick + then if c.startswith("uv ")], "uv is not on a fresh shell's PATH"
     clone = tmp_path / "redox-etl"
-    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)  # noqa: S603, S607
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True, timeout=120)
     env = _fresh_shell_env()
     log = tmp_path / "readme.log"
     port = _free_port()
@@ -103,7 +103,7 @@ def test_readme_quick_start_then_block(tmp_path: Path) -> None:
         ui_ids: set[str] = set()
         for command in then:
             if command.startswith("make ui"):
-                ui = subprocess.Popen(  # noqa: S603
+                ui = subprocess.Popen(
                     ["/bin/bash", "-c", command],
                     cwd=clone,
                     env=ui_env,
@@ -130,7 +130,7 @@ def test_readme_quick_start_then_block(tmp_path: Path) -> None:
         )
         cli_ids = set(
             json.loads(
-                subprocess.run(  # noqa: S603
+                subprocess.run(
                     [str(clone / ".venv/bin/python"), "-c", script],
                     cwd=clone,
                     env=env | {"DAGSTER_HOME": str(clone / ".redox-etl" / "dagster")},
@@ -148,7 +148,7 @@ def test_readme_quick_start_then_block(tmp_path: Path) -> None:
             "instance make ui serves"
         )
     finally:
-        subprocess.run(  # noqa: S603
+        subprocess.run(
             [str(clone / ".venv/bin/redox-etl"), "sandbox", "stop"],
             cwd=clone,
             env=env,
