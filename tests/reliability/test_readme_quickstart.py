@@ -39,10 +39,13 @@ def _blocks(readme: str) -> tuple[list[str], list[str]]:
 
 
 def _fresh_shell_env() -> dict[str, str]:
-    keep = ("HOME", "USER", "LANG", "LC_ALL", "TMPDIR", "UV_CACHE_DIR", "XDG_CACHE_HOME")
-    env = {k: os.environ[k] for k in keep if k in os.environ}
-    # A login shell's PATH: system folders only (uv may sit in ~/.local/bin, which is not on it).
-    env["PATH"] = "/usr/local/bin:/usr/bin:/bin"
+    """The machine's login environment (certificates, proxies, locale) without anything of ours:
+    no REDOX_*/DAGSTER_* variable, no activated venv, no venv on PATH."""
+    ours = ("REDOX_", "DAGSTER_", "VIRTUAL_ENV", "PYTEST_", "PYTHONPATH", "COV_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ours)}
+    env["PATH"] = os.pathsep.join(
+        p for p in env.get("PATH", "/usr/bin:/bin").split(os.pathsep) if ".venv" not in p
+    )
     return env
 
 
