@@ -4,8 +4,10 @@ Each area exports a typer app and this module only mounts them, so adding a comm
 editing a shared file beyond one line here.
 """
 
+import contextlib
 import datetime as dt
 import warnings
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
@@ -156,13 +158,27 @@ def sync(
     _ready(first, last)
     from pipelines import runner, summary
 
-    run = sync_with_progress(console, first, last)
-    _fail_unless_success(run)
-    summary.print_summary(console, run_id=run.run_id)
-    # Older days where Redox changed records since they were loaded (queued by redox_changes).
-    for changed_first, changed_last in runner.pending_ranges():
-        console.print(f"Redox changed records on {changed_first}..{changed_last} since they were loaded:")
-        _fail_unless_success(sync_with_progress(console, changed_first, changed_last))
+    with _one_screen():
+        run = sync_with_progress(console, first, last)
+        _fail_unless_success(run)
+        summary.print_summary(console, run_id=run.run_id)
+        # Older days where Redox changed records since they were loaded (queued by redox_changes).
+        for changed_first, changed_last in runner.pending_ranges():
+            console.print(f"Redox changed records on {changed_first}..{changed_last} since they were loaded:")
+            _fail_unless_success(sync_with_progress(console, changed_first, changed_last))
+
+
+@contextlib.contextmanager
+def _one_screen() -> Iterator[None]:
+    """What the runner raises before or around a run (no partitions for the days, a daemon that
+    died) ends the command in one screen; a run's own failures are reported by its steps."""
+    try:
+        yield
+    except typer.Exit:  # click's Exit is a RuntimeError: a decided exit passes through
+        raise
+    except (RuntimeError, ValueError, OSError) as exc:
+        log = settings.home() / "dagster-daemon.log"
+        _fail(str(exc), f"see `make ui` for the runs' logs, and {log} for the daemon's", code=1)
 
 
 def _fail_unless_success(run: "DagsterRun") -> None:
@@ -183,7 +199,7 @@ def backfill(
     _ready(first, last)
     from pipelines import runner, summary
 
-    with backfill_progress(console, f"backfill {first}..{last}") as update:
+    with _one_screen(), backfill_progress(console, f"backfill {first}..{last}") as update:
         status, done, total = runner.backfill(first, last, on_progress=update)
     console.print(f"backfill {status.lower()}: {done}/{total} day(s) loaded")
     if done < total:
