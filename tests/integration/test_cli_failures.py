@@ -171,3 +171,24 @@ def test_doctor_passes_on_a_good_target(sandbox: Any, tmp_path: Path) -> None:
     code, out, _ = _run(["doctor"], env)
     assert code == 0, out
     assert "FHIR API" in out and "Data Model API" in out and "All checks passed" in out
+
+
+def test_failed_run_prints_root_cause_not_summary(tmp_path: Path) -> None:
+    # Preflight passes (three requests), then the sandbox refuses the run's requests with 429 and
+    # the client, given two seconds of retrying, gives up: a real failed run, not a staged one.
+    with serve_in_thread(state_dir=tmp_path / "sandbox", patients=30, rate_limit=(4, 300)) as running:
+        env = _env(
+            tmp_path / "home",
+            REDOX_SANDBOX_CREDENTIALS=str(running.credentials_path),
+            REDOX_RETRY_TIMEOUT="2",
+            REDOX_RETRY_ATTEMPTS="2",
+        )
+        code, out, _ = _run(["sync", "--days", "1"], env)
+    assert code == 1, out
+    assert "Traceback" not in out and 'File "' not in out, out
+    assert "nothing below is a success" in out and "Warehouse after sync" not in out, out
+    assert "HTTP 429" in out and "Redox said:" in out, out
+    assert "make ui" in out and "/runs/" in out, out
+    assert len(out.splitlines()) < 40, out
+    for value in _secrets(running.credentials):
+        assert value not in out
