@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from resources import configured_warehouse
 from resources.redox.settings import RateSpec
 from resources.settings import Settings
 
@@ -118,6 +119,18 @@ def _finished_steps(inst: "DagsterInstance", run_id: str) -> list[tuple[str, dic
     ]
 
 
+def _requests_since(since: dt.datetime) -> int | None:
+    """Requests the audit trail recorded since ``since`` (every process's, on this lake); None before
+    the lake exists. Extract steps append their audit as they finish, so this lags by a step."""
+    try:
+        frame = configured_warehouse().query(
+            "SELECT count(*) AS n FROM api_calls WHERE called_at >= ?", [since]
+        )
+    except Exception:  # no lake yet, or the catalog busy: the line goes out without the figure
+        return None
+    return int(frame["n"][0])
+
+
 def sync_with_progress(console: Console, first: dt.date, last: dt.date) -> "DagsterRun":
     """One ``daily_sync`` run over [first, last], its steps shown as they finish."""
     from pipelines import runner
@@ -152,6 +165,8 @@ def backfill_progress(console: Console, label: str) -> Iterator[Update]:
             yield update
         return
     began = time.monotonic()
+    since = dt.datetime.now(dt.UTC)
+    limit = _window_limit()
     last: dict[str, Any] = {"done": -1, "status": ""}
 
     def plain(done: int, total: int, current: str) -> None:
@@ -166,8 +181,12 @@ def backfill_progress(console: Console, label: str) -> Iterator[Update]:
                 soft_wrap=True,
             )
         last.update(done=done, status=current)
+        spent = _requests_since(since)
+        budget = (
+            "" if spent is None else f"; requests so far {spent:,} = {spent / limit:.1%} of the rate window"
+        )
         console.print(
-            f"[{time.monotonic() - began:6.1f}s] {label}: {done}/{total} day(s) loaded ({current})",
+            f"[{time.monotonic() - began:6.1f}s] {label}: {done}/{total} day(s) loaded ({current}){budget}",
             markup=False,
             highlight=False,
             soft_wrap=True,
