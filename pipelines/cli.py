@@ -1,7 +1,12 @@
 """The `redox-etl` command: one entry point whose sub-commands live beside the code they drive.
 
 Each area exports a typer app and this module only mounts them, so adding a command never means
-editing a shared file beyond one line here.
+editing a shared file beyond one line here. The run commands (sync, backfill, doctor) live here.
+
+Invariant: a command that cannot do its job says so in one screen and exits non-zero: a bad date or
+range before anything starts, an unreachable or refusing target after the preflight
+(pipelines/preflight.py) and before any run, a failed run by its steps' root causes (never a stack
+trace, never the summary table). Nothing printed holds a secret or a patient value.
 """
 
 import contextlib
