@@ -33,8 +33,8 @@ test: lint typecheck
 test-fast: setup
 	$(RUN) pytest -n 2 --dist loadgroup -m "not slow"
 
-demo: setup
-	$(RUN) redox-etl demo
+demo: setup  # DEMO_ARGS="--days 3 --patients 200" makes a smaller demo
+	$(RUN) redox-etl demo $(DEMO_ARGS)
 
 ui: setup
 	@mkdir -p $(DAGSTER_HOME)

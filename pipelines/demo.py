@@ -1,7 +1,9 @@
 """`make demo`: the embedded sandbox, a real sync of its recent weeks, and two analyst questions.
 
 Runs against the sandbox unless REDOX_BASE_URL points at a real Redox, in which case the sandbox
-is not started. The sync is a real Dagster run on the persistent instance, so `make ui` shows it.
+is not started. The sandbox is started in the background and left running (`redox-etl sandbox
+stop` ends it), so the README's next commands sync from it. The sync is a real Dagster run on the
+persistent instance, so `make ui` shows it. A failed run prints its root causes, not the summary.
 """
 
 import datetime as dt
@@ -10,7 +12,7 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from pipelines import summary
+from pipelines import preflight, summary
 from pipelines.progress import sync_with_progress
 from resources import configured_warehouse, settings
 from resources.settings import Settings
@@ -29,16 +31,23 @@ QUESTIONS = {
 def run_demo(console: Console, *, days: int, patients: int) -> None:
     end = dt.datetime.now(dt.UTC).date()
     start = end - dt.timedelta(days=days - 1)
-    if Settings.from_env().base_url:
+    config = Settings.from_env()
+    if config.base_url:
         console.print("REDOX_BASE_URL is set: syncing from it instead of the sandbox.")
-        _sync_and_show(console, start, end)
-        return
-    from sandbox.server import serve_in_subprocess
-
-    console.print(f"Starting the Redox sandbox ({patients:,} synthetic patients)...")
-    with serve_in_subprocess(state_dir=settings.sandbox_dir(), patients=patients) as running:
-        console.print(f"Sandbox at {running.base_url} (credentials in {running.credentials_path})")
-        _sync_and_show(console, start, end)
+    else:
+        settings.sandbox_dir()  # the state folder, created owner-only
+        record = preflight.ensure_sandbox(console, config, patients=patients)
+        if record is not None:
+            console.print(
+                f"Sandbox at {record['base_url']} ({record['patients']:,} patients), left running for "
+                "the next commands; `.venv/bin/redox-etl sandbox stop` ends it."
+            )
+    checks = preflight.preflight(config)
+    if not all(c.ok for c in checks):
+        console.print("[red]Preflight failed[/red]: nothing was run.")
+        preflight.report(console, checks)
+        raise SystemExit(1)
+    _sync_and_show(console, start, end)
 
 
 def _sync_and_show(console: Console, start: dt.date, end: dt.date) -> None:
@@ -46,6 +55,9 @@ def _sync_and_show(console: Console, start: dt.date, end: dt.date) -> None:
     console.print(f"Syncing {start} .. {end} from both Redox surfaces through Dagster...")
     run = sync_with_progress(console, start, end)
     console.print(f"Run {run.run_id} {run.status.value.lower()} in {time.monotonic() - began:.0f} s")
+    if not run.is_success:
+        summary.print_failure(console, run)
+        raise SystemExit(1)
     summary.print_summary(console, run_id=run.run_id)
     warehouse = configured_warehouse()
     for title, sql in QUESTIONS.items():
@@ -57,8 +69,7 @@ def _sync_and_show(console: Console, start: dt.date, end: dt.date) -> None:
             table.add_row(*[str(v) for v in row])
         console.print(table)
     console.print(
-        'Ask your own: `uv run redox-etl sql "select count(*) from patients"`. '
-        "See the runs and assets: `make ui`, then open http://127.0.0.1:3000."
+        'Ask your own: `.venv/bin/redox-etl sql "select count(*) from patients"`. '
+        "See the runs and assets: `make ui`, then open http://127.0.0.1:3000.",
+        highlight=False,
     )
-    if not run.is_success:
-        raise SystemExit(1)

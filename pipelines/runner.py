@@ -87,9 +87,9 @@ def sync(
     }
     run_config = {
         "ops": {name: {"config": {"refetch": refetch}} for name in _extract_names()},
-        # The command shows a progress bar and a summary; every step's events stay in the instance
-        # (`make ui`), so the console only needs what went wrong.
-        "loggers": {"console": {"config": {"log_level": "WARNING"}}},
+        # The command shows progress, then a summary or the failed steps' root causes; every event,
+        # stack traces included, stays in the instance (`make ui`), so the console shows none.
+        "loggers": {"console": {"config": {"log_level": "CRITICAL"}}},
     }
     result: dict[str, dg.DagsterRun] = {}
 

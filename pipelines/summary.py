@@ -1,9 +1,16 @@
 """The end-of-run summary: rows per table and surface, requests spent, budget used, quarantined.
 
 Counts only: nothing here reads a patient field, so the summary is safe to print and to paste.
+After a failed run it prints the failing steps' root causes instead (the client's errors, which
+carry Redox's words and never PHI), not Dagster's stack traces, which stay in the run's logs.
 """
 
+import datetime as dt
+from typing import Any
+
+import dagster as dg
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from resources import configured_warehouse
@@ -53,3 +60,76 @@ def print_summary(console: Console, *, run_id: str | None = None) -> None:
             f"budget: {limit.limit:,} per {limit.seconds:g} s, so this run used "
             f"{calls[0] / limit.limit:.1%} of one window."
         )
+
+
+# ---- when a run failed ---------------------------------------------------------------------------
+
+# Dagster wraps a step's exception in its own ("Error occurred while executing op ..."); the user
+# needs the innermost cause, whose message is the client's error: endpoint, Redox's words, the fix.
+_WRAPPERS = ("DagsterExecutionStepExecutionError", "DagsterUserCodeExecutionError")
+
+
+def root_cause(error: Any) -> str:
+    """``ClassName: message`` of the innermost cause of a SerializableErrorInfo, one paragraph."""
+    seen = error
+    while getattr(seen, "cause", None) is not None:
+        seen = seen.cause
+    if seen.cls_name in _WRAPPERS and getattr(seen, "context", None) is not None:
+        seen = seen.context
+    message = " ".join(str(seen.message).split())
+    return message if message.startswith(f"{seen.cls_name}:") else f"{seen.cls_name}: {message}"
+
+
+def failed_steps(run_id: str) -> list[tuple[str, str]]:
+    """(step key, root cause) for each failed step of the run; the run's own failure if none."""
+    from pipelines import runner
+
+    inst = runner.instance()
+    out: list[tuple[str, str]] = []
+    for record in inst.get_records_for_run(run_id, of_type=dg.DagsterEventType.STEP_FAILURE).records:
+        event = record.event_log_entry.dagster_event
+        data = event.step_failure_data if event is not None else None
+        error = data.error if data is not None else None
+        out.append(
+            (record.event_log_entry.step_key or "?", root_cause(error) if error else "no error recorded")
+        )
+    if not out:
+        for record in inst.get_records_for_run(run_id, of_type=dg.DagsterEventType.RUN_FAILURE).records:
+            out.append(("run", " ".join(record.event_log_entry.message.split())))
+    return out
+
+
+def print_failure(console: Console, run: "dg.DagsterRun") -> None:
+    """The failed steps and their root causes, then where the full logs are: never a stack trace."""
+    console.print(f"[red]Run {run.run_id} {run.status.value.lower()}[/red]; nothing below is a success.")
+    causes = failed_steps(run.run_id)
+    # Many steps often fail for one reason (a dead host fails every extract): say each reason once.
+    by_cause: dict[str, list[str]] = {}
+    for step, cause in causes:
+        by_cause.setdefault(cause, []).append(step)
+    for cause, steps in by_cause.items():
+        named = ", ".join(steps[:4]) + (f" and {len(steps) - 4} more" if len(steps) > 4 else "")
+        console.print(f"  {escape(named)}: {escape(cause)}", highlight=False)
+    console.print(
+        f"Full logs and stack traces: `make ui`, then open http://127.0.0.1:3000/runs/{run.run_id}",
+        highlight=False,
+    )
+
+
+def print_backfill_failures(console: Console, first: "dt.date", last: "dt.date") -> None:
+    """Root causes of the failed runs of the backfill over [first, last]."""
+    from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
+
+    from pipelines import runner
+
+    inst = runner.instance()
+    runs = inst.get_runs(
+        RunsFilter(
+            statuses=[DagsterRunStatus.FAILURE], tags={runner.BACKFILL_KIND[0]: runner.BACKFILL_KIND[1]}
+        ),
+        limit=20,
+    )
+    window = (first.isoformat(), last.isoformat())
+    mine = [r for r in runs if window[0] <= (r.tags.get("dagster/partition") or "") <= window[1]]
+    for run in mine[:5]:
+        print_failure(console, run)

@@ -74,11 +74,16 @@ def serve(
     org: Annotated[str, typer.Option(help="FHIR destination slug in the URL.")] = "redox-fhir-sandbox",
     environment: Annotated[str, typer.Option(help="FHIR environment flag in the URL.")] = "Development",
     fhir_tz: FhirTz = "America/New_York",
+    background: Annotated[
+        bool,
+        typer.Option("--background", help="Keep serving after this command returns (stop: sandbox stop)."),
+    ] = False,
 ) -> None:
     """Start the sandbox; write <state-dir>/credentials.json (0600) and print the base URL."""
     from sandbox.app import ENVIRONMENTS, SandboxOptions
     from sandbox.faults import FaultSpec
-    from sandbox.server import serve_forever
+    from sandbox.server import serve_forever, start_background
+    from sandbox.server import status as server_status
 
     if environment not in ENVIRONMENTS:
         raise typer.BadParameter(f"environment must be one of {', '.join(ENVIRONMENTS)}")
@@ -99,13 +104,67 @@ def serve(
         environment=environment,
         fhir_tz=fhir_tz,
     )
+    folder = state_dir or _default_state_dir(ctx)
+    running = server_status(folder)
+    if running is not None:
+        # Two servers would fight over one credentials file; the second would strand the first.
+        typer.echo(
+            f"A sandbox is already running at {running['base_url']} (pid {running['pid']}); "
+            "stop it first: redox-etl sandbox stop",
+            err=True,
+        )
+        raise typer.Exit(1)
+    if background:
+        typer.echo(f"Starting the Redox sandbox ({patients:,} synthetic patients) in the background...")
+        record = start_background(options, state_dir=folder, host=host, port=port)
+        typer.echo(_describe(record, folder))
+        return
     serve_forever(
         options,
         host=host,
         port=port,
-        state_dir=state_dir or _default_state_dir(ctx),
+        state_dir=folder,
         announce=lambda line: typer.echo(line, err=False),
     )
+
+
+def _describe(record: dict[str, Any], folder: Path) -> str:
+    days = f", clinical days {record['first_day']}..{record['last_day']}" if record.get("first_day") else ""
+    return (
+        f"Redox sandbox running at {record['base_url']} (pid {record['pid']}, "
+        f"{record.get('patients', 0):,} patients{days}); credentials in {folder / 'credentials.json'}"
+    )
+
+
+@app.command()
+def status(
+    ctx: typer.Context,
+    state_dir: StateDir = None,
+) -> None:
+    """Say whether a sandbox is running (pid, URL, days it holds); exit 1 if none is."""
+    from sandbox.server import status as server_status
+
+    folder = state_dir or _default_state_dir(ctx)
+    record = server_status(folder)
+    if record is None:
+        typer.echo("No sandbox running. Start one: redox-etl sandbox serve --background")
+        raise typer.Exit(1)
+    typer.echo(_describe(record, folder))
+
+
+@app.command()
+def stop(
+    ctx: typer.Context,
+    state_dir: StateDir = None,
+) -> None:
+    """Stop the sandbox started with `serve --background` (or any serve using this state folder)."""
+    from sandbox.server import stop as server_stop
+
+    record = server_stop(state_dir or _default_state_dir(ctx))
+    if record is None:
+        typer.echo("No sandbox was running.")
+        return
+    typer.echo(f"Stopped the sandbox at {record['base_url']} (pid {record['pid']}).")
 
 
 def _fetch_truth(base_url: str) -> dict[str, bytes]:

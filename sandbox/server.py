@@ -2,14 +2,19 @@
 
 ``serve_in_thread`` suits tests that want the world object at hand; ``serve_in_subprocess`` suits
 clients that must not share the GIL with the server (benchmarks, multi-process pipelines). Both yield
-a ``Running`` with the base URL and the credentials a client needs.
+a ``Running`` with the base URL and the credentials a client needs. ``start_background`` leaves a
+detached server running after the command that started it (``sandbox serve --background``), found
+again by ``status`` and ended by ``stop``.
 
 Invariants:
 - credentials.json is created with mode 0600 by ``os.open`` (never chmod-ed afterwards), written to a
   temporary name and renamed, so a reader sees either no file or a complete one, and only after the
   server accepts connections;
 - the key pair lives only in memory and in that file; nothing logs it;
-- helpers default to a fresh temporary state directory, so parallel tests never share credentials.
+- helpers default to a fresh temporary state directory, so parallel tests never share credentials;
+- a listening server records itself in <state-dir>/server.json (pid, base URL, the clinical days it
+  holds; 0600, no secret), written after credentials.json; ``status`` trusts it only while that pid
+  is alive and the server answers its health check, so a crashed server reads as not running.
 """
 
 import contextlib
@@ -17,6 +22,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -33,6 +39,8 @@ import uvicorn
 from sandbox.app import Sandbox, SandboxOptions, WorldLike, create_app
 
 CREDENTIALS = "credentials.json"
+SERVER = "server.json"
+LOG = "server.log"
 
 
 @dataclasses.dataclass
@@ -63,16 +71,35 @@ def build_world(options: SandboxOptions, *, index: bool = True) -> WorldLike:
 
 
 def write_credentials(state_dir: Path, credentials: dict[str, Any]) -> Path:
+    return _write_private(state_dir, CREDENTIALS, credentials)
+
+
+def _write_private(state_dir: Path, name: str, content: dict[str, Any]) -> Path:
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = state_dir / CREDENTIALS
-    staging = state_dir / f".{CREDENTIALS}.{os.getpid()}.tmp"
+    path = state_dir / name
+    staging = state_dir / f".{name}.{os.getpid()}.tmp"
     with contextlib.suppress(FileNotFoundError):
         staging.unlink()
     fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
-        json.dump(credentials, handle, indent=2)
+        json.dump(content, handle, indent=2)
     staging.replace(path)
     return path
+
+
+def _server_record(sandbox: Sandbox, world: WorldLike) -> dict[str, Any]:
+    config = getattr(world, "config", None)
+    first, last = getattr(config, "start", None), getattr(config, "end", None)
+    return {
+        "pid": os.getpid(),
+        "base_url": sandbox.base_url,
+        "port": int(sandbox.base_url.rsplit(":", 1)[1]),
+        "seed": sandbox.options.seed,
+        "patients": sandbox.options.patients,
+        "first_day": first.isoformat() if isinstance(first, date) else None,
+        "last_day": last.isoformat() if isinstance(last, date) else None,
+        "started_at": time.time(),
+    }
 
 
 def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
@@ -144,10 +171,22 @@ def serve_forever(
 
     def started() -> None:
         write_credentials(state_dir, sandbox.credentials())
+        _write_private(state_dir, SERVER, _server_record(sandbox, world))
         announce(f"Redox sandbox listening on {sandbox.base_url}")
         threading.Thread(target=world.store.refresh, name="redox-sandbox-index", daemon=True).start()
 
-    _Server(_uvicorn_config(sandbox), started).run(sockets=[sock])
+    try:
+        _Server(_uvicorn_config(sandbox), started).run(sockets=[sock])
+    finally:
+        _forget(state_dir)
+
+
+def _forget(state_dir: Path) -> None:
+    # Only our own record: a newer server may already have replaced it.
+    path = state_dir / SERVER
+    with contextlib.suppress(FileNotFoundError, ValueError, OSError):
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
 
 
 @contextlib.contextmanager
@@ -268,3 +307,116 @@ def serve_in_subprocess(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+# ---- a server that outlives its command ----------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _answers(base_url: str, timeout: float = 2.0) -> bool:
+    # urllib, not httpx: this module is imported to start servers and stays light.
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{base_url}/sandbox/health", timeout=timeout) as reply:  # noqa: S310
+            return bool(reply.status == 200)
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def status(state_dir: Path) -> dict[str, Any] | None:
+    """The running server recorded in ``state_dir`` (its server.json), or None if none answers."""
+    path = Path(state_dir) / SERVER
+    try:
+        record: dict[str, Any] = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError, OSError):
+        return None
+    pid = record.get("pid")
+    if not isinstance(pid, int) or not _alive(pid) or not _answers(str(record.get("base_url"))):
+        return None
+    return record
+
+
+def start_background(
+    options: SandboxOptions,
+    *,
+    state_dir: Path,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    startup_timeout: float = 120.0,
+) -> dict[str, Any]:
+    """Start a detached server (its own session, so it outlives this process and its terminal) and
+    return its record once it listens; its output goes to <state-dir>/server.log (0600)."""
+    state_dir = Path(state_dir)
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for stale in (SERVER, CREDENTIALS):
+        with contextlib.suppress(FileNotFoundError):
+            (state_dir / stale).unlink()
+    root = Path(__file__).resolve().parent.parent
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])),
+    }
+    command = [
+        sys.executable,
+        "-c",
+        "from sandbox.cli import app; app()",
+        *cli_args(options, state_dir=state_dir, host=host, port=port),
+    ]
+    log_fd = os.open(state_dir / LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        # This interpreter running our own CLI with arguments built above.
+        process = subprocess.Popen(  # noqa: S603
+            command,
+            env=env,
+            cwd=root,
+            stdin=subprocess.DEVNULL,
+            stdout=log_fd,
+            stderr=log_fd,
+            start_new_session=True,
+        )
+    finally:
+        os.close(log_fd)
+    deadline = time.monotonic() + startup_timeout
+    while True:
+        record = status(state_dir)
+        if record is not None and record.get("pid") == process.pid:
+            return record
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"the sandbox exited with code {process.returncode} while starting; see {state_dir / LOG}"
+            )
+        if time.monotonic() > deadline:
+            process.terminate()
+            raise TimeoutError(
+                f"the sandbox did not answer within {startup_timeout:g} s; see {state_dir / LOG}"
+            )
+        time.sleep(0.1)
+
+
+def stop(state_dir: Path, *, timeout: float = 15.0) -> dict[str, Any] | None:
+    """Stop the server recorded in ``state_dir``; returns its record, or None if none was running."""
+    record = status(state_dir)
+    if record is None:
+        return None
+    pid = int(record["pid"])
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+    for name in (SERVER, CREDENTIALS):
+        with contextlib.suppress(FileNotFoundError):
+            (Path(state_dir) / name).unlink()
+    return record
