@@ -1,7 +1,8 @@
 """Opening the lake: attach DuckLake to DuckDB, read-only for readers, read-write under the writer lock.
 
 Invariants:
-- a read-write connection exists only while this process holds the lake's writer lock;
+- a read-write connection exists only while this process holds the lake's writer lock (with a
+  Postgres catalog, the advisory lock every machine's writers share);
 - readers attach the lake READ_ONLY and read one DuckLake snapshot per transaction, so they never
   block the writer and are never blocked by it (SQLite catalog in WAL mode with a busy timeout;
   docs/operations.md "Warehouse" says why);
@@ -69,7 +70,9 @@ def connect(lake: LakeConfig, *, read_only: bool) -> duckdb.DuckDBPyConnection:
 def writer(lake: LakeConfig) -> Iterator[duckdb.DuckDBPyConnection]:
     """Hold the lake's writer lock and yield a read-write connection, closed on leaving."""
     lake.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with writer_lock(lake.lock_file, timeout=lake.lock_timeout_s):
+    # A shared (Postgres) catalog has writers on several machines: the flock alone cannot see them.
+    shared = lake.catalog.target if lake.catalog.kind == "postgres" else None
+    with writer_lock(lake.lock_file, timeout=lake.lock_timeout_s, shared=shared):
         con = _open(lake, read_only=False)
         try:
             yield con

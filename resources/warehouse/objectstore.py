@@ -16,7 +16,7 @@ import dataclasses
 import duckdb
 from pydantic import SecretStr
 
-SECRET_NAME = "redox_lake_s3"
+SECRET_NAME = "redox_lake_s3"  # noqa: S105 (the name of a DuckDB secret, not one)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
