@@ -157,6 +157,12 @@ class Settings(BaseSettings):
         description="in_process (one machine: a run's steps in the run's process) or celery (steps on "
         "Celery workers: uv sync --frozen --extra distributed).",
     )
+    dagster_postgres_url: SecretStr | None = Field(
+        default=None,
+        validation_alias="DAGSTER_POSTGRES_URL",
+        description="Read by deploy/dagster.yaml, not by redox-etl: the Postgres database that holds the "
+        "shared Dagster instance (runs, events, schedules, pool slots); treated as a secret.",
+    )
     celery_broker: SecretStr | None = Field(
         default=None,
         validation_alias="REDOX_CELERY_BROKER",
