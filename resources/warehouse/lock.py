@@ -161,8 +161,9 @@ def _acquire_shared(conninfo: str, deadline: float, timeout: float) -> Any:
         failed = redact(str(exc)).strip()
     if failed is not None:
         raise ConnectionError(
-            f"the lake writer lock (a Postgres advisory lock in the catalog database) could not be "
-            f"taken: Postgres said: {failed}. Check REDOX_LAKE_CATALOG and that the server is up."
+            f"the lake writer lock (a Postgres advisory lock in the catalog database "
+            f"{redact(conninfo)}) could not be taken: Postgres said: {failed}. Check "
+            "REDOX_LAKE_CATALOG and that the server is up."
         )
     try:
         while True:
