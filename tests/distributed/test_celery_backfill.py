@@ -10,6 +10,7 @@ process with only the catalog (a read-only role) and the bucket queries the tabl
 """
 
 import datetime as dt
+import itertools
 import json
 import sys
 import time
@@ -24,6 +25,7 @@ from resources import configured_warehouse
 from sandbox.server import serve_in_thread
 from tests.distributed.deployment import Deployment, deployment
 from tests.pipeline.truth import COMPARED, KEY, expected, lake_rows
+from transforms.streams import ENTITIES
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(1500)]
 DAYS = 6
@@ -49,6 +51,27 @@ def _workers_that_ran_steps(deployed: Deployment) -> set[str]:
             if worker is not None:
                 names.add(str(worker.value).split("@")[0])
     return names
+
+
+def _load_step_intervals(deployed: Deployment) -> list[tuple[float, float, str]]:
+    """(start, end, step) of every load step that finished, over every run: the writer's busy times."""
+    inst = deployed.instance()
+    out: list[tuple[float, float, str]] = []
+    for run in inst.get_runs():
+        started: dict[str, float] = {}
+        for record in inst.get_records_for_run(run.run_id).records:
+            entry = record.event_log_entry
+            event = entry.dagster_event
+            if event is None or entry.step_key not in ENTITIES:
+                continue
+            if event.event_type == dg.DagsterEventType.STEP_START:
+                started[entry.step_key] = entry.timestamp
+            elif entry.step_key in started and event.event_type in (
+                dg.DagsterEventType.STEP_SUCCESS,
+                dg.DagsterEventType.STEP_FAILURE,
+            ):
+                out.append((started.pop(entry.step_key), entry.timestamp, entry.step_key))
+    return sorted(out)
 
 
 def test_two_celery_workers_backfill_to_truth_through_a_worker_crash(
@@ -126,6 +149,11 @@ def test_two_celery_workers_backfill_to_truth_through_a_worker_crash(
         # Steps ran on more than one worker, all recorded in the one Postgres instance.
         ran = _workers_that_ran_steps(deployed)
         assert len(ran) >= 2, f"steps ran only on {ran}"
+        # The single writer stayed single across workers: no two load steps ever overlapped.
+        loads = _load_step_intervals(deployed)
+        assert len(loads) >= len(ENTITIES)
+        overlapping = [(a[2], b[2]) for a, b in itertools.pairwise(loads) if b[0] < a[1]]
+        assert not overlapping, f"load steps ran at the same time: {overlapping}"
         inst = deployed.instance()
         unfinished = [r.status.value for r in inst.get_runs() if not r.is_finished]
         assert not unfinished, f"runs left unfinished: {unfinished}"
