@@ -28,6 +28,7 @@ from tests.lake_frames import clinical, offline_duckdb
 from tests.servers import S3, Postgres, postgres_server, s3_server
 
 pytestmark = [
+    pytest.mark.slow,  # a Postgres and an S3 server, and processes spawned as other machines
     pytest.mark.integration,
     pytest.mark.xdist_group("lake-in-bucket"),
     pytest.mark.usefixtures("isolated_lake_env"),
