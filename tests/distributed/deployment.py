@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import httpx
 import psycopg
 
-from tests.servers import S3, Postgres, postgres_server, redis_server, s3_server
+from tests.servers import S3, Postgres, _free_port, postgres_server, redis_server, s3_server
 
 ROOT = Path(__file__).resolve().parents[2]
 # Variables of the developer's shell that would point a process somewhere else.
@@ -136,6 +137,35 @@ class Deployment:
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def webserver_runs(self, timeout: float = 240) -> set[str]:
+        """Run ids that ``dagster-webserver`` on this instance lists (GraphQL), as `make ui` shows them."""
+        port = _free_port()
+        exe = str(Path(sys.executable).with_name("dagster-webserver"))
+        proc = self.spawn(
+            [exe, "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1", "-p", str(port)], "webserver"
+        )
+        query = "{ runsOrError { __typename ... on Runs { results { runId status } } } }"
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                assert proc.poll() is None, self.log("webserver").read_text()[-3000:]
+                assert time.monotonic() < deadline, f"dagster-webserver did not answer in {timeout:.0f}s"
+                try:
+                    reply = httpx.post(f"http://127.0.0.1:{port}/graphql", json={"query": query}, timeout=30)
+                except httpx.TransportError:
+                    time.sleep(1)
+                    continue
+                runs = reply.json()["data"]["runsOrError"]
+                return {run["runId"] for run in runs["results"]}
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
 
     def instance(self) -> dg.DagsterInstance:

@@ -158,6 +158,8 @@ def test_two_celery_workers_backfill_to_truth_through_a_worker_crash(
         unfinished = [r.status.value for r in inst.get_runs() if not r.is_finished]
         assert not unfinished, f"runs left unfinished: {unfinished}"
         assert not inst.event_log_storage.get_concurrency_run_ids(), "a pool slot is still held"
+        # The UI of any machine (dagster-webserver on the Postgres instance) lists every run.
+        assert deployed.webserver_runs() == {run.run_id for run in inst.get_runs()}
 
         seen = json.loads(report.read_text())
         assert seen["errors"] == [], seen["errors"][:5]
