@@ -5,6 +5,7 @@ import dagster as dg
 import assets
 from assets.partitions import daily_partitions
 from pipelines import jobs
+from pipelines.executors import executor
 from resources import all_resources
 from resources.settings import Settings
 
@@ -20,7 +21,6 @@ defs = dg.Definitions(
     schedules=orchestration.schedules,
     sensors=orchestration.sensors,
     resources=all_resources(settings),
-    # Steps of a run share one process: extraction is async fan-out inside a step, and process
-    # start-up would otherwise dominate a day's work.
-    executor=dg.in_process_executor,
+    # In the run's process by default; on Celery workers when REDOX_ETL_EXECUTOR=celery.
+    executor=executor(settings),
 )

@@ -112,6 +112,75 @@ class Settings(BaseSettings):
         "Only read when the catalog is created; a Postgres catalog needs it.",
     )
 
+    # --- Object storage for the lake's data files (DuckDB httpfs; docs/operations.md) -------------
+    s3_endpoint: str | None = Field(
+        default=None,
+        validation_alias="REDOX_S3_ENDPOINT",
+        description="host:port of an S3-compatible service (MinIO, Ceph, R2, ...); unset = AWS S3.",
+    )
+    s3_region: str = Field(
+        default="us-east-1",
+        validation_alias="REDOX_S3_REGION",
+        description="The bucket's region.",
+    )
+    s3_access_key_id: str | None = Field(
+        default=None,
+        validation_alias="REDOX_S3_ACCESS_KEY_ID",
+        description="The access key id for the bucket that holds REDOX_LAKE_DATA_PATH.",
+    )
+    s3_secret_access_key: SecretStr | None = Field(
+        default=None,
+        validation_alias="REDOX_S3_SECRET_ACCESS_KEY",
+        description="The secret key for that access key id (treated as a secret).",
+    )
+    s3_session_token: SecretStr | None = Field(
+        default=None,
+        validation_alias="REDOX_S3_SESSION_TOKEN",
+        description="A session token, for temporary credentials (treated as a secret).",
+    )
+    s3_url_style: Literal["path", "vhost"] = Field(
+        default="path",
+        validation_alias="REDOX_S3_URL_STYLE",
+        description="path (endpoint/bucket/key: what most S3-compatible servers need) or vhost "
+        "(bucket.endpoint/key).",
+    )
+    s3_use_ssl: bool = Field(
+        default=True,
+        validation_alias="REDOX_S3_USE_SSL",
+        description="HTTPS to the endpoint; false only for a server on a private network or loopback.",
+    )
+
+    # --- Running steps on several machines (docs/operations.md "Deploying past one machine") ----
+    executor: Literal["in_process", "celery"] = Field(
+        default="in_process",
+        validation_alias="REDOX_ETL_EXECUTOR",
+        description="in_process (one machine: a run's steps in the run's process) or celery (steps on "
+        "Celery workers: uv sync --frozen --extra distributed).",
+    )
+    dagster_postgres_url: SecretStr | None = Field(
+        default=None,
+        validation_alias="DAGSTER_POSTGRES_URL",
+        description="Read by deploy/dagster.yaml, not by redox-etl: the Postgres database that holds the "
+        "shared Dagster instance (runs, events, schedules, pool slots); treated as a secret.",
+    )
+    celery_broker: SecretStr | None = Field(
+        default=None,
+        validation_alias="REDOX_CELERY_BROKER",
+        description="For celery: the broker URL, e.g. redis://queue.internal:6379/1 (treated as a secret).",
+    )
+    celery_backend: SecretStr | None = Field(
+        default=None,
+        validation_alias="REDOX_CELERY_BACKEND",
+        description="For celery: the result backend URL; default the broker (treated as a secret).",
+    )
+    celery_visibility_timeout: int = Field(
+        default=3600,
+        ge=10,
+        validation_alias="REDOX_CELERY_VISIBILITY_TIMEOUT",
+        description="Seconds after which a step whose worker died unacknowledged is handed to another "
+        "worker; keep it above the longest step.",
+    )
+
     # --- Which Redox ---------------------------------------------------------------------------
     base_url: str | None = Field(
         default=None,

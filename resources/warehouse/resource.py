@@ -1,7 +1,8 @@
 """The Warehouse resource: the one object the pipeline holds to read and write the DuckLake lake.
 
-A thin facade: it holds the configuration (set by whoever builds it; it reads no environment
-variable) and hands each job to the module named for it: ``connection`` (attach, readers, the
+A thin facade: it holds the configuration (set by whoever builds it; the bucket's credentials alone
+are read from the settings when a connection opens, so they never enter Dagster's resource config
+or UI) and hands each job to the module named for it: ``connection`` (attach, readers, the
 writer lock), ``migrate`` (tables in step with the schema), ``merge`` (clinical loads),
 ``audit`` (api_calls), ``state`` (watermarks, change queue), ``derived`` (computed tables and
 views), ``maintenance``.
@@ -32,6 +33,7 @@ from resources.warehouse import audit, connection, derived, maintenance, merge, 
 from resources.warehouse.catalog import CatalogSpec, parse_catalog
 from resources.warehouse.maintenance import MaintenanceReport
 from resources.warehouse.merge import MergeStats
+from resources.warehouse.objectstore import ObjectStore
 
 
 class Warehouse(ConfigurableResource):
@@ -99,6 +101,7 @@ class Warehouse(ConfigurableResource):
             busy_timeout_ms=self.busy_timeout_ms,
             journal_mode=self.sqlite_journal_mode,
             lock_timeout_s=self.writer_lock_timeout_s,
+            object_store=_object_store(self.data_location),
         )
 
     # ---- connections -------------------------------------------------------------------------
@@ -237,3 +240,19 @@ class Warehouse(ConfigurableResource):
         return maintenance.maintain(
             self.writer, expire_older_than=expire_older_than, delete_files_older_than=delete_files_older_than
         )
+
+
+def _object_store(data_location: str) -> ObjectStore | None:
+    """The bucket the settings describe, when the lake's files are in one (or a bucket is configured)."""
+    conf = settings.Settings.from_env()
+    if not (conf.s3_endpoint or conf.s3_access_key_id or data_location.lower().startswith("s3://")):
+        return None
+    return ObjectStore(
+        region=conf.s3_region,
+        url_style=conf.s3_url_style,
+        use_ssl=conf.s3_use_ssl,
+        endpoint=conf.s3_endpoint,
+        key_id=conf.s3_access_key_id,
+        secret=conf.s3_secret_access_key,
+        session_token=conf.s3_session_token,
+    )
