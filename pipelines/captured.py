@@ -84,12 +84,21 @@ class CapturedFile:
     text: str
 
 
+# In a folder, the files read: JSON, JSON Lines / NDJSON, and those gzipped. A file named on the
+# command line is read whatever its name.
+SUFFIXES: Final = (".json", ".ndjson", ".jsonl", ".json.gz", ".ndjson.gz", ".jsonl.gz")
+
+
 def files_under(paths: Iterable[Path]) -> Iterator[Path]:
-    """Each path, or every file under a folder (sorted, hidden files skipped)."""
+    """Each path, or every payload file under a folder (``SUFFIXES``; sorted; hidden skipped)."""
     for path in paths:
         if path.is_dir():
             yield from sorted(
-                p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.parts)
+                p
+                for p in path.rglob("*")
+                if p.is_file()
+                and p.name.lower().endswith(SUFFIXES)
+                and not any(s.startswith(".") for s in p.relative_to(path).parts)
             )
         else:
             yield path

@@ -6,16 +6,17 @@ a file name from the input (names may hold PHI; ``captured_files`` keeps them in
 """
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from pipelines.captured import LoadReport, load_paths
-from resources import settings
+from resources import configured_warehouse, settings
 from resources.landing import LandingZone
-from resources.warehouse import Warehouse
+
+if TYPE_CHECKING:  # the loader imports dagster (assets/), which `redox-etl --help` should not wait for
+    from pipelines.captured import LoadReport
 
 console = Console()
 
@@ -33,16 +34,17 @@ def load(
     if missing:
         console.print(f"[red]{len(missing)} path(s) do not exist[/red]: check the arguments and run again.")
         raise typer.Exit(2)
-    lake = settings.lake_dir()
+    from pipelines.captured import load_paths  # dagster loads slowly: only when a load runs
+
     try:
-        report = load_paths(Warehouse(lake_dir=str(lake)), LandingZone(lake), paths, reload=reload)
+        report = load_paths(configured_warehouse(), LandingZone(settings.lake_dir()), paths, reload=reload)
     except UnicodeDecodeError:
         console.print("[red]a file is not UTF-8 text (JSON must be)[/red]: convert it or leave it out.")
         raise typer.Exit(1) from None
     print_report(report)
 
 
-def print_report(report: LoadReport) -> None:
+def print_report(report: "LoadReport") -> None:
     console.print(
         f"{report.files} file(s): {report.files - report.skipped_files} loaded, "
         f"{report.skipped_files} already loaded (same content) skipped; {report.documents} document(s)"
@@ -79,7 +81,7 @@ def coverage(
 ) -> None:
     """Print field coverage: per surface, table and source JSON path, records that carried it and
     whether a column holds it (sums over every loaded partition)."""
-    warehouse = Warehouse(lake_dir=str(settings.lake_dir()))
+    warehouse = configured_warehouse()
     if warehouse.catalog_spec.exists() is False:
         console.print("[red]no lake yet[/red]: run `redox-etl sync` or `redox-etl load PATH` first.")
         raise typer.Exit(1)
