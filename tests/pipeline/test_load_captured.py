@@ -156,7 +156,7 @@ def test_corpus_loads_with_nothing_silently_lost(isolated_lake_env: None) -> Non
     exact = warehouse.query(
         "SELECT count(*) AS n FROM results t JOIN source_pages p ON p.raw_ref = t.source_ref"
         " WHERE t.source_surface = 'fhir' AND len(list_filter(CAST(p.body -> '$.entry[*].resource' AS JSON[]),"
-        " lambda r: r ->> 'id' = t.source_id)) = 1"
+        " lambda r: (r ->> 'id') = t.source_id)) = 1"
     )["n"][0]
     assert exact == warehouse.query("SELECT count(*) AS n FROM results WHERE source_surface = 'fhir'")["n"][0]
 
