@@ -22,7 +22,9 @@ RANGE_TAGS = "dagster/asset_partition_range_start", "dagster/asset_partition_ran
 TABLES = ("patients", "encounters", "results", "appointments")
 
 
-def test_sync_counts_paths_and_rows_reach_their_pages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sync_counts_paths_and_rows_reach_their_pages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     today = dt.datetime.now(dt.UTC).date()
     first, last = today - dt.timedelta(days=2), today - dt.timedelta(days=1)
     monkeypatch.setenv("REDOX_ETL_HOME", str(tmp_path))
@@ -42,7 +44,8 @@ def test_sync_counts_paths_and_rows_reach_their_pages(tmp_path: Path, monkeypatc
             )
     assert result.success
     metadata = {
-        e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()
+        e.asset_key.to_user_string(): e.materialization.metadata
+        for e in result.get_asset_materialization_events()
     }
     for table in TABLES:
         assert "top_unmapped_paths" in metadata[table]
@@ -55,7 +58,7 @@ def test_sync_counts_paths_and_rows_reach_their_pages(tmp_path: Path, monkeypatc
         )
     warehouse = Warehouse()
     covered = warehouse.query(
-        "SELECT DISTINCT surface, entity, \"partition\" FROM field_coverage WHERE \"partition\" LIKE 'day=%'"
+        'SELECT DISTINCT surface, entity, "partition" FROM field_coverage WHERE "partition" LIKE \'day=%\''
     )
     assert covered.height >= 6  # both surfaces' clinical streams, at least one day each
     for table in TABLES:

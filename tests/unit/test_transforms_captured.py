@@ -1,6 +1,7 @@
 """Shape detection of captured payloads (transforms/captured.py) and path counting (transforms/coverage.py)."""
 
 import json
+from pathlib import Path
 
 import polars as pl
 
@@ -30,7 +31,11 @@ def test_bundles_of_every_type_route_entries_by_resource_type() -> None:
             "type": kind,
             "entry": [
                 {"resource": {"resourceType": "MessageHeader", "id": "h"}},
-                {"fullUrl": "urn:uuid:1", "resource": _obs(1), "request": {"method": "POST", "url": "Observation"}},
+                {
+                    "fullUrl": "urn:uuid:1",
+                    "resource": _obs(1),
+                    "request": {"method": "POST", "url": "Observation"},
+                },
                 {"resource": {"resourceType": "Encounter", "id": "e"}},
                 {"fullUrl": "no resource"},
             ],
@@ -68,8 +73,12 @@ def test_coverage_counts_a_record_once_per_path_and_flags_mapped_paths() -> None
         "note": [],
         "status": "",
     }
-    page = json.dumps({"resourceType": "Bundle", "entry": [{"resource": obs}, {"resource": {**obs, "id": "p"}}]})
-    frame = coverage.field_coverage(pl.LazyFrame({"raw_ref": ["r"], "body": [page]}), "fhir", "results").collect()
+    page = json.dumps(
+        {"resourceType": "Bundle", "entry": [{"resource": obs}, {"resource": {**obs, "id": "p"}}]}
+    )
+    frame = coverage.field_coverage(
+        pl.LazyFrame({"raw_ref": ["r"], "body": [page]}), "fhir", "results"
+    ).collect()
     got = {r["path"]: (r["records"], r["mapped"]) for r in frame.iter_rows(named=True)}
     assert got == {
         "resourceType": (2, True),
@@ -85,3 +94,21 @@ def test_coverage_counts_a_record_once_per_path_and_flags_mapped_paths() -> None
 
 def test_every_stream_has_a_registry() -> None:
     assert set(coverage.MAPPED) == set(STREAMS)
+
+
+def test_vectorized_counts_equal_the_python_walk() -> None:
+    """The polars path and the Python fallback count the same, on Redox's own example messages."""
+    folder = Path(__file__).resolve().parents[1] / "fixtures" / "redox-datamodel"
+    bodies = pl.Series([f.read_text() for f in sorted(folder.glob("results_*.json"))])
+    vectorized = coverage._counts_vectorized(bodies, "datamodel", "results")
+    assert vectorized and vectorized == coverage.count_paths(bodies.to_list(), "datamodel", "results")
+    page = json.dumps(
+        {
+            "resourceType": "Bundle",
+            "entry": [{"resource": _obs(i) | {"note": [{"text": ""}]}} for i in range(3)],
+        }
+    )
+    fhir = pl.Series([page, page])
+    assert coverage._counts_vectorized(fhir, "fhir", "results") == coverage.count_paths(
+        fhir.to_list(), "fhir", "results"
+    )
