@@ -41,6 +41,13 @@ def load(
     except UnicodeDecodeError:
         console.print("[red]a file is not UTF-8 text (JSON must be)[/red]: convert it or leave it out.")
         raise typer.Exit(1) from None
+    except OSError as error:
+        # Files loaded before the failure are recorded; running the same command again skips them.
+        console.print(
+            f"[red]a file could not be read ({error.strerror or type(error).__name__})[/red]: "
+            "fix its permissions or leave it out, then run the same command again."
+        )
+        raise typer.Exit(1) from None
     print_report(report)
 
 
