@@ -89,6 +89,17 @@ def test_corpus_loads_with_nothing_silently_lost(isolated_lake_env: None) -> Non
     _corpus()
     output = _run("load", str(US_CORE), str(DATAMODEL))
     assert "read" in output and "unmapped paths" in output
+    # The summary accounts for every record of every stream: read = loaded + duplicates + quarantined.
+    summary = [
+        cells
+        for line in output.splitlines()
+        if len(cells := [c.strip() for c in line.strip("│┃ ").split("│")]) == 7 and cells[2].isdigit()
+    ]
+    assert {(c[0], c[1]) for c in summary} >= {
+        (t, s) for t in TABLES.values() for s in ("fhir", "datamodel") if t != "appointments"
+    } | {("appointments", "datamodel")}
+    for table, surface, read, loaded, duplicates, quarantined, _ in summary:
+        assert int(read) == int(loaded) + int(duplicates) + int(quarantined) > 0, (table, surface)
     warehouse = _warehouse()
 
     # FHIR: every resource of a table's type is a row, or quarantined with a reason.
