@@ -19,9 +19,9 @@ from assets.partitions import backfill_policy, partition_folder
 from assets.streams import extract_asset
 from resources.landing import LandingResource, LandingZone
 from resources.warehouse import Warehouse
+from transforms import coverage, valuesets
 from transforms import datamodel as dm_norm
 from transforms import fhir as fhir_norm
-from transforms import valuesets
 from transforms.common import split
 from transforms.streams import SURFACES, Entity, Surface, stream
 
@@ -67,7 +67,9 @@ def already_loaded(
     ]
     loaded = warehouse.query(
         "SELECT max(loaded_at) AS t FROM partition_loads"
-        " WHERE table_name = ? AND source_surface = ? AND partition_day = ?",
+        " WHERE table_name = ? AND source_surface = ? AND partition_day = ?"
+        # Captured files (`redox-etl load`) merge into days too, but they did not load the day's pages.
+        " AND run_id NOT LIKE 'load:%'",
         [entity, surface, day],
     )["t"][0]
     if loaded is None:
@@ -94,7 +96,7 @@ def count_records(pages: pl.LazyFrame, surface: Surface, entity: Entity) -> int:
     return int(counted.collect()["records"][0])
 
 
-def _settle_references(warehouse: Warehouse, good: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+def settle_references(warehouse: Warehouse, good: pl.DataFrame) -> tuple[pl.DataFrame, int]:
     """Data Model patient rows that carry identifiers only: drop those the lake already holds (a
     pointer is not a newer version), and load the rest without a timestamp, so that the patient's
     full record replaces them whenever it arrives, however old its own timestamp."""
@@ -122,7 +124,8 @@ def load_day(
     day: dt.date,
     run_id: str,
     tally: Tally,
-) -> None:
+) -> pl.DataFrame:
+    """Normalize and merge one (day, surface); returns the field coverage of the stream's own pages."""
     pages = pages_for(zone, surface, entity, [partition_folder(day)]).collect().lazy()
     if surface == "datamodel":
         # The count reads the normalizer's decoded frame: one decode of each page for both.
@@ -133,9 +136,10 @@ def load_day(
         records = count_records(pages, surface, entity)
     good_lazy, bad_lazy = split(normalized.lazy(), entity)
     good, bad = pl.collect_all([good_lazy, bad_lazy])
+    good = with_source_ref(good, normalized)
     known_references = 0
     if surface == "datamodel" and entity == "patients":
-        good, known_references = _settle_references(warehouse, good)
+        good, known_references = settle_references(warehouse, good)
     # Rows and quarantine in one transaction: no snapshot ever shows fetched != loaded + quarantined.
     stats = warehouse.merge(
         entity, good, partition_day=day, run_id=run_id, source_surface=surface, quarantine=bad
@@ -148,7 +152,16 @@ def load_day(
     tally.inserted += stats.inserted
     tally.updated += stats.updated
     tally.ignored_older += stats.ignored_older
-    tally.unknown_codes += sum(valuesets.unmapped_counts(good, entity, surface).values())
+    tally.unknown_codes += sum(valuesets.unmapped_counts(good.drop("source_ref"), entity, surface).values())
+    own = zone.scan(surface, entity, [partition_folder(day)])
+    return coverage.field_coverage(own, surface, entity).collect()
+
+
+def with_source_ref(good: pl.DataFrame, normalized: pl.DataFrame) -> pl.DataFrame:
+    """The good rows with ``source_ref``: the landed page (``raw_ref``) their record came from.
+    ``split`` keeps the good rows in the normalized frame's order, so the two line up."""
+    refs = normalized.filter(pl.col("quarantine_reason").is_null()).get_column("raw_ref")
+    return good.with_columns(refs.alias("source_ref"))
 
 
 def build_load_asset(entity: Entity, partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
@@ -190,6 +203,8 @@ def build_load_asset(entity: Entity, partitions: dg.PartitionsDefinition) -> dg.
         by_surface = {surface: Tally() for surface in SURFACES}
         started = dt.datetime.now(dt.UTC)
         reloaded: list[dt.date] = []
+        covered: list[pl.DataFrame] = []
+        loaded_keys: list[tuple[str, str, str]] = []
         for day in days:
             skipped = 0
             for surface in SURFACES:
@@ -197,7 +212,7 @@ def build_load_asset(entity: Entity, partitions: dg.PartitionsDefinition) -> dg.
                     by_surface[surface].skipped += 1
                     skipped += 1
                     continue
-                load_day(
+                day_coverage = load_day(
                     warehouse,
                     zone,
                     surface=surface,
@@ -206,8 +221,17 @@ def build_load_asset(entity: Entity, partitions: dg.PartitionsDefinition) -> dg.
                     run_id=context.run_id,
                     tally=by_surface[surface],
                 )
+                covered.append(day_coverage.with_columns(pl.lit(partition_folder(day)).alias("partition")))
+                loaded_keys.append((surface, entity, partition_folder(day)))
             if not skipped:
                 reloaded.append(day)
+        if covered:
+            warehouse.replace_coverage(
+                pl.concat(covered),
+                loaded_keys,
+                run_id=context.run_id,
+            )
+            warehouse.create_source_pages(zone.root)
         # Changes queued for these days before this load began are in the pages it just loaded.
         warehouse.clear_pending(entity, reloaded, loaded_since=started, run_id=context.run_id)
         total = Tally(**{f: sum(getattr(t, f) for t in by_surface.values()) for f in Tally.__annotations__})
@@ -218,6 +242,10 @@ def build_load_asset(entity: Entity, partitions: dg.PartitionsDefinition) -> dg.
             "window": f"{days[0]} .. {days[-1]}",
             **{k: v for k, v in dataclasses.asdict(total).items()},
         }
+        seen = coverage.merge_counts([c.drop("partition") for c in covered])
+        # Paths and counts only (no values): safe for metadata.
+        metadata["top_unmapped_paths"] = dg.MetadataValue.json(coverage.top_unmapped(seen))
+        metadata["unmapped_paths"] = int((~seen["mapped"]).sum()) if seen.height else 0
         for surface, tally in by_surface.items():
             metadata[f"{surface}_loaded"] = tally.loaded
             metadata[f"{surface}_quarantined"] = tally.quarantined

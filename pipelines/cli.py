@@ -21,6 +21,8 @@ from rich.markup import escape
 
 from pipelines import preflight
 from pipelines.identity_cli import app as identity_app
+from pipelines.load_cli import coverage as coverage_command
+from pipelines.load_cli import load as load_command
 from pipelines.progress import backfill_progress, sync_with_progress
 from pipelines.sql import sql as sql_command
 from resources import settings
@@ -50,6 +52,8 @@ def _main(ctx: typer.Context) -> None:
 
 app.command(name="sql")(sql_command)
 app.add_typer(identity_app, name="identity")
+app.command(name="load")(load_command)
+app.command(name="coverage")(coverage_command)
 console = Console(soft_wrap=True)  # one line per message in logs, never wrapped mid-word
 
 Day = Annotated[str | None, typer.Option(help="First clinical day (YYYY-MM-DD, UTC).")]

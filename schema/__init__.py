@@ -50,6 +50,11 @@ VALUESETS: Final[dict[str, tuple[str, ...]]] = {
     "abnormal_flag": ("normal", "low", "high", "critical_low", "critical_high", "abnormal", "unknown"),
 }
 
+# Where a row of the four unified tables came from: ``<surface>/<entity>/<partition>/page-NNNNN``,
+# the landed page that held its source record (the ``source_pages`` view's ``raw_ref``). Added at
+# load beside LINEAGE; null for rows loaded before it existed.
+SOURCE_REF: Final[dict[str, pl.DataType]] = {"source_ref": pl.String()}
+
 # Columns every clinical and patient row carries about where it came from; added at load.
 LINEAGE: Final[dict[str, pl.DataType]] = {
     "partition_day": pl.Date(),
@@ -220,10 +225,45 @@ PENDING_PARTITIONS: Final = pl.Schema(
     }
 )
 
+# Per stream, landed partition (``day=...`` or ``load=<sha256>``) and source JSON path: how many
+# records carried a value there and whether a column holds it (transforms/coverage.py's MAPPED). A
+# reload of a partition replaces its rows, so sums over partitions count each landed record once.
+FIELD_COVERAGE: Final = pl.Schema(
+    {
+        "surface": pl.String(),
+        "entity": pl.String(),
+        "partition": pl.String(),
+        "path": pl.String(),
+        "records": pl.Int64(),
+        "mapped": pl.Boolean(),
+        "run_id": pl.String(),
+        "computed_at": UTC_TS,
+    }
+)
+
+# One row per file `redox-etl load` ingested: its content hash (the lineage key: rows carry run_id
+# `load:<sha256[:12]>`), the name it was given (kept here only, never logged: names may hold PHI),
+# and what it held. A file whose hash is here is not loaded again.
+CAPTURED_FILES: Final = pl.Schema(
+    {
+        "sha256": pl.String(),
+        "run_id": pl.String(),
+        "file_name": pl.String(),
+        "bytes": pl.Int64(),
+        "documents": pl.Int64(),
+        "pages": pl.Int64(),
+        "unrouted": pl.Int64(),
+        "other_records": pl.String(),  # JSON: {"fhir:Condition": 3, "datamodel:Order": 1}
+        "loaded_at": UTC_TS,
+    }
+)
+
 # Tables the warehouse keeps about its own loads (not produced by any normalizer).
 WAREHOUSE_TABLES: Final[dict[str, pl.Schema]] = {
     "partition_loads": PARTITION_LOADS,
     "pending_partitions": PENDING_PARTITIONS,
+    "field_coverage": FIELD_COVERAGE,
+    "captured_files": CAPTURED_FILES,
 }
 
 # The four unified tables the normalizers produce (patients and the three clinical tables).

@@ -69,7 +69,11 @@ def merge(
     """Upsert one partition of one surface into a clinical table (see ``Warehouse.merge``)."""
     if table not in UNIFIED_TABLES:
         raise ValueError(f"merge() loads clinical tables {sorted(UNIFIED_TABLES)}, not {table!r}")
-    check_frame(table, frame, UNIFIED_TABLES[table])
+    # ``source_ref`` (schema.SOURCE_REF) may ride along, rows without one get null; so may a per-row
+    # ``partition_day`` (captured files: each record's clinical day), else every row gets the argument.
+    check_frame(table, frame.drop("source_ref", "partition_day", strict=False), UNIFIED_TABLES[table])
+    if "source_ref" not in frame.columns:
+        frame = frame.with_columns(pl.lit(None, pl.String()).alias("source_ref"))
     check_constant(frame, "source_surface", source_surface, table)
     if quarantine is not None:
         check_quarantine(quarantine, entity=table, source_surface=source_surface)
@@ -189,8 +193,9 @@ def record_load(con: duckdb.DuckDBPyConnection, stats: MergeStats, now: dt.datet
 
 
 def _with_lineage(frame: pl.DataFrame, partition_day: dt.date, run_id: str, now: dt.datetime) -> pl.DataFrame:
+    day = pl.col("partition_day") if "partition_day" in frame.columns else pl.lit(partition_day, pl.Date())
     return frame.with_columns(
-        pl.lit(partition_day, pl.Date()).alias("partition_day"),
+        day.alias("partition_day"),
         pl.lit(run_id, pl.String()).alias("run_id"),
         pl.lit(now, UTC_TS).alias("ingested_at"),
     )

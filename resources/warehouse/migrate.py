@@ -18,7 +18,7 @@ from resources.warehouse import comments
 from resources.warehouse.connection import LAKE
 from resources.warehouse.ddl import columns_sql, duckdb_type, normalize_type, quote_ident
 from resources.warehouse.transaction import transaction
-from schema import API_CALLS_LINEAGE, LINEAGE, TABLES, UNIFIED_TABLES, WAREHOUSE_TABLES
+from schema import API_CALLS_LINEAGE, LINEAGE, SOURCE_REF, TABLES, UNIFIED_TABLES, WAREHOUSE_TABLES
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ def lake_schemas() -> dict[str, dict[str, pl.DataType]]:
         columns: dict[str, pl.DataType] = dict(schema)
         if name in UNIFIED_TABLES or name == "quarantine":
             columns.update(LINEAGE)
+            if name in UNIFIED_TABLES:
+                columns.update(SOURCE_REF)
         elif name == "api_calls":
             columns.update(API_CALLS_LINEAGE)
         out[name] = columns

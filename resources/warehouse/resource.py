@@ -29,7 +29,7 @@ from dagster import ConfigurableResource
 from pydantic import Field
 
 from resources import settings
-from resources.warehouse import audit, connection, derived, maintenance, merge, migrate, state
+from resources.warehouse import audit, captured, connection, derived, maintenance, merge, migrate, state
 from resources.warehouse.catalog import CatalogSpec, parse_catalog
 from resources.warehouse.maintenance import MaintenanceReport
 from resources.warehouse.merge import MergeStats
@@ -164,6 +164,20 @@ class Warehouse(ConfigurableResource):
             source_surface=source_surface,
             quarantine=quarantine,
         )
+
+    def replace_coverage(
+        self, coverage: pl.DataFrame, partitions: Sequence[tuple[str, str, str]], *, run_id: str
+    ) -> None:
+        """Replace ``field_coverage``'s rows of these (surface, entity, partition) with ``coverage``."""
+        captured.replace_coverage(self.writer, coverage, partitions, run_id=run_id)
+
+    def record_captured(self, files: pl.DataFrame, quarantine: pl.DataFrame, *, run_id: str) -> None:
+        """A captured file's ``captured_files`` row and quarantine rows, in one transaction."""
+        captured.record_captured(self.writer, files, quarantine, run_id=run_id)
+
+    def create_source_pages(self, landing_root: Path) -> None:
+        """Create or replace the ``source_pages`` view over the landing zone under ``landing_root``."""
+        captured.create_source_pages(self.writer, landing_root, run_id="source_pages")
 
     def append_api_calls(self, frame: pl.DataFrame, *, run_id: str, step: str) -> int:
         """Store one step's API audit trail; a retry of the same (run_id, step) replaces its rows."""
