@@ -58,9 +58,7 @@ class PushTally:
     lags: list[float] = dataclasses.field(default_factory=list)
 
     def metadata(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            k: v for k, v in dataclasses.asdict(self).items() if k != "lags"
-        }
+        out: dict[str, Any] = {k: v for k, v in dataclasses.asdict(self).items() if k != "lags"}
         if self.lags:
             out["lag_p50_seconds"] = round(statistics.median(self.lags), 3)
             out["lag_max_seconds"] = round(max(self.lags), 3)
