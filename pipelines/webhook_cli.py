@@ -7,6 +7,7 @@ a configuration problem is one line saying what to set.
 
 import datetime as dt
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -23,6 +24,8 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,  # locals may hold tokens or patient data
 )
 console = Console()
+CLI_TAG = "redox-etl/webhook-cli"
+PID_TAG = "redox-etl/pid"
 
 InboxPath = Annotated[
     Path | None,
@@ -88,25 +91,43 @@ def _push_load_job():  # type: ignore[no-untyped-def]
     return defs.resolve_job_def("push_load")
 
 
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @app.command()
 def load() -> None:
     """Load what arrived since the last load now, as one Dagster run (the sensor push_inbox does this
     every REDOX_WEBHOOK_LOAD_INTERVAL seconds under the daemon)."""
     import dagster as dg
+    from dagster import DagsterRunStatus, RunsFilter
 
     from pipelines import runner
 
     inst = runner.instance()
-    with dg.execute_job(
-        dg.reconstructable(_push_load_job), instance=inst, tags={"redox-etl/kind": "push"}
-    ) as done:
+    # A load command killed mid-run leaves its run STARTED and the `warehouse` slot held; with a limit
+    # of 1 every later load would wait on it. Only runs of a load command whose process is gone.
+    for run in inst.get_runs(
+        RunsFilter(statuses=[DagsterRunStatus.STARTED, DagsterRunStatus.STARTING], tags={CLI_TAG: "load"})
+    ):
+        if not _pid_alive(run.tags.get(PID_TAG, "")):
+            inst.report_run_failed(run, message="its `redox-etl webhook load` process is gone")
+            inst.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+    tags = {"redox-etl/kind": "push", CLI_TAG: "load", PID_TAG: str(os.getpid())}
+    # The step's events stay in the instance (`make ui`); the console shows what went wrong.
+    quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    with dg.execute_job(dg.reconstructable(_push_load_job), instance=inst, tags=tags, run_config=quiet) as done:
         ok = done.success
         events = done.get_asset_materialization_events()
     for event in events:
-        materialization = event.asset_materialization
-        if materialization is not None:
-            counts = {k: v.value for k, v in materialization.metadata.items()}
-            console.print(" ".join(f"{k}={v}" for k, v in counts.items()))
+        metadata = event.materialization.metadata
+        console.print(" ".join(f"{k}={v.value}" for k, v in metadata.items()))
     if not ok:
         console.print("[red]the push load failed[/red]: open `make ui` for its logs")
         raise typer.Exit(1)
