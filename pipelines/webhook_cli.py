@@ -122,7 +122,9 @@ def load() -> None:
     tags = {"redox-etl/kind": "push", CLI_TAG: "load", PID_TAG: str(os.getpid())}
     # The step's events stay in the instance (`make ui`); the console shows what went wrong.
     quiet = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-    with dg.execute_job(dg.reconstructable(_push_load_job), instance=inst, tags=tags, run_config=quiet) as done:
+    with dg.execute_job(
+        dg.reconstructable(_push_load_job), instance=inst, tags=tags, run_config=quiet
+    ) as done:
         ok = done.success
         events = done.get_asset_materialization_events()
     for event in events:

@@ -45,7 +45,11 @@ def expected_rows(ledger: list[dict[str, Any]], truth: dict[str, pl.DataFrame], 
 
 
 def assert_lake_equals_pushed(
-    warehouse: Warehouse, truth: dict[str, pl.DataFrame], ledger: list[dict[str, Any]], *, only_pushed: bool = False
+    warehouse: Warehouse,
+    truth: dict[str, pl.DataFrame],
+    ledger: list[dict[str, Any]],
+    *,
+    only_pushed: bool = False,
 ) -> None:
     """Each table holds every pushed record once, equal to truth; with ``only_pushed``, nothing else."""
     keys = pushed_keys(ledger, truth)

@@ -14,7 +14,6 @@ for every record the ledger says was pushed: every key once, nothing missing, no
 the inbox holds each acknowledged message exactly once as a first delivery.
 """
 
-import os
 import signal
 import subprocess
 import sys
@@ -23,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import polars as pl
 import pytest
 
 from resources.inbox import Inbox
@@ -83,8 +81,12 @@ app(["load"])
 
 
 def _load(env: dict[str, str], *, crash: bool = False) -> int:
-    command = [sys.executable, "-c", CRASH_LOADER] if crash else [sys.executable, "-m", "pipelines.webhook_cli", "load"]
-    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, timeout=600)  # noqa: S603
+    command = (
+        [sys.executable, "-c", CRASH_LOADER]
+        if crash
+        else [sys.executable, "-m", "pipelines.webhook_cli", "load"]
+    )
+    done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, timeout=600)
     if done.returncode not in (0, -signal.SIGKILL):
         print(done.stdout.decode()[-3000:], done.stderr.decode()[-3000:])
     return done.returncode
@@ -126,7 +128,9 @@ def test_killed_receiver_and_loader_converge_to_truth_exactly_once(tmp_path: Pat
             push_retry=(0.05, 0.5),
             push_redeliver=0.02,
         ) as sandbox:
-            httpx.post(f"{sandbox.base_url}/sandbox/advance", json={"days": DAYS}, timeout=120).raise_for_status()
+            httpx.post(
+                f"{sandbox.base_url}/sandbox/advance", json={"days": DAYS}, timeout=120
+            ).raise_for_status()
             outside_at = None
             deadline = time.monotonic() + 400
             while time.monotonic() < deadline:
@@ -169,7 +173,9 @@ def test_killed_receiver_and_loader_converge_to_truth_exactly_once(tmp_path: Pat
     stored = inbox.deliveries()
     firsts = [d.key for d in stored if d.duplicate_of is None]
     assert len(firsts) == len(set(firsts))
-    acknowledged = {f"log:{e['log_id']}" if e["surface"] == "datamodel" else f"fhir-message:{e['log_id']}" for e in ledger}
+    acknowledged = {
+        f"log:{e['log_id']}" if e["surface"] == "datamodel" else f"fhir-message:{e['log_id']}" for e in ledger
+    }
     assert set(firsts) == acknowledged
     redelivered = sum(1 for e in ledger if e["redelivery"])
     assert sum(1 for d in stored if d.duplicate_of is not None) >= redelivered + 1

@@ -8,13 +8,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pipelines.webhook import Tokens, TokenError
+from pipelines.webhook import TokenError, Tokens
 from resources.inbox import Inbox
 from tests.push.harness import OLD_TOKEN, TOKEN, receiver_in_thread
 
 pytestmark = pytest.mark.integration
 
-EVENT = {"Meta": {"DataModel": "Results", "EventType": "New", "Logs": [{"ID": "log-1", "AttemptID": "try-1"}]}}
+EVENT = {
+    "Meta": {"DataModel": "Results", "EventType": "New", "Logs": [{"ID": "log-1", "AttemptID": "try-1"}]}
+}
 
 
 @pytest.fixture
@@ -78,20 +80,27 @@ def test_size_and_content_limits_are_refused_and_recorded_without_body(inbox_pat
         not_json = httpx.post(url, content=f"<xml>{secret_text}</xml>".encode(), headers=headers)
         ok = httpx.post(url, json=EVENT, headers=headers)
     assert (too_big.status_code, not_json.status_code, ok.status_code) == (413, 400, 200)
-    assert [r[:2] for r in _rejections(inbox_path)] == [(413, "body over 2000 bytes"), (400, "body is not JSON")]
+    assert [r[:2] for r in _rejections(inbox_path)] == [
+        (413, "body over 2000 bytes"),
+        (400, "body is not JSON"),
+    ]
     raw = b"".join(p.read_bytes() for p in inbox_path.parent.iterdir() if p.is_file())
     assert secret_text.encode() not in raw
     assert stat.S_IMODE(inbox_path.stat().st_mode) == 0o600
     assert stat.S_IMODE(inbox_path.parent.stat().st_mode) == 0o700
 
 
-def test_a_delivery_is_stored_before_200_without_the_token_and_a_redelivery_is_marked(inbox_path: Path) -> None:
+def test_a_delivery_is_stored_before_200_without_the_token_and_a_redelivery_is_marked(
+    inbox_path: Path,
+) -> None:
     again = {"Meta": {**EVENT["Meta"], "Logs": [{"ID": "log-1", "AttemptID": "try-2"}]}}
     fhir = {
         "resourceType": "Bundle",
         "id": "b-1",
         "type": "message",
-        "entry": [{"resource": {"resourceType": "MessageHeader", "id": "mh-1", "eventUri": "x/ResultCreated"}}],
+        "entry": [
+            {"resource": {"resourceType": "MessageHeader", "id": "mh-1", "eventUri": "x/ResultCreated"}}
+        ],
     }
     with receiver_in_thread(inbox_path) as url:
         headers = {"verification-token": TOKEN}
