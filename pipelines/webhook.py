@@ -12,7 +12,8 @@
 
 Invariants: a 200 means the delivery is on disk; a refusal is recorded (status, reason, size) without
 its body; nothing logged or answered carries a token, a body or a value from one. Appends run on one
-worker thread, in arrival order, so ``seq`` is the order Redox sent.
+writer thread, in arrival order, so ``seq`` is the order deliveries arrived; deliveries waiting
+together are committed together (group commit), each answered only after that commit.
 """
 
 import asyncio
@@ -23,7 +24,9 @@ import hmac
 import json
 import logging
 import os
+import queue
 import stat
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from resources.inbox import Inbox
+from resources.inbox import Appended, Inbox, Incoming
 from resources.settings import Settings
 from transforms.deliveries import identify
 
@@ -93,16 +96,23 @@ class Tokens:
         return matched
 
 
+Waiting = tuple[Incoming, "asyncio.Future[Appended]", asyncio.AbstractEventLoop]
+
+
 @dataclasses.dataclass
 class Receiver:
     inbox_path: Path
     tokens: Tokens
     max_body: int
-    # One writer thread: appends are serialized in arrival order and never block the event loop.
+    # Appends wait in arrival order for the one writer thread, which commits all that are waiting in
+    # one transaction (group commit: one fsync answers many deliveries, each only after its commit).
+    max_group: int = 256
     executor: concurrent.futures.ThreadPoolExecutor = dataclasses.field(
         default_factory=lambda: concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="inbox")
     )
     _inbox: Inbox | None = None
+    _waiting: "queue.Queue[Waiting]" = dataclasses.field(default_factory=queue.Queue)
+    _writer: threading.Thread | None = None
 
     def inbox(self) -> Inbox:
         if self._inbox is None:
@@ -112,6 +122,42 @@ class Receiver:
     async def run(self, fn: Callable[..., Any], /, **kwargs: Any) -> Any:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, lambda: fn(**kwargs))
+
+    async def append(self, item: Incoming) -> Appended:
+        """Durably append ``item``; returns once its transaction committed (or raises)."""
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write, name="inbox-writer", daemon=True)
+            self._writer.start()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Appended] = loop.create_future()
+        self._waiting.put((item, done, loop))
+        return await done
+
+    def _write(self) -> None:
+        while True:
+            group = [self._waiting.get()]
+            while len(group) < self.max_group:
+                try:
+                    group.append(self._waiting.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                stored: list[Appended] | BaseException = self.inbox().append_many([g[0] for g in group])
+            except Exception as err:
+                stored = err
+            for i, (_, done, loop) in enumerate(group):
+                loop.call_soon_threadsafe(
+                    _settle, done, stored if isinstance(stored, BaseException) else stored[i]
+                )
+
+
+def _settle(done: "asyncio.Future[Appended]", outcome: Appended | BaseException) -> None:
+    if done.cancelled():
+        return
+    if isinstance(outcome, BaseException):
+        done.set_exception(outcome)
+    else:
+        done.set_result(outcome)
 
 
 def _now() -> dt.datetime:
@@ -189,15 +235,10 @@ def create_app(receiver: Receiver) -> Starlette:
         identity = identify(parsed, body)
         headers = {k: v for k, v in request.headers.items() if k.lower() not in SECRET_HEADERS}
         try:
-            appended = await receiver.run(
-                receiver.inbox().append,
-                body=body,
-                headers=headers,
-                key=identity.key,
-                surface=identity.surface,
-                event=identity.event,
-                attempt=identity.attempt,
-                received_at=_now(),
+            appended = await receiver.append(
+                Incoming(
+                    body, headers, identity.key, identity.surface, identity.event, identity.attempt, _now()
+                )
             )
         except Exception as err:
             log.error("inbox append failed (%s): answered 503", type(err).__name__)

@@ -70,6 +70,19 @@ class Appended:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Incoming:
+    """A delivery to append: what the receiver knows of it."""
+
+    body: bytes
+    headers: dict[str, str]
+    key: str
+    surface: str | None
+    event: str
+    attempt: str | None
+    received_at: dt.datetime
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Delivery:
     seq: int
     received_at: dt.datetime
@@ -133,18 +146,35 @@ class Inbox:
         received_at: dt.datetime,
     ) -> Appended:
         """Store one delivery durably; returns its ``seq`` and, for a redelivery, the first one's."""
+        item = Incoming(body, headers, key, surface, event, attempt, received_at)
+        return self.append_many([item])[0]
+
+    def append_many(self, items: list["Incoming"]) -> list[Appended]:
+        """Store deliveries in one transaction (one fsync for all: group commit), in list order."""
+        out: list[Appended] = []
         with self._tx() as con:
-            row = con.execute(
-                "SELECT seq FROM deliveries WHERE key = ? AND duplicate_of IS NULL LIMIT 1", [key]
-            ).fetchone()
-            first = int(row[0]) if row else None
-            cur = con.execute(
-                "INSERT INTO deliveries (received_at, key, surface, event, attempt, duplicate_of, headers, body)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [_iso(received_at), key, surface, event, attempt, first, json.dumps(headers), body],
-            )
-            seq = int(cur.lastrowid or 0)
-        return Appended(seq, first)
+            for item in items:
+                row = con.execute(
+                    "SELECT seq FROM deliveries WHERE key = ? AND duplicate_of IS NULL LIMIT 1", [item.key]
+                ).fetchone()
+                first = int(row[0]) if row else None
+                cur = con.execute(
+                    "INSERT INTO deliveries"
+                    " (received_at, key, surface, event, attempt, duplicate_of, headers, body)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        _iso(item.received_at),
+                        item.key,
+                        item.surface,
+                        item.event,
+                        item.attempt,
+                        first,
+                        json.dumps(item.headers),
+                        item.body,
+                    ],
+                )
+                out.append(Appended(int(cur.lastrowid or 0), first))
+        return out
 
     def reject(self, *, status: int, reason: str, size: int, received_at: dt.datetime) -> None:
         """Record a refused delivery: never its body, which may hold PHI or be an attacker's."""

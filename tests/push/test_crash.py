@@ -41,7 +41,7 @@ import contextlib, os, signal
 from resources import inbox as m
 mode, at = os.environ["CRASH_MODE"], int(os.environ["CRASH_AT"])
 calls = {"n": 0}
-original_tx, original_append = m.Inbox._tx, m.Inbox.append
+original_tx, original_append = m.Inbox._tx, m.Inbox.append_many
 if mode == "during":
     @contextlib.contextmanager
     def _tx(self):
@@ -52,13 +52,13 @@ if mode == "during":
                 os.kill(os.getpid(), signal.SIGKILL)
     m.Inbox._tx = _tx
 else:
-    def append(self, *args, **kwargs):
+    def append_many(self, *args, **kwargs):
         out = original_append(self, *args, **kwargs)
         calls["n"] += 1
         if calls["n"] == at:  # committed, the 200 not sent
             os.kill(os.getpid(), signal.SIGKILL)
         return out
-    m.Inbox.append = append
+    m.Inbox.append_many = append_many
 from pipelines.webhook_cli import app
 app()
 """
