@@ -14,6 +14,10 @@ measurements:
    requests): arrival-to-queryable per delivery, p50 and max. At the default settings the sensor adds
    up to its interval on top of the run (here the paced phase's length plays that wait).
 
+The baseline, measured first in the same run on the same disk, is the storage floor: SQLite WAL
+commits with fsync, one per delivery, with no HTTP around them. The 1-minute load average is printed
+because the machine's other work moves every figure.
+
 Never part of the test suite's pass/fail.
 """
 
@@ -22,6 +26,7 @@ import asyncio
 import datetime as dt
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -50,6 +55,22 @@ def _bodies(n: int) -> list[bytes]:
     # Clinical records first, patients after: the mix a subscription mostly sees.
     ordered = [v for v in versions if v.kind != "patients"] + [v for v in versions if v.kind == "patients"]
     return [json.dumps(pusher.message(v).body, separators=(",", ":")).encode() for v in ordered[:n]]
+
+
+def _fsync_baseline(folder: Path, n: int = 300) -> dict[str, float]:
+    """The storage floor on this disk, in this run: one SQLite WAL commit with fsync per delivery."""
+    con = sqlite3.connect(folder / "baseline.sqlite", isolation_level=None)
+    con.execute("PRAGMA journal_mode=WAL")
+    con.execute("PRAGMA synchronous=FULL")
+    con.execute("CREATE TABLE t (b BLOB)")
+    started = time.perf_counter()
+    for _ in range(n):
+        con.execute("BEGIN IMMEDIATE")
+        con.execute("INSERT INTO t VALUES (?)", [b"x" * 2000])
+        con.execute("COMMIT")
+    elapsed = time.perf_counter() - started
+    con.close()
+    return {"commits_per_second": n / elapsed, "ms_per_commit": elapsed / n * 1000}
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -116,10 +137,19 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     paced_n = int(args.rate * args.seconds)
-    print(f"rendering {args.serial + paced_n} sandbox event messages ...", flush=True)
+    print(
+        f"load average {os.getloadavg()[0]:.1f}; rendering {args.serial + paced_n} sandbox event messages ...",
+        flush=True,
+    )
     bodies = _bodies(args.serial + paced_n)
     with tempfile.TemporaryDirectory(prefix="bench-webhook-") as tmp:
         home = Path(tmp)
+        baseline = _fsync_baseline(home)
+        print(
+            "baseline (same disk, same run):",
+            json.dumps({k: round(v, 2) for k, v in baseline.items()}),
+            flush=True,
+        )
         env = {k: v for k, v in os.environ.items() if not k.startswith(("REDOX_", "DAGSTER_"))}
         env.update(
             {
@@ -180,6 +210,7 @@ def main(argv: list[str]) -> int:
                     "lag_p50_seconds": summary.get("lag_p50_seconds"),
                     "lag_max_seconds": summary.get("lag_max_seconds"),
                     "load_command_seconds": round(run_seconds, 1),
+                    "load_average": round(os.getloadavg()[0], 1),
                     "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                 }
             ),
