@@ -16,6 +16,7 @@ from assets.checks import all_checks as _checks
 from assets.extract import build_extract_asset
 from assets.identity import identity_assets
 from assets.partitions import DEFAULT_START_DATE, daily_partitions
+from assets.push import pushed_deliveries
 from assets.warehouse import build_load_asset
 from transforms.streams import ENTITIES, STREAMS
 
@@ -34,6 +35,7 @@ def build(partitions: dg.DailyPartitionsDefinition) -> Parts:
         *(build_extract_asset(stream, partitions) for stream in STREAMS.values()),
         *(build_load_asset(entity, partitions) for entity in ENTITIES),
         *identity_assets,
+        pushed_deliveries,
     ]
     return Parts(partitions=partitions, assets=assets, checks=list(_checks))
 

@@ -25,6 +25,7 @@ from pipelines.load_cli import coverage as coverage_command
 from pipelines.load_cli import load as load_command
 from pipelines.progress import backfill_progress, sync_with_progress
 from pipelines.sql import sql as sql_command
+from pipelines.webhook_cli import app as webhook_app
 from resources import settings
 from resources.settings import Settings, SettingsError
 from sandbox.cli import app as sandbox_app
@@ -54,6 +55,7 @@ app.command(name="sql")(sql_command)
 app.add_typer(identity_app, name="identity")
 app.command(name="load")(load_command)
 app.command(name="coverage")(coverage_command)
+app.add_typer(webhook_app, name="webhook")
 console = Console(soft_wrap=True)  # one line per message in logs, never wrapped mid-word
 
 Day = Annotated[str | None, typer.Option(help="First clinical day (YYYY-MM-DD, UTC).")]

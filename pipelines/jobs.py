@@ -5,12 +5,15 @@ requested by a schedule or sensor names the same days the assets are partitioned
 """
 
 import dataclasses
+import time
 
 import dagster as dg
 from dagster._core.definitions.unresolved_asset_job_definition import UnresolvedAssetJobDefinition
 
 from assets import Parts
 from assets.partitions import ranges
+from resources.inbox import InboxResource
+from resources.settings import Settings
 from resources.warehouse import LakeNotFoundError, Warehouse
 
 
@@ -90,8 +93,57 @@ def build(parts: Parts) -> Orchestration:
             ]
         )
 
+    push_load, push_inbox = push_orchestration()
     return Orchestration(
-        jobs=[daily_sync, lake_checks],
+        jobs=[daily_sync, lake_checks, push_load],
         schedules=[sync_recent_days, check_lake_hourly],
-        sensors=[pending_partitions],
+        sensors=[pending_partitions, push_inbox],
     )
+
+
+_ACTIVE = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+
+
+def push_orchestration() -> tuple[UnresolvedAssetJobDefinition, dg.SensorDefinition]:
+    """The push lane: a job loading the inbox, and the sensor that runs it when deliveries wait."""
+    push_load = dg.define_asset_job(
+        name="push_load",
+        selection=dg.AssetSelection.assets("pushed_deliveries"),
+        description="Load the webhook inbox's new deliveries into the unified tables.",
+    )
+
+    @dg.sensor(
+        job=push_load,
+        minimum_interval_seconds=Settings.from_env().webhook_load_interval,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Load webhook deliveries that arrived since the last push load (one run at a time).",
+    )
+    def push_inbox(
+        context: dg.SensorEvaluationContext, inbox: InboxResource
+    ) -> dg.SensorResult | dg.SkipReason:
+        if not inbox.file().exists():
+            return dg.SkipReason("no inbox yet (start `redox-etl webhook serve`)")
+        store = inbox.open()
+        try:
+            head, loaded = store.head_seq(), store.loaded_seq()
+        finally:
+            store.close()
+        if head <= loaded:
+            return dg.SkipReason("inbox empty")
+        active = context.instance.get_runs(dg.RunsFilter(job_name="push_load", statuses=_ACTIVE), limit=1)
+        if active:
+            return dg.SkipReason("a push load is running")
+        # One request per inbox state; the 10-minute bucket retries a state whose load failed.
+        bucket = int(time.time() // 600)
+        return dg.SensorResult(
+            run_requests=[
+                dg.RunRequest(run_key=f"inbox:{loaded}..{head}:{bucket}", tags={"redox-etl/kind": "push"})
+            ]
+        )
+
+    return push_load, push_inbox

@@ -10,6 +10,7 @@ from typing import Any
 
 import dagster as dg
 
+from resources.inbox import InboxResource
 from resources.landing import LandingResource
 from resources.redox.resource import RedoxResource
 from resources.settings import Settings
@@ -25,6 +26,9 @@ def all_resources(settings: Settings | None = None) -> dict[str, Any]:
         "redox": RedoxResource.from_settings(settings),
         "landing": LandingResource(root=_lake(settings)),
         "warehouse": _warehouse(settings, lake_dir=_lake(settings), catalog=catalog),
+        "inbox": InboxResource(
+            path=str(settings.inbox_file) if "webhook_inbox" in settings.model_fields_set else None
+        ),
     }
 
 

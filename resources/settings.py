@@ -386,6 +386,45 @@ class Settings(BaseSettings):
         description="FHIR _count per page; unset = the server's default.",
     )
 
+    # --- The push lane (webhook receiver and inbox) ----------------------------------------------
+    webhook_tokens: SecretStr | None = Field(
+        default=None,
+        validation_alias="REDOX_WEBHOOK_TOKENS",
+        description="Verification tokens a Redox delivery may carry, comma-separated (several while "
+        "rotating); a secret.",
+    )
+    webhook_token_file: Path | None = Field(
+        default=None,
+        validation_alias="REDOX_WEBHOOK_TOKEN_FILE",
+        description="A 0600 file with one verification token per line (read instead of, or beside, "
+        "REDOX_WEBHOOK_TOKENS; re-read on each delivery, so a rotation needs no restart).",
+    )
+    webhook_inbox: Path | None = Field(
+        default=None,
+        validation_alias="REDOX_WEBHOOK_INBOX",
+        description="The durable inbox (SQLite, WAL, fsync before each 200); "
+        "default $REDOX_ETL_HOME/inbox/inbox.sqlite.",
+    )
+    webhook_max_body: int = Field(
+        default=10_000_000,
+        ge=1,
+        validation_alias="REDOX_WEBHOOK_MAX_BODY",
+        description="Largest delivery body accepted, in bytes; larger ones get 413 (Redox's own limit "
+        "for non-upload payloads is 10 MB).",
+    )
+    webhook_retention_days: int = Field(
+        default=30,
+        ge=1,
+        validation_alias="REDOX_WEBHOOK_RETENTION_DAYS",
+        description="Days a loaded delivery stays in the inbox for replay; older ones are pruned.",
+    )
+    webhook_load_interval: int = Field(
+        default=15,
+        ge=1,
+        validation_alias="REDOX_WEBHOOK_LOAD_INTERVAL",
+        description="Seconds between checks of the inbox by the Dagster sensor push_inbox.",
+    )
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -477,6 +516,11 @@ class Settings(BaseSettings):
     @property
     def sandbox_credentials_file(self) -> Path:
         return self.sandbox_credentials or self.sandbox_state / "credentials.json"
+
+    @property
+    def inbox_file(self) -> Path:
+        """The push lane's durable inbox (SQLite)."""
+        return (self.webhook_inbox or self.home / "inbox" / "inbox.sqlite").resolve()
 
     @property
     def dagster_dir(self) -> Path:

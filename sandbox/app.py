@@ -37,6 +37,7 @@ from sandbox import auth
 from sandbox.datamodel import DataModelSurface
 from sandbox.faults import Faults, FaultSpec
 from sandbox.fhir import RESOURCES, FhirSurface, StoreLike, operation_outcome
+from sandbox.push import Pusher, PushOptions
 from sandbox.ratelimit import RateLimiter
 
 FHIR_JSON = "application/fhir+json"
@@ -71,6 +72,12 @@ class SandboxOptions:
     org: str = DEFAULT_ORG
     environment: str = DEFAULT_ENVIRONMENT
     fhir_tz: str = "America/New_York"
+    # The push subscription (sandbox/push.py): where to deliver, with which verification token.
+    push_to: str | None = None
+    push_token: str | None = dataclasses.field(default=None, repr=False)
+    push_verification: str = "POST"
+    push_retry: tuple[float, float] = (5.0, 90.0)
+    push_redeliver: float = 0.0
 
 
 class Stats:
@@ -119,6 +126,27 @@ class Sandbox:
         self.fhir = FhirSurface(self.store, fhir_base="", tz=self.tz, faults=self.faults)
         self.datamodel = DataModelSurface(self.store, faults=self.faults)
         self.base_url = base_url
+        self.pusher: Pusher | None = None
+
+    def start_pusher(self) -> None:
+        """Start the push subscription the options ask for (none without ``push_to``)."""
+        options = self.options
+        if options.push_to is None or self.pusher is not None:
+            return
+        push = PushOptions(
+            url=options.push_to,
+            token=options.push_token or "",
+            verification=options.push_verification,
+            retry_first=options.push_retry[0],
+            retry_cap=options.push_retry[1],
+            redeliver=options.push_redeliver,
+            seed=options.seed,
+        )
+        self.pusher = Pusher(self.world.store, push, tz=self.tz).start()
+
+    def stop_pusher(self) -> None:
+        if self.pusher is not None:
+            self.pusher.stop()
 
     def store(self) -> StoreLike:
         return self.world.store
@@ -420,6 +448,12 @@ def create_app(sandbox: Sandbox) -> Starlette:
         sandbox.faults.reset_counters()
         return _json(sandbox.stats_body())
 
+    async def push(request: Request) -> Response:
+        pusher = sandbox.pusher
+        if pusher is None:
+            return _json({"error": "no push subscription: start with --push-to URL"}, 404)
+        return _json({**pusher.status(), "ledger": pusher.ledger()})
+
     async def health(request: Request) -> Response:
         return _json({"status": "ok"})
 
@@ -444,6 +478,7 @@ def create_app(sandbox: Sandbox) -> Starlette:
         Route("/sandbox/stats", stats, methods=["GET"]),
         Route("/sandbox/stats/reset", stats_reset, methods=["POST"]),
         Route("/sandbox/health", health, methods=["GET"]),
+        Route("/sandbox/push", push, methods=["GET"]),
         Route("/{path:path}", not_found, methods=["GET", "POST", "PUT", "PATCH", "DELETE"]),
     ]
     app = Starlette(routes=routes)

@@ -39,6 +39,16 @@ def _rate_limit(text: str) -> tuple[int, float] | None:
     return limit, window
 
 
+def _push_retry(text: str) -> tuple[float, float]:
+    try:
+        first, cap = (float(part) for part in text.split(":"))
+    except ValueError:
+        raise typer.BadParameter("--push-retry is FIRST:CAP in seconds, e.g. 5:90") from None
+    if not 0 < first <= cap:
+        raise typer.BadParameter("--push-retry needs 0 < FIRST <= CAP")
+    return first, cap
+
+
 def _day(value: datetime | None) -> date | None:
     return value.date() if value else None
 
@@ -78,6 +88,22 @@ def serve(
         bool,
         typer.Option("--background", help="Keep serving after this command returns (stop: sandbox stop)."),
     ] = False,
+    push_to: Annotated[
+        str | None, typer.Option(help="Subscribe this destination URL: verify it, then push every change.")
+    ] = None,
+    verification_token: Annotated[
+        str | None, typer.Option(help="The destination's verification token (sent on every delivery).")
+    ] = None,
+    push_verification: Annotated[str, typer.Option(help="Verification method: POST or GET.")] = "POST",
+    push_retry: Annotated[
+        str,
+        typer.Option(
+            help="Back-off after a failed delivery: FIRST:CAP seconds (Redox: a few s up to 1-2 min)."
+        ),
+    ] = "5:90",
+    push_redeliver: Annotated[
+        float, typer.Option(help="Probability of re-sending an acknowledged message (at-least-once).")
+    ] = 0.0,
 ) -> None:
     """Start the sandbox; write <state-dir>/credentials.json (0600) and print the base URL."""
     from sandbox.app import ENVIRONMENTS, SandboxOptions
@@ -103,7 +129,14 @@ def serve(
         org=org,
         environment=environment,
         fhir_tz=fhir_tz,
+        push_to=push_to,
+        push_token=verification_token,
+        push_verification=push_verification.upper(),
+        push_retry=_push_retry(push_retry),
+        push_redeliver=push_redeliver,
     )
+    if push_to and not verification_token:
+        raise typer.BadParameter("--push-to needs --verification-token (the destination's token)")
     folder = state_dir or _default_state_dir(ctx)
     running = server_status(folder)
     if running is not None:

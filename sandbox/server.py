@@ -174,10 +174,12 @@ def serve_forever(
         _write_private(state_dir, SERVER, _server_record(sandbox, world))
         announce(f"Redox sandbox listening on {sandbox.base_url}")
         threading.Thread(target=world.store.refresh, name="redox-sandbox-index", daemon=True).start()
+        sandbox.start_pusher()
 
     try:
         _Server(_uvicorn_config(sandbox), started).run(sockets=[sock])
     finally:
+        sandbox.stop_pusher()
         _forget(state_dir)
 
 
@@ -224,6 +226,7 @@ def serve_in_thread(
                 if not thread.is_alive():
                     raise RuntimeError("sandbox server thread exited during startup")
             path = write_credentials(directory, sandbox.credentials())
+            sandbox.start_pusher()
             yield Running(
                 base_url=sandbox.base_url,
                 credentials=sandbox.credentials(),
@@ -233,6 +236,7 @@ def serve_in_thread(
                 sandbox=sandbox,
             )
         finally:
+            sandbox.stop_pusher()
             server.should_exit = True
             thread.join(timeout=15)
             sock.close()
@@ -258,6 +262,11 @@ def cli_args(
     if options.retry_after:
         args.append("--retry-after")
     args += ["--org", options.org, "--environment", options.environment, "--fhir-tz", options.fhir_tz]
+    if options.push_to:
+        args += ["--push-to", options.push_to, "--verification-token", options.push_token or ""]
+        args += ["--push-verification", options.push_verification]
+        args += ["--push-retry", f"{options.push_retry[0]:g}:{options.push_retry[1]:g}"]
+        args += ["--push-redeliver", f"{options.push_redeliver:g}"]
     return args
 
 

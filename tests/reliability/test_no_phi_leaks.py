@@ -16,7 +16,13 @@ Everything the runs left behind is then scanned for the sandbox's own values (fr
   (``lake/data``: the Parquet tables, and ``lake/raw``: the landed pages), which hold patient data
   by design, and ``credentials.json``, which is the secret file itself (its mode must be 0600). The
   lake's catalog is scanned on its own: DuckLake's column statistics put patient values there, so it
-  is held to the data's standard (owner-only) instead.
+  is held to the data's standard (owner-only) instead. The push lane's inbox (``inbox/``) holds
+  delivery bodies by design: it is left out like the lake's data and must be owner-only too.
+
+The push lane runs in the same session: the webhook receiver (real HTTP, in this process so its
+logs are captured) takes a sandbox pusher's deliveries and refuses deliveries whose bodies carry
+patient values (wrong token, not JSON, too large); ``pushed_deliveries`` loads the inbox; the
+output of ``webhook status`` is scanned with the rest.
 
 Values looked for: given, middle and family names (only those of 4 characters or more, matched as
 whole words and case-sensitively: shorter ones such as "Li" or "Ng" are everyday substrings), birth
@@ -35,19 +41,28 @@ import os
 import re
 import stat
 import sys
+import time
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import dagster as dg
+import httpx
 import polars as pl
 import pytest
 from dagster._serdes import serialize_value
 from filelock import FileLock
 
+from assets import all_assets
+from resources import all_resources
+from resources.inbox import Inbox
 from resources.warehouse import Warehouse
 from sandbox.faults import FaultSpec
+from sandbox.push import Pusher, PushOptions
 from schema import WAREHOUSE_TABLES
+from tests.push.harness import TOKEN, receiver_in_thread
 from tests.reliability.sync_harness import SyncEnv, materialize, sync_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -58,6 +73,7 @@ DAYS = 3
 MIN_NAME = 4
 # Patient data by design; everything else under the root is scanned.
 LAKE_DATA = ("data", "raw")
+INBOX = "inbox"
 
 
 def _words(values: Iterable[str | None]) -> set[str]:
@@ -117,7 +133,7 @@ class Findings:
 
 
 def _scan_files(env: SyncEnv, outside: Findings, catalog: Findings) -> None:
-    lake_data = [env.lake / name for name in LAKE_DATA]
+    lake_data = [env.lake / name for name in LAKE_DATA] + [env.home / INBOX]
     for path in sorted(env.root.rglob("*")):
         if not path.is_file() or any(path.is_relative_to(d) for d in lake_data):
             continue
@@ -236,6 +252,9 @@ class Scan:
     # Catalog file name -> its permission bits.
     catalog_modes: dict[str, int]
     skipped_births: int
+    # Inbox file (and its folder, as "/") -> permission bits; deliveries the pusher got acknowledged.
+    inbox_modes: dict[str, int]
+    pushed: int
 
 
 def _run_scan(root: Path) -> Scan:
@@ -255,6 +274,8 @@ def _run_scan(root: Path) -> Scan:
         )
         assert quarantined > 0, "no record was quarantined: the error path this test is for did not run"
 
+        pushed, push_result, status_text = _push_lane(env)
+
         # A run that fails: every clinical request answered 5xx, two attempts, so the steps raise.
         assert env.running.sandbox is not None
         env.running.sandbox.faults.spec = FaultSpec.parse("5xx=1")
@@ -268,7 +289,8 @@ def _run_scan(root: Path) -> Scan:
         needles = Needles(env.running.world.truth(), dict(env.running.credentials), _window_days(env))
         outside, catalog = Findings(needles), Findings(needles)
         _scan_runs(env, outside)
-        _scan_results([synced, failed], outside)
+        _scan_results([synced, failed, push_result], outside)
+        outside.scan("webhook status", status_text, counted_as="webhook status")
         _scan_bookkeeping(outside)
     _scan_files(env, outside, catalog)
     assert len(logs.lines) > 100, "the log capture saw almost nothing"
@@ -293,7 +315,40 @@ def _run_scan(root: Path) -> Scan:
             p.name: stat.S_IMODE(p.stat().st_mode) for p in env.lake.glob("catalog.sqlite*") if p.is_file()
         },
         skipped_births=needles.skipped_births,
+        inbox_modes={
+            **{p.name: stat.S_IMODE(p.stat().st_mode) for p in (env.home / INBOX).iterdir() if p.is_file()},
+            "/": stat.S_IMODE((env.home / INBOX).stat().st_mode),
+        },
+        pushed=pushed,
     )
+
+
+def _push_lane(env: SyncEnv) -> tuple[int, dg.ExecuteInProcessResult, str]:
+    """Half a day of changes pushed to the receiver, refusals that carry patient values, one load."""
+    store = env.running.world.store
+    with receiver_in_thread(env.home / INBOX / "inbox.sqlite", max_body=50_000) as url:
+        options = PushOptions(url=url, token=TOKEN, retry_first=0.05, retry_cap=0.5, redeliver=0.1)
+        pusher = Pusher(store, options, tz=ZoneInfo("America/New_York")).start()
+        env.running.world.advance(dt.timedelta(hours=12))
+        deadline = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=120)
+        while pusher.cursor < store.head_seq and dt.datetime.now(dt.UTC) < deadline:
+            time.sleep(0.05)
+        pusher.stop()
+        # A body full of patient values, refused three ways: none of it may be kept or echoed.
+        version = next(v for v in reversed(store.log()) if v.kind == "patients")
+        body = json.dumps(pusher.message(version).body).encode()
+        headers = {"verification-token": TOKEN}
+        assert httpx.post(url, content=body, headers={"verification-token": "wrong"}).status_code == 403
+        assert httpx.post(url, content=b"<" + body, headers=headers).status_code == 400
+        assert httpx.post(url, content=body * 100, headers=headers).status_code == 413
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = dg.materialize(
+            all_assets, selection=["pushed_deliveries"], resources=all_resources(), instance=env.instance
+        )
+    assert result.success
+    status = json.dumps(Inbox(env.home / INBOX / "inbox.sqlite").status(), default=str)
+    return len(pusher.ledger()), result, status
 
 
 @pytest.fixture(scope="module")
@@ -328,6 +383,18 @@ def test_no_patient_value_or_key_outside_the_lake(scan: Scan) -> None:
     assert scan.credentials_mode == 0o600, f"credentials.json has mode {oct(scan.credentials_mode)}"
     print(f"scanned {scan.scanned}; birth dates inside the window skipped: {scan.skipped_births}")
     assert not scan.outside, "patient values or key material outside the lake:\n" + "\n".join(scan.outside)
+
+
+def test_the_push_lane_leaks_nothing_and_its_inbox_is_private(scan: Scan) -> None:
+    """The receiver's logs, refusals, the load's metadata and `webhook status` were scanned above;
+    the inbox itself holds delivery bodies, so it is owner-only like the lake's data."""
+    assert scan.pushed > 20, "the pusher delivered almost nothing: the push lane was not exercised"
+    assert scan.scanned["webhook status"] == 1
+    assert scan.inbox_modes["/"] == 0o700
+    assert scan.inbox_modes["inbox.sqlite"] == 0o600
+    assert all(mode == 0o600 for mode in scan.inbox_modes.values() if mode != 0o700), {
+        name: oct(mode) for name, mode in scan.inbox_modes.items()
+    }
 
 
 def test_the_lake_catalog_is_protected_like_the_data(scan: Scan) -> None:
