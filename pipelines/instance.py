@@ -41,7 +41,9 @@ def prepare() -> Path:
         # Opening the instance creates and stamps the run, event log and schedule storages: the
         # step that fails with "UNIQUE constraint failed" when two processes do it at once.
         with dg.DagsterInstance.get() as created:
-            created.upgrade()
+            created.get_runs(limit=1)
+            created.all_instigator_state()
+            created.event_log_storage.get_concurrency_keys()
     return home
 
 
