@@ -101,7 +101,8 @@ def test_overlapping_syncs_repeated_all_succeed_and_equal_truth(
     _all_succeed([_start(env, first, last)])  # the first look sets the changes watermark
     for _ in range(ROUNDS):
         # Reschedules, corrections and moves on the window's days: redox_changes queues them.
-        assert sum(running.world.advance(dt.timedelta(hours=3)).values()) > 0
+        # A tiny population can go hours without a change: move on until something changed.
+        assert any(sum(running.world.advance(dt.timedelta(hours=3)).values()) for _ in range(16))
         _all_succeed([_start(env, first, last), _start(env, middle, last)])
         _assert_window_equals_truth(running, first, last)
 
