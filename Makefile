@@ -4,7 +4,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 RUN := $(UV) run --frozen
-export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+# All state under one folder. The Dagster instance is resolved only by the settings model
+# (DAGSTER_HOME when set, else $(REDOX_ETL_HOME)/dagster), so `make ui` serves what the CLI writes.
 export REDOX_ETL_HOME ?= $(CURDIR)/.redox-etl
 
 .PHONY: setup test test-fast lint typecheck demo ui sandbox bench clean
@@ -37,8 +38,8 @@ demo: setup  # DEMO_ARGS="--days 3 --patients 200" makes a smaller demo
 	$(RUN) redox-etl demo $(DEMO_ARGS)
 
 ui: setup
-	@mkdir -p $(DAGSTER_HOME)
-	$(RUN) dagster dev -w workspace.yaml
+	@home="$$($(RUN) python -m pipelines.instance)" && echo "Dagster instance: $$home" && \
+		DAGSTER_HOME="$$home" $(RUN) dagster dev -w workspace.yaml
 
 sandbox: setup
 	$(RUN) redox-etl sandbox serve

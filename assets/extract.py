@@ -1,8 +1,8 @@
 """Extract assets: one per stream (Redox surface x entity), partitioned by clinical day.
 
 Each materialization asks Redox for its days' windows through the one throttled client and lands
-the response bodies untouched (resources/landing.py), one file per day, replaced atomically, with
-what it learned on the way (see ``Extra``) in the day's manifest.
+the response bodies untouched (resources/landing.py) as a new version of the day's file, which the
+day's manifest then names together with what the extract learned on the way (see ``Extra``).
 
 Invariants:
 - an extract step writes nothing to the warehouse tables but ``api_calls`` (its own audit trail);

@@ -1,9 +1,13 @@
 """Running the pipeline through a persistent Dagster instance: syncs and resumable backfills.
 
-Both go through the instance in ``DAGSTER_HOME`` (default ``$REDOX_ETL_HOME/dagster``), so pools,
-run history and the UI (`make ui`) see the same runs, and the shared rate budget applies to all.
+Both go through the instance in ``DAGSTER_HOME`` (default ``$REDOX_ETL_HOME/dagster``, see
+pipelines/instance.py), so pools, run history and the UI (`make ui`) see the same runs, and the
+shared rate budget applies to all.
 
 Invariants:
+- a queued pending day is re-pulled by one process at a time: ``pending_ranges`` claims the days it
+  returns (a ``flock`` per day beside the lake, held until ``release_claims`` or the process ends,
+  dropped by the kernel even on SIGKILL) and leaves days another process holds to that process;
 - a backfill is a real Dagster backfill executed by ``dagster-daemon``; the daemon lives only as long
   as the command (it dies with it), so a killed command leaves no stray workers;
 - resuming never re-loads a partition that is already materialized: it marks the runs the killed
@@ -13,8 +17,6 @@ Invariants:
 import contextlib
 import ctypes
 import datetime as dt
-import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,12 +26,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import dagster as dg
+import filelock
 from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
 from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
 from dagster._core.utils import make_new_backfill_id
 
 from assets.partitions import ranges
 from assets.streams import extract_asset
+from pipelines import instance as project_instance
 from pipelines.definitions import defs
 from resources import settings
 from resources.warehouse import LakeNotFoundError, Warehouse
@@ -37,18 +41,15 @@ from transforms.streams import ENTITIES, STREAMS
 
 ROOT = Path(__file__).resolve().parent.parent
 RANGE_TAG = "redox-etl/range"
+# Beside the lake, where the writer lock also lives: one lock file per claimed pending day.
+CLAIMS = ".pending-claims"
 BACKFILL_KIND = ("redox-etl/kind", "backfill")
 Progress = Callable[[int, int, str], None]
 
 
 def instance() -> dg.DagsterInstance:
     """The persistent instance, with this project's dagster.yaml (pool limits) in place."""
-    home = Path(os.environ.get("DAGSTER_HOME") or settings.home() / "dagster").resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    if not (home / "dagster.yaml").exists():
-        shutil.copyfile(ROOT / "dagster.yaml", home / "dagster.yaml")
-    os.environ["DAGSTER_HOME"] = str(home)
-    return dg.DagsterInstance.get()
+    return project_instance.get()
 
 
 def _daily_sync_job() -> dg.JobDefinition:
@@ -113,12 +114,43 @@ def sync(
 
 
 def pending_ranges() -> list[tuple[dt.date, dt.date]]:
-    """Runs of consecutive days the changes asset queued and no load has cleared yet."""
+    """Runs of consecutive days the changes asset queued, no load has cleared yet, and this process
+    has claimed: days another process is re-pulling are left to it (see ``claim``)."""
     try:
-        pending = Warehouse().pending_partitions()
+        warehouse = Warehouse()
+        queued = sorted(set(warehouse.pending_partitions()["partition_day"].to_list()))
     except LakeNotFoundError:
         return []
-    return ranges(pending["partition_day"].to_list())
+    claimed = [day for day in queued if claim(day)]
+    if not claimed:
+        return []
+    # A day claimed only after its holder finished has been re-pulled and cleared: not again.
+    still = set(warehouse.pending_partitions()["partition_day"].to_list())
+    return ranges([day for day in claimed if day in still])
+
+
+_claims: dict[dt.date, filelock.BaseFileLock] = {}
+
+
+def claim(day: dt.date) -> bool:
+    """Claim the re-pull of a queued day for this process; False when another process holds it."""
+    if day in _claims:
+        return True
+    folder = settings.lake_dir() / CLAIMS
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    lock = filelock.FileLock(folder / f"{day.isoformat()}.lock", mode=0o600, timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        return False
+    _claims[day] = lock
+    return True
+
+
+def release_claims() -> None:
+    """Give up every claim this process holds (they also go when it exits)."""
+    while _claims:
+        _claims.popitem()[1].release()
 
 
 def _extract_names() -> list[str]:

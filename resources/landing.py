@@ -1,34 +1,42 @@
 """The landing zone: raw Redox response bodies, untouched, one file per (surface, entity, partition).
 
-Layout: ``<lake>/raw/<surface>/<entity>/<partition>/pages.parquet`` with one row per response
-(``page``, ``body``, ``request``, ``fetched_at``) and a small JSON manifest beside it; optionally a
-``carried.parquet`` (``page`` and one column) with what the extract parsed out of each page, which
-the manifest names.
+Layout: ``<lake>/raw/<surface>/<entity>/<partition>/manifest.json`` naming the partition's current
+pages file ``pages-<version>.parquet`` (one row per response: ``page``, ``body``, ``request``,
+``fetched_at``) and optionally its ``carried-<version>.parquet`` (``page`` and one column: what the
+extract parsed out of each page). Folders landed before versioning hold ``pages.parquet`` and
+``carried.parquet``, which their manifests name implicitly.
 
 Invariants:
-- a partition's files are replaced atomically (written under a temporary name in the same folder,
-  fsynced, then ``os.replace``d), so a reader or a crash never sees half a partition and a rerun
-  replaces rather than duplicates;
+- the manifest is the commit point: a version's files are written and fsynced first, then the
+  manifest is replaced atomically (temp name, fsync, ``os.replace``) to name them, so a reader or a
+  crash never sees half a partition, a rerun replaces rather than duplicates, and pages and carried
+  values always belong together;
+- a version file is never rewritten in place: a lazy scan that reopens it for each row group (polars
+  does) reads the same bytes however many runs land the same day meanwhile. A superseded version is
+  deleted only ``SUPERSEDED_GRACE`` after it stopped being current (readers finish well within it),
+  by a later write of the same partition; writes of one partition are serialized by a lock file;
 - bodies are stored byte for byte as the server sent them (decoded as UTF-8, which JSON requires),
   so a normalizer fix can be replayed on exactly what Redox said;
-- the carried file is removed before new pages are written and written after them, so it always
-  describes the pages beside it; it holds patient data, so it is owner-only like them;
+- every file under the zone holds patient data or sits beside it, so folders are owner-only;
 - the manifest holds counts and hashes only, never a body, so it is safe to show as metadata; its
   ``extra`` carries what the extract learned while the pages passed through it (totals, duplicates,
   counts), so later steps read it rather than decode the pages again.
 """
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
 import json
 import os
 import tempfile
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any, Final
 
 import dagster as dg
+import filelock
 import polars as pl
 from pydantic import Field
 
@@ -43,8 +51,14 @@ WriteFn = Callable[[IO[bytes]], Any]
 # times as long.
 PAGES_PER_ROW_GROUP: Final = 4
 
-# Beside a partition's pages: what the extract parsed out of them (``LandingZone.write``).
-CARRIED_FILE: Final = "carried.parquet"
+# What a folder landed before versioned files holds (its manifest names no file).
+LEGACY_PAGES: Final = "pages.parquet"
+LEGACY_CARRIED: Final = "carried.parquet"
+# How long a superseded version stays for readers that read the manifest before it changed. A
+# reader scans one partition's pages for one step (seconds to minutes); an hour is far past that.
+SUPERSEDED_GRACE: Final = dt.timedelta(hours=1)
+# Serializes the writes of one partition (two runs landing the same day), never its readers.
+WRITE_LOCK: Final = ".write.lock"
 
 PAGE_SCHEMA = pl.Schema(
     {
@@ -76,13 +90,22 @@ class Manifest:
     extra: dict[str, int | str | None]
     # The carried file beside the pages (see ``LandingZone.write``), if the extract wrote one.
     carried: str | None = None
+    # The current pages file of the partition.
+    pages_file: str = LEGACY_PAGES
+    # Earlier versions' files kept for readers that may still scan them: name -> when superseded.
+    superseded: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return (self.pages_file,) if self.carried is None else (self.pages_file, self.carried)
 
 
 class LandingZone:
     """Reads and writes landed pages under one root folder."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, superseded_grace: dt.timedelta = SUPERSEDED_GRACE) -> None:
         self.root = Path(root)
+        self.superseded_grace = superseded_grace
 
     def folder(self, surface: str, entity: str, partition: str) -> Path:
         return self.root / "raw" / surface / entity / partition
@@ -99,7 +122,10 @@ class LandingZone:
         carried: pl.Series | None = None,
     ) -> Manifest:
         """Land ``pages`` (and ``carried``, one value per page: what the extract already parsed out
-        of them, for later steps to read instead of decoding the pages again) and the manifest."""
+        of them, for later steps to read instead of decoding the pages again) as a new version of
+        the partition, and name it in the manifest."""
+        if carried is not None and carried.len() != len(pages):
+            raise ValueError("carried values must be one per page")
         folder = self.folder(surface, entity, partition)
         _private_dirs(folder)
         digest = hashlib.sha256()
@@ -114,44 +140,84 @@ class LandingZone:
             },
             schema=PAGE_SCHEMA,
         )
-        manifest = Manifest(
-            surface=surface,
-            entity=entity,
-            partition=partition,
-            pages=len(pages),
-            bytes=sum(len(p.body) for p in pages),
-            sha256=digest.hexdigest(),
-            run_id=run_id,
-            written_at=dt.datetime.now(dt.UTC).isoformat(),
-            extra=dict(extra or {}),
-            carried=CARRIED_FILE if carried is not None else None,
-        )
-        if carried is not None and carried.len() != len(pages):
-            raise ValueError("carried values must be one per page")
-        # The carried file of an earlier landing describes other pages: gone before the new pages
-        # arrive, so a reader finds the right one or none (and decodes the pages).
-        (folder / CARRIED_FILE).unlink(missing_ok=True)
-        _atomic_write(
-            folder / "pages.parquet",
-            lambda f: frame.write_parquet(f, compression="zstd", row_group_size=PAGES_PER_ROW_GROUP),
-        )
-        if carried is not None:
-            side = pl.DataFrame([pl.Series("page", range(1, len(pages) + 1), dtype=pl.Int32()), carried])
-            _atomic_write(folder / CARRIED_FILE, lambda f: side.write_parquet(f, compression="zstd"))
-        _atomic_write(
-            folder / "manifest.json",
-            lambda f: f.write(json.dumps(dataclasses.asdict(manifest), indent=2).encode()),
-        )
+        # Unique per write: a version's name is never reused, so its bytes never change under a reader.
+        version = f"{dt.datetime.now(dt.UTC):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:12]}"
+        pages_file = f"pages-{version}.parquet"
+        carried_file = f"carried-{version}.parquet" if carried is not None else None
+        with filelock.FileLock(folder / WRITE_LOCK, mode=0o600):
+            previous = self.manifest(surface, entity, partition)
+            _atomic_write(
+                folder / pages_file,
+                lambda f: frame.write_parquet(f, compression="zstd", row_group_size=PAGES_PER_ROW_GROUP),
+            )
+            if carried is not None and carried_file is not None:
+                side = pl.DataFrame([pl.Series("page", range(1, len(pages) + 1), dtype=pl.Int32()), carried])
+                _atomic_write(folder / carried_file, lambda f: side.write_parquet(f, compression="zstd"))
+            now = dt.datetime.now(dt.UTC)
+            manifest = Manifest(
+                surface=surface,
+                entity=entity,
+                partition=partition,
+                pages=len(pages),
+                bytes=sum(len(p.body) for p in pages),
+                sha256=digest.hexdigest(),
+                run_id=run_id,
+                written_at=now.isoformat(),
+                extra=dict(extra or {}),
+                carried=carried_file,
+                pages_file=pages_file,
+                superseded=self._still_kept(folder, previous, now),
+            )
+            _atomic_write(
+                folder / "manifest.json",
+                lambda f: f.write(json.dumps(dataclasses.asdict(manifest), indent=2).encode()),
+            )
+            self._remove_strays(folder, manifest, now)
         return manifest
 
+    def _still_kept(self, folder: Path, previous: Manifest | None, now: dt.datetime) -> dict[str, str]:
+        """The superseded files a reader may still scan (the previous version's among them); the
+        others are deleted here."""
+        if previous is None:
+            return {}
+        superseded = dict(previous.superseded)
+        for name in previous.files:
+            superseded.setdefault(name, now.isoformat())
+        kept = {}
+        for name, at in superseded.items():
+            if now - dt.datetime.fromisoformat(at) > self.superseded_grace:
+                (folder / name).unlink(missing_ok=True)
+            else:
+                kept[name] = at
+        return kept
+
+    def _remove_strays(self, folder: Path, manifest: Manifest, now: dt.datetime) -> None:
+        """Version files no manifest names (a writer died before its manifest): never read, so they
+        go once they are older than the grace (a reader of a legacy folder may hold one)."""
+        named = {*manifest.files, *manifest.superseded}
+        for path in [
+            *folder.glob("pages*.parquet"),
+            *folder.glob("carried*.parquet"),
+            *folder.glob(".*.tmp"),
+        ]:
+            if path.name in named:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                age = now - dt.datetime.fromtimestamp(path.stat().st_mtime, dt.UTC)
+                if age > self.superseded_grace:
+                    path.unlink(missing_ok=True)
+
     def exists(self, surface: str, entity: str, partition: str) -> bool:
-        return (self.folder(surface, entity, partition) / "pages.parquet").exists()
+        manifest = self.manifest(surface, entity, partition)
+        folder = self.folder(surface, entity, partition)
+        return manifest is not None and (folder / manifest.pages_file).exists()
 
     def manifest(self, surface: str, entity: str, partition: str) -> Manifest | None:
         path = self.folder(surface, entity, partition) / "manifest.json"
-        if not path.exists():
+        try:
+            fields = json.loads(path.read_text())
+        except FileNotFoundError:
             return None
-        fields = json.loads(path.read_text())
         # Manifests landed before the vocabulary settled name the entity "stream".
         if "stream" in fields:
             fields["entity"] = fields.pop("stream")
@@ -163,17 +229,18 @@ class LandingZone:
         """Pages of the given partitions as ``(raw_ref, body)``, the normalizers' input shape; with
         ``carried`` (a dtype), plus the carried column of the partitions that have one of that dtype
         (null on other pages). A carried file of another dtype, landed by another version of the
-        extract, is not read: its pages are decoded instead."""
+        extract, is not read: its pages are decoded instead. Each partition is read as its manifest
+        names it when this is called, whatever is landed before the frame is collected."""
         frames = []
         for partition in partitions:
             folder = self.folder(surface, entity, partition)
-            path = folder / "pages.parquet"
-            if not path.exists():
+            manifest = self.manifest(surface, entity, partition)
+            if manifest is None or not (path := folder / manifest.pages_file).exists():
                 continue
             ref = f"{surface}/{entity}/{partition}/page-"
             frame = pl.scan_parquet(path)
-            side = folder / CARRIED_FILE
-            if carried is not None and side.exists():
+            side = folder / manifest.carried if manifest.carried else None
+            if carried is not None and side is not None and side.exists():
                 kept = [n for n, t in pl.read_parquet_schema(side).items() if n != "page" and t == carried]
                 if kept:
                     frame = frame.join(

@@ -155,7 +155,7 @@ def chaos(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chaos]:
 def _fhir_served(home: Path) -> collections.Counter[tuple[str, str]]:
     """How often each FHIR (resource type, id) was landed, intact or not, read from the raw pages."""
     served: collections.Counter[tuple[str, str]] = collections.Counter()
-    for path in home.glob("**/raw/fhir/*/day=*/pages.parquet"):
+    for path in home.glob("**/raw/fhir/*/day=*/pages*.parquet"):
         for body in pl.read_parquet(path, columns=["body"])["body"]:
             for entry in json.loads(body).get("entry") or []:
                 resource, source_id = entry["fullUrl"].rsplit("/", 2)[-2:]
