@@ -5,6 +5,8 @@ Invariant: what is printed is counts, table names, record kinds and JSON paths, 
 a file name from the input (names may hold PHI; ``captured_files`` keeps them in the lake).
 """
 
+import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -18,7 +20,11 @@ from resources.landing import LandingZone
 if TYPE_CHECKING:  # the loader imports dagster (assets/), which `redox-etl --help` should not wait for
     from pipelines.captured import LoadReport
 
-console = Console()
+
+def _console() -> Console:
+    # Built per command, not at import: a table read by a log or a script (no terminal) is printed
+    # wide enough that no cell is cut ("appointme…"), and COLUMNS is honoured when set.
+    return Console(soft_wrap=True, width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 160)
 
 
 def load(
@@ -30,6 +36,7 @@ def load(
     ] = False,
 ) -> None:
     """Load captured FHIR (bulk NDJSON, Bundles, resources) and Data Model messages into the lake."""
+    console = _console()
     missing = [p for p in paths if not p.exists()]
     if missing:
         console.print(f"[red]{len(missing)} path(s) do not exist[/red]: check the arguments and run again.")
@@ -52,6 +59,7 @@ def load(
 
 
 def print_report(report: "LoadReport") -> None:
+    console = _console()
     console.print(
         f"{report.files} file(s): {report.files - report.skipped_files} loaded, "
         f"{report.skipped_files} already loaded (same content) skipped; {report.documents} document(s)"
@@ -88,6 +96,7 @@ def coverage(
 ) -> None:
     """Print field coverage: per surface, table and source JSON path, records that carried it and
     whether a column holds it (sums over every loaded partition)."""
+    console = _console()
     warehouse = configured_warehouse()
     if warehouse.catalog_spec.exists() is False:
         console.print("[red]no lake yet[/red]: run `redox-etl sync` or `redox-etl load PATH` first.")

@@ -79,14 +79,26 @@ def record_captured(writer: Writer, files: pl.DataFrame, quarantine: pl.DataFram
 
 
 def source_pages_sql(landing_root: Path) -> str:
-    """The ``source_pages`` view's SELECT: every landed page with its ``raw_ref``, its surface,
-    entity and partition, and its body (a Bundle, or a Data Model message) as JSON."""
-    glob = str(Path(landing_root) / "raw" / "*" / "*" / "*" / "pages.parquet").replace("'", "''")
+    """The ``source_pages`` view's SELECT: every page of each partition's CURRENT landing (the file its
+    ``manifest.json`` names: a day re-landed keeps superseded versions a while for readers still
+    scanning them, and those must not answer for the day) with its ``raw_ref``, its surface, entity
+    and partition, and its body (a Bundle, or a Data Model message) as JSON."""
+    raw = Path(landing_root) / "raw"
+    pages = str(raw / "*" / "*" / "*" / "pages*.parquet").replace("'", "''")
+    manifests = str(raw / "*" / "*" / "*" / "manifest.json").replace("'", "''")
     return (
-        "SELECT concat_ws('/', parts[-4], parts[-3], parts[-2], 'page-' || lpad(page::VARCHAR, 5, '0')) AS raw_ref,"
-        " parts[-4] AS surface, parts[-3] AS entity, parts[-2] AS partition, page, fetched_at,"
-        " body::JSON AS body"
-        f" FROM (SELECT *, string_split(filename, '/') AS parts FROM read_parquet('{glob}', filename = true))"
+        "SELECT concat_ws('/', p.parts[-4], p.parts[-3], p.parts[-2], 'page-' || lpad(p.page::VARCHAR, 5, '0'))"
+        " AS raw_ref, p.parts[-4] AS surface, p.parts[-3] AS entity, p.parts[-2] AS partition, p.page,"
+        " p.fetched_at, p.body::JSON AS body"
+        " FROM (SELECT page, fetched_at, body, string_split(filename, '/') AS parts"
+        f"   FROM read_parquet('{pages}', filename = true, union_by_name = true)) AS p"
+        " JOIN (SELECT string_split(filename, '/') AS parts,"
+        # Manifests written before landings were versioned name no file: theirs is pages.parquet.
+        "   coalesce(pages_file, 'pages.parquet') AS pages_file"
+        f"   FROM read_json('{manifests}', filename = true, union_by_name = true,"
+        "     columns = {pages_file: 'VARCHAR'})) AS m"
+        " ON m.parts[-4] = p.parts[-4] AND m.parts[-3] = p.parts[-3] AND m.parts[-2] = p.parts[-2]"
+        " AND m.pages_file = p.parts[-1]"
     )
 
 
