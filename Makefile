@@ -8,7 +8,7 @@ RUN := $(UV) run --frozen
 # (DAGSTER_HOME when set, else $(REDOX_ETL_HOME)/dagster), so `make ui` serves what the CLI writes.
 export REDOX_ETL_HOME ?= $(CURDIR)/.redox-etl
 
-.PHONY: setup test test-fast lint typecheck demo ui sandbox bench clean
+.PHONY: setup test test-slow test-all test-fast lint typecheck demo ui sandbox bench clean
 
 setup: .venv/.synced
 
@@ -28,8 +28,16 @@ lint: setup
 typecheck: setup
 	$(RUN) mypy
 
+# `make test` stays under 15 minutes on 2 cores: lint, types, layers and every test not marked slow.
+# The slow ones (end to end, crash, multi-process, distributed, README-as-a-user) run in `make
+# test-slow`; CI (.ci/run) runs both.
 test: lint typecheck
-	$(RUN) pytest -n 2 --dist loadgroup
+	$(RUN) pytest -n 2 --dist loadgroup -m "not slow"
+
+test-slow: setup
+	$(RUN) pytest -n 2 --dist loadgroup -m slow
+
+test-all: test test-slow
 
 test-fast: setup
 	$(RUN) pytest -n 2 --dist loadgroup -m "not slow"
