@@ -234,7 +234,7 @@ def test_clinical_summary_encounter() -> None:
     assert row["patient_source_id"] == "2.16.840.1.113883.4.6:1234"
     assert (row["type_code"], row["type_system"], row["type_display"]) == (
         "99222",
-        "2.16.840.1.113883.6.12",
+        "http://www.ama-assn.org/go/cpt",
         "InPatient Admission",
     )
     assert row["start_at"] == datetime(2012, 8, 6, 4, 0, tzinfo=UTC)
@@ -258,7 +258,10 @@ def test_results_query_response() -> None:
 
 def test_clinical_summary_numeric_observation() -> None:
     row = one(run("results", fixture("clinicalsummary_patientqueryresponse")), CS_RESULTS[1])
-    assert (row["code"], row["code_system"], row["display"]) == ("30313-1", "2.16.840.1.113883.6.1", "HGB")
+    assert (row["code"], row["code_system"], row["display"]) == ("30313-1", "http://loinc.org", "HGB")
+    # The source's own spelling of the system is kept beside the canonical URI.
+    assert row["code_system_source"] == "2.16.840.1.113883.6.1"
+    assert (row["value_type"], row["value_num"], row["unit"]) == ("quantity", 10.2, "g/dl")
     assert (row["value_num"], row["value_text"], row["unit"]) == (10.2, None, "g/dl")
     assert row["order_id"] is None
 
@@ -303,7 +306,11 @@ def test_sandbox_order_shape() -> None:
     row = one(run("results", results_body(order())), "ORD1|2345-7")
     assert (row["value_num"], row["value_text"], row["unit"]) == (105.5, None, "mg/dL")
     assert (row["reference_low"], row["reference_high"], row["reference_text"]) == (70.0, 99.0, None)
-    assert (row["abnormal_flag"], row["code_system"]) == ("high", "LOINC")
+    assert (row["abnormal_flag"], row["code_system"], row["code_system_source"]) == (
+        "high",
+        "http://loinc.org",
+        "LOINC",
+    )
     assert row["effective_at"] == datetime(2026, 11, 1, 14, 10, tzinfo=UTC)
 
 
