@@ -490,6 +490,8 @@ def _finish(
         .sort("_page", maintain_order=True)
         .with_row_index("_seq")
     )
+    if "patient_source_id" in schema.TABLES[table]:
+        merged = merged.with_columns(scoped_key().alias("source_id"))
     have = set(merged.collect_schema().names())
     # Columns no chain of this surface fills (a FHIR-only value shape) are null, not missing.
     merged = merged.with_columns(
@@ -501,6 +503,25 @@ def _finish(
         merged = merged.with_columns(pl.lit(0).alias("_rank"))
     deduped = common.dedupe(merged, prefer=("_rank", "source_updated_at"))
     return common.finish(common.fill_raw(deduped, pages, record_path, ["_path"]), table)
+
+
+def scoped_key() -> pl.Expr:
+    """A clinical record's natural key: '<patient_source_id>/<id at the source>'.
+
+    Data Model ids (Order ID, VisitNumber, an encounter's identifier) are unique only within the
+    source system and id type that issued them, and Redox sends no assigning authority for them,
+    so two patients' records can carry one id. Scoped by the patient, such records are two keys:
+    both are kept, never one merged into the other.
+    """
+    local = pl.col("source_id")
+    # A quarantined record keeps the id the source sent: it is never merged, and a person fixing it
+    # looks for that id.
+    scoped = pl.col("patient_source_id").is_not_null() & local.is_not_null()
+    return (
+        pl.when(scoped & pl.col("quarantine_reason").is_null())
+        .then(pl.concat_str([pl.col("patient_source_id"), local], separator="/"))
+        .otherwise(local)
+    )
 
 
 def _recheck(frame: pl.LazyFrame, checks: list[tuple[pl.Expr, str]]) -> pl.LazyFrame:

@@ -54,7 +54,9 @@ def is_request(entity: str) -> pl.Expr:
     reply containers (``RESPONSE_CONTAINERS``) this entity's page dtype reads."""
     b = pl.col("_b")
     present = [name for name in RESPONSE_CONTAINERS if name in page_dtype(entity).to_schema()]
-    carries_data = pl.any_horizontal([b.struct.field(name).is_not_null() for name in present] or [pl.lit(False)])
+    carries_data = pl.any_horizontal(
+        [b.struct.field(name).is_not_null() for name in present] or [pl.lit(False)]
+    )
     return pl.col("_event").is_in(list(REQUEST_EVENTS)).fill_null(False) & ~carries_data
 
 
@@ -90,18 +92,17 @@ def decode(pages: pl.LazyFrame, entity: str) -> pl.LazyFrame:
             meta.struct.field("EventType").alias("_event"),
             meta.struct.field("EventDateTime").alias("_event_at"),
         )
-        .with_columns(is_request(entity).alias("_request"))
         # Every chain and the page-error rows read this frame; without the cache the pages would be
         # decoded once per reader.
         .cache()
     )
 
 
-def _chain_rows(decoded: pl.LazyFrame, chain: Chain) -> pl.LazyFrame:
+def _chain_rows(decoded: pl.LazyFrame, chain: Chain, entity: str) -> pl.LazyFrame:
     """One row per record of ``chain``: columns ``rec`` (the leaf struct), ``ctx`` (the innermost
     context struct or the sibling patient), ``outer`` (the first level's item when there are two
     levels), ``_path`` and the page columns."""
-    frame = decoded.filter(pl.col("_page_reason").is_null() & ~pl.col("_request"))
+    frame = decoded.filter(pl.col("_page_reason").is_null() & ~is_request(entity))
     if chain.data_model is not None:
         frame = frame.filter(pl.col("_data_model") == chain.data_model)
     sibling: pl.Expr = pl.lit(None, dtype=with_mark(PATIENT_CTX))
@@ -142,7 +143,7 @@ def page_rows(decoded: pl.LazyFrame) -> pl.LazyFrame:
 
 def records(decoded: pl.LazyFrame, chain: Chain, entity: str) -> pl.LazyFrame:
     """The rows of ``chain`` that are records of ``entity``."""
-    rows = _chain_rows(decoded, chain)
+    rows = _chain_rows(decoded, chain, entity)
     if entity == "patients":
         rec = pl.col("rec")
         # PatientSearch answers "no single match" with Patient: {} (and the matches beside it).
