@@ -143,6 +143,50 @@ def _with_components(results: pl.DataFrame, versions: list[Version]) -> pl.DataF
     return pl.concat([parents, parts], how="diagonal_relaxed").select(parents.columns)
 
 
+# The results truth in the unified table's column order, with the value columns no sandbox record
+# fills (they stay null in the lake too): the schema minus ``*_source`` and ``source_updated_at``.
+_RESULT_ORDER: Final[dict[str, pl.DataType]] = {
+    "source_surface": pl.String(),
+    "source_id": pl.String(),
+    "patient_source_id": pl.String(),
+    "order_id": pl.String(),
+    "parent_source_id": pl.String(),
+    "member_source_ids": pl.List(pl.String()),
+    "code": pl.String(),
+    "code_system": pl.String(),
+    "display": pl.String(),
+    "value_type": pl.String(),
+    "value_num": pl.Float64(),
+    "value_comparator": pl.String(),
+    "value_text": pl.String(),
+    "value_code": pl.String(),
+    "value_code_system": pl.String(),
+    "value_code_display": pl.String(),
+    "value_low": pl.Float64(),
+    "value_high": pl.Float64(),
+    "value_denominator": pl.Float64(),
+    "value_at": _TS,
+    "value_end_at": _TS,
+    "absent_reason": pl.String(),
+    "unit": pl.String(),
+    "reference_low": pl.Float64(),
+    "reference_high": pl.Float64(),
+    "reference_text": pl.String(),
+    "abnormal_flag": pl.String(),
+    "status": pl.String(),
+    "effective_at": _TS,
+    "last_updated": _TS,
+    "version_id": pl.Int64(),
+}
+
+
+def _result_columns(results: pl.DataFrame) -> pl.DataFrame:
+    return results.select(
+        (pl.col(c) if c in results.columns else pl.lit(None)).cast(dtype).alias(c)
+        for c, dtype in _RESULT_ORDER.items()
+    )
+
+
 def truth_frames(
     store: Store,
     persons: dict[str, Person],
@@ -170,7 +214,7 @@ def truth_frames(
         assert isinstance(frame, pl.DataFrame)
         out[kind] = frame.cast(schema)  # type: ignore[arg-type]
         if kind == "results":
-            out[kind] = _with_components(out[kind], versions)
+            out[kind] = _result_columns(_with_components(out[kind], versions))
         if kind == "encounters":
             # A FHIR provider sent by name only (``provider_form``) has no id to load.
             display_only = pl.Series(
