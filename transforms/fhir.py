@@ -444,13 +444,7 @@ def _finish(
     if carried:
         # Components of the kept version only, after dedupe: a duplicate's components are its
         # record's, counted with it, and a quarantined record keeps them in its raw JSON.
-        filled = common.fill_raw(deduped, pages, _locate, ["_idx"]).cache()
-        parts = observations.component_rows(
-            filled.filter(pl.col("quarantine_reason").is_null()).with_columns(
-                pl.lit(0, dtype=pl.UInt32).alias("duplicates")
-            )
-        )
-        filled = pl.concat([filled.drop("_components"), parts], how="diagonal_relaxed")
+        filled = observations.with_component_rows(common.fill_raw(deduped, pages, _locate, ["_idx"]))
     else:
         filled = common.fill_raw(deduped, pages, _locate, ["_idx"])
     mapped_codes = filled.with_columns(

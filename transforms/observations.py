@@ -219,28 +219,41 @@ def components(obj: pl.Expr) -> pl.Expr:
     )
 
 
-def component_rows(records: pl.LazyFrame, components_column: str = "_components") -> pl.LazyFrame:
-    """One row per component of each record in ``records`` (good rows of the normalized frame).
+def with_component_rows(records: pl.LazyFrame, components_column: str = "_components") -> pl.LazyFrame:
+    """``records`` (the normalized frame after dedupe) plus one row per component of each good row.
 
     A component row takes its own ``COMPONENT_COLUMNS``; from its parent, the patient, order,
-    status, times and lineage; ``parent_source_id`` is the parent's ``source_id``.
+    status, times and lineage; ``parent_source_id`` is the parent's ``source_id``, ``duplicates`` 0
+    (a duplicate's components were counted with it). One explode in one pass, so the frame streams:
+    each row becomes itself (part 0) followed by its components (parts 1..n).
     """
-    parent_columns = [
-        c for c in records.collect_schema().names() if c not in COMPONENT_COLUMNS and c != components_column
-    ]
-    return (
-        records.filter(pl.col(components_column).list.len() > 0)
-        .with_columns(pl.int_ranges(0, pl.col(components_column).list.len()).alias("_component_idx"))
-        .explode([components_column, "_component_idx"])
-        .select(
-            *[
-                pl.col(c)
-                for c in parent_columns
-                if c not in ("source_id", "parent_source_id", "member_source_ids")
-            ],
-            component_id(pl.col("source_id"), pl.col("_component_idx")).alias("source_id"),
-            pl.col("source_id").alias("parent_source_id"),
-            pl.lit(None, dtype=pl.List(pl.String)).alias("member_source_ids"),
-            *[pl.col(components_column).struct.field(c).alias(c) for c in COMPONENT_COLUMNS],
-        )
+    parts = pl.col(components_column)
+    dtype = records.collect_schema()[components_column]
+    assert isinstance(dtype, pl.List)
+    keep = pl.col("quarantine_reason").is_null() & parts.is_not_null()
+    listed = pl.concat_list(
+        [pl.lit(None, dtype=dtype.inner), pl.when(keep).then(parts).otherwise(pl.lit([], dtype=dtype))]
     )
+    exploded = (
+        records.with_columns(listed.alias(components_column))
+        .with_columns(pl.int_ranges(0, pl.col(components_column).list.len()).alias("_part"))
+        .explode([components_column, "_part"])
+    )
+    is_part = pl.col("_part") > 0
+    part = pl.col(components_column)
+    return exploded.with_columns(
+        pl.when(is_part)
+        .then(component_id(pl.col("source_id"), pl.col("_part") - 1))
+        .otherwise(pl.col("source_id"))
+        .alias("source_id"),
+        pl.when(is_part)
+        .then(pl.col("source_id"))
+        .otherwise(pl.col("parent_source_id"))
+        .alias("parent_source_id"),
+        pl.when(is_part).then(None).otherwise(pl.col("member_source_ids")).alias("member_source_ids"),
+        pl.when(is_part).then(pl.lit(0, dtype=pl.UInt32)).otherwise(pl.col("duplicates")).alias("duplicates"),
+        *[
+            pl.when(is_part).then(part.struct.field(c)).otherwise(pl.col(c)).alias(c)
+            for c in COMPONENT_COLUMNS
+        ],
+    ).drop(components_column, "_part")
