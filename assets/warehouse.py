@@ -22,7 +22,7 @@ from resources.warehouse import Warehouse
 from transforms import coverage, valuesets
 from transforms import datamodel as dm_norm
 from transforms import fhir as fhir_norm
-from transforms.common import split
+from transforms.common import components_in, split
 from transforms.streams import SURFACES, Entity, Surface, stream
 
 
@@ -36,6 +36,8 @@ class Tally:
     updated: int = 0
     ignored_older: int = 0
     unknown_codes: int = 0
+    # Result component rows loaded beside their records (not records themselves: not in ``loaded``).
+    components: int = 0
     # Identifier-only mentions of a Data Model patient the lake already holds in full.
     known_references: int = 0
     # (day, surface) pairs whose landed pages were already loaded: nothing to do.
@@ -145,7 +147,9 @@ def load_day(
         entity, good, partition_day=day, run_id=run_id, source_surface=surface, quarantine=bad
     )
     tally.records += records
-    tally.loaded += good.height
+    components = components_in(good)
+    tally.loaded += good.height - components
+    tally.components += components
     tally.duplicates += int(normalized.filter(pl.col("quarantine_reason").is_null())["duplicates"].sum())
     tally.quarantined += bad.height
     tally.known_references += known_references

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from datetime import datetime, tzinfo
 from typing import Any
 
-from sandbox.model import Appointment, Encounter, Patient, Result, Version
+from sandbox.model import Appointment, Encounter, Patient, Result, Version, provider_form
 
 SSN_SYSTEM = "http://hl7.org/fhir/sid/us-ssn"
 NPI_SYSTEM = "http://hl7.org/fhir/sid/us-npi"
@@ -122,10 +122,23 @@ def render_encounter(version: Version, tz: tzinfo) -> dict[str, Any]:
     encounter_type = _compact({"coding": [coding] if coding else None, "text": e.type_display})
     attender = _practitioner(e.attending_provider_id, e.attending_provider_name)
     participant = None
+    role = ("ATND", "attender")
+    if attender and e.attending_provider_id:
+        form = provider_form(e.source_id)
+        if form == "conditional":
+            role = ("PPRF", "primary performer")
+            attender = _compact(
+                {
+                    "reference": f"Practitioner?identifier={NPI_SYSTEM}|{e.attending_provider_id}",
+                    "display": e.attending_provider_name,
+                }
+            )
+        elif form == "display" and e.attending_provider_name:
+            attender = {"display": e.attending_provider_name}
     if attender:
         participant = [
             {
-                "type": [{"coding": [{"system": PARTICIPATION_TYPE, "code": "ATND", "display": "attender"}]}],
+                "type": [{"coding": [{"system": PARTICIPATION_TYPE, "code": role[0], "display": role[1]}]}],
                 "individual": attender,
             }
         ]
@@ -159,7 +172,14 @@ def render_observation(version: Version, tz: tzinfo) -> dict[str, Any]:
     r = version.record
     assert isinstance(r, Result)
     value: dict[str, Any] = {}
-    if r.value_num is not None:
+    if r.value_type == "codeable_concept":
+        coding = _compact(
+            {"system": r.value_code_system, "code": r.value_code, "display": r.value_code_display}
+        )
+        value["valueCodeableConcept"] = _compact({"coding": [coding], "text": r.value_text})
+    elif r.value_type == "boolean":
+        value["valueBoolean"] = r.value_text == "true"
+    elif r.value_num is not None:
         value["valueQuantity"] = _compact(
             {
                 "value": r.value_num,
@@ -202,10 +222,20 @@ def render_observation(version: Version, tz: tzinfo) -> dict[str, Any]:
             "subject": {"reference": f"Patient/{r.patient_source_id}"},
             "effectiveDateTime": fhir_instant(r.effective_at, tz),
             **value,
+            "component": [_component(c) for c in r.components] if r.components else None,
             "interpretation": interpretation,
             "referenceRange": [reference] if reference else None,
         }
     )
+
+
+def _component(c: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "code": {"coding": [{"system": LOINC_SYSTEM, "code": c["code"], "display": c["display"]}]},
+        "valueQuantity": _compact(
+            {"value": c["value_num"], "unit": c["unit"], "system": UCUM_SYSTEM, "code": c["unit"]}
+        ),
+    }
 
 
 def render_appointment(version: Version, tz: tzinfo) -> dict[str, Any]:

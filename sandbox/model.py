@@ -116,6 +116,14 @@ class Result:
     abnormal_flag: str | None
     status: str
     effective_at: datetime
+    # How the value is sent, in the warehouse's words (results.value_type): 'quantity', 'string',
+    # 'codeable_concept', 'boolean', or None for a panel whose values are its components.
+    value_type: str | None = None
+    value_code: str | None = None
+    value_code_system: str | None = None
+    value_code_display: str | None = None
+    # A panel's parts (FHIR Observation.component): dicts of code, display, value_num, unit.
+    components: list[dict[str, Any]] | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -136,6 +144,18 @@ class Appointment:
 
 
 Record = Patient | Encounter | Result | Appointment
+
+# How a FHIR encounter names its attending provider, one of the standard reference forms real EHRs
+# send: a logical reference (NPI identifier) typed ATND, a conditional reference
+# ('Practitioner?identifier=<npi system>|<npi>') typed PPRF, or a display-only name typed ATND.
+ProviderForm = Literal["logical", "conditional", "display"]
+
+
+def provider_form(encounter_source_id: str) -> ProviderForm:
+    """The reference form an encounter's provider is sent in: fixed per encounter (a stable digest
+    of its id, not a random draw), so the renderer and the truth agree without a stored field."""
+    digest = sum(encounter_source_id.encode()) % 6
+    return "conditional" if digest < 2 else "display" if digest == 2 else "logical"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -54,6 +54,22 @@ VALUESETS: Final[dict[str, tuple[str, ...]]] = {
 # the landed page that held its source record (the ``source_pages`` view's ``raw_ref``). Added at
 # load beside LINEAGE; null for rows loaded before it existed.
 SOURCE_REF: Final[dict[str, pl.DataType]] = {"source_ref": pl.String()}
+# What ``results.value_type`` can say: the FHIR R4 Observation value[x] type the value came from
+# (Data Model ValueTypes map onto the same words), or 'absent' when the source said why there is none.
+VALUE_TYPES: Final = (
+    "quantity",
+    "codeable_concept",
+    "string",
+    "boolean",
+    "integer",
+    "range",
+    "ratio",
+    "sampled_data",
+    "time",
+    "datetime",
+    "period",
+    "absent",
+)
 
 # Columns every clinical and patient row carries about where it came from; added at load.
 LINEAGE: Final[dict[str, pl.DataType]] = {
@@ -93,6 +109,7 @@ ENCOUNTERS: Final = pl.Schema(
         "class_source": pl.String(),
         "type_code": pl.String(),
         "type_system": pl.String(),
+        "type_system_source": pl.String(),
         "type_display": pl.String(),
         "status": pl.String(),
         "status_source": pl.String(),
@@ -112,11 +129,30 @@ RESULTS: Final = pl.Schema(
         "source_id": pl.String(),
         "patient_source_id": pl.String(),
         "order_id": pl.String(),
+        # A component row (one of an Observation's component[], or a Data Model observation's
+        # component) carries its parent record's source_id; null on a record's own row.
+        "parent_source_id": pl.String(),
+        # A panel's members (FHIR hasMember, as source_ids of the member results); null otherwise.
+        "member_source_ids": pl.List(pl.String()),
         "code": pl.String(),
         "code_system": pl.String(),
+        "code_system_source": pl.String(),
         "display": pl.String(),
+        # Which value[x] the source sent (schema.VALUE_TYPES); 'absent' with absent_reason when none.
+        "value_type": pl.String(),
         "value_num": pl.Float64(),
+        "value_comparator": pl.String(),
         "value_text": pl.String(),
+        "value_code": pl.String(),
+        "value_code_system": pl.String(),
+        "value_code_system_source": pl.String(),
+        "value_code_display": pl.String(),
+        "value_low": pl.Float64(),
+        "value_high": pl.Float64(),
+        "value_denominator": pl.Float64(),
+        "value_at": UTC_TS,
+        "value_end_at": UTC_TS,
+        "absent_reason": pl.String(),
         "unit": pl.String(),
         "reference_low": pl.Float64(),
         "reference_high": pl.Float64(),

@@ -632,11 +632,24 @@ def split(frame: pl.LazyFrame, table: str | None = None) -> tuple[pl.LazyFrame, 
     return good, bad
 
 
+def is_component() -> pl.Expr:
+    """True on a component row (``results.parent_source_id`` set): a part of a record, not a record."""
+    return pl.col("parent_source_id").is_not_null()
+
+
+def components_in(rows: pl.DataFrame) -> int:
+    """How many of ``rows`` are component rows; ``rows.height`` minus this is how many are records."""
+    return int(rows.select(is_component().sum()).item()) if "parent_source_id" in rows.columns else 0
+
+
 def tally(normalized: pl.DataFrame) -> dict[str, int]:
-    """Counts for asset metadata: good, quarantined, duplicates; good + dup + quarantined = records."""
+    """Counts for asset metadata: good, quarantined, duplicates, components; good + dup +
+    quarantined = records (component rows are counted apart: they are parts of a good record)."""
     bad = normalized.get_column("quarantine_reason").is_not_null()
+    components = components_in(normalized)
     return {
-        "good": int((~bad).sum()),
+        "good": int((~bad).sum()) - components,
         "quarantined": int(bad.sum()),
         "duplicates": int(normalized.get_column("duplicates").sum() or 0),
+        "components": components,
     }

@@ -24,7 +24,7 @@ from typing import Any, Final
 import polars as pl
 
 import schema
-from transforms import common, valuesets
+from transforms import codesystems, common, observations, valuesets
 
 SURFACE: Final = "fhir"
 SSN_SYSTEM: Final = "http://hl7.org/fhir/sid/us-ssn"
@@ -88,14 +88,9 @@ RESOURCE_DTYPES: Final[dict[str, pl.Struct]] = {
             "effectiveDateTime": S,
             "effectivePeriod": PERIOD,
             "effectiveInstant": S,
-            "valueQuantity": pl.Struct({"value": F, "unit": S, "code": S}),
-            "valueString": S,
-            "valueInteger": F,
-            "valueCodeableConcept": CODEABLE,
-            "interpretation": pl.List(CODEABLE),
-            "referenceRange": pl.List(
-                pl.Struct({"low": pl.Struct({"value": F}), "high": pl.Struct({"value": F}), "text": S})
-            ),
+            **observations.VALUE_FIELDS,
+            "component": pl.List(observations.COMPONENT),
+            "hasMember": pl.List(REFERENCE),
         }
     ),
     "appointments": pl.Struct(
@@ -332,32 +327,74 @@ def ref_id(reference: pl.Expr, resource_type: str) -> pl.Expr:
     return reference.str.extract(rf"(?:^|/){resource_type}/([^/]+)(?:/_history/[^/]+)?$", 1)
 
 
+# Participant types in the order that picks "the" provider of an encounter or appointment: the
+# attender, then the primary and secondary performers, consultant, admitter, discharger, referrer,
+# any participant; a practitioner reference with none of these types comes after them all.
+# (v3 ParticipationType; documented in docs/data-dictionary.md, "encounters".)
+PARTICIPANT_RANK: Final[dict[str, int]] = {
+    code: rank for rank, code in enumerate(["ATND", "PPRF", "SPRF", "CON", "ADM", "DIS", "REF", "PART"])
+}
+_UNTYPED: Final = len(PARTICIPANT_RANK)
+_NOT_A_PROVIDER: Final = 1_000
+
+
+def conditional_identifier(reference: pl.Expr, resource_type: str) -> pl.Expr:
+    """The identifier value of a conditional reference 'Type?identifier=[system|]value', else null."""
+    return reference.str.extract(rf"^{resource_type}\?identifier=(?:[^|&]*(?:\||%7[Cc]))?([^&]+)$", 1)
+
+
 def _is_practitioner(ref: pl.Expr) -> pl.Expr:
-    by_reference = ref.struct.field("reference").str.contains("Practitioner/").fill_null(False)
+    """A reference to a practitioner in any standard form: literal or absolute ('Practitioner/1',
+    'https://host/Practitioner/1'), conditional ('Practitioner?identifier=...'), or logical (an NPI)."""
+    reference = ref.struct.field("reference")
+    by_reference = reference.str.contains(r"(?:^|/)Practitioner(?:Role)?[/?]").fill_null(False)
     by_npi = (ref.struct.field("identifier").struct.field("system") == NPI_SYSTEM).fill_null(False)
     return by_reference | by_npi
 
 
 def _practitioner_id(ref: pl.Expr) -> pl.Expr:
-    """The Practitioner id of a literal reference, else the logical reference's identifier value."""
+    """The Practitioner id of a literal reference, the identifier of a conditional one, else the
+    logical reference's identifier value; display-only references have none."""
+    reference = ref.struct.field("reference")
     return pl.coalesce(
-        ref_id(ref.struct.field("reference"), "Practitioner"),
+        ref_id(reference, "Practitioner"),
+        conditional_identifier(reference, "Practitioner"),
         ref.struct.field("identifier").struct.field("value"),
     )
 
 
-def _codeable(cc: pl.Expr) -> tuple[pl.Expr, pl.Expr, pl.Expr]:
-    """(code, system, display) of a CodeableConcept's first coding; display falls back to text."""
-    coding = _first(cc.struct.field("coding"))
-    return (
-        coding.struct.field("code"),
-        coding.struct.field("system"),
-        pl.coalesce(coding.struct.field("display"), cc.struct.field("text")),
+def _provider(participants: pl.Expr, actor: str) -> pl.Expr:
+    """The participant's reference (``actor``: 'individual' or 'actor') ranked first by
+    ``PARTICIPANT_RANK``; ties go to the earlier participant. A display-only reference counts when
+    its participant type is a provider type (that is how many EHRs send a name without an id)."""
+    element = pl.element()
+    ref = element.struct.field(actor)
+    codes = element.struct.field("type").list.eval(
+        pl.element()
+        .struct.field("coding")
+        .list.eval(pl.element().struct.field("code"))
+        .list.explode(keep_nulls=False, empty_as_null=False)
     )
-
-
-def _cc_text(cc: pl.Expr) -> pl.Expr:
-    return pl.coalesce(cc.struct.field("text"), _first(cc.struct.field("coding")).struct.field("display"))
+    type_rank = (
+        codes.list.eval(
+            pl.element().replace_strict(PARTICIPANT_RANK, default=_UNTYPED, return_dtype=pl.Int32)
+        )
+        .list.min()
+        .fill_null(_UNTYPED)
+    )
+    display_only = (
+        ref.struct.field("reference").is_null()
+        & ref.struct.field("identifier").is_null()
+        & ref.struct.field("display").is_not_null()
+    )
+    rank = (
+        pl.when(_is_practitioner(ref) | (display_only & (type_rank < _UNTYPED)))
+        .then(type_rank)
+        .otherwise(_NOT_A_PROVIDER)
+    )
+    ranks = participants.list.eval(rank)
+    chosen = participants.list.get(ranks.list.arg_min(), null_on_oob=True)
+    return pl.when(ranks.list.min() < _NOT_A_PROVIDER).then(chosen.struct.field(actor))
 
 
 def _common_columns() -> list[pl.Expr]:
@@ -395,18 +432,26 @@ def _finish(
     # and not the ValueSet columns either, which are mapped from their ``_source`` columns after it.
     coded = valuesets.CODED_COLUMNS[table]
     mapped = {column for column, _ in coded}
+    carried = [c for c in ("_components",) if c in located.collect_schema().names()]
     slim = common.detach(
         located,
         [
             *(c for c in schema.TABLES[table] if c not in mapped),
-            *("quarantine_reason", "raw_ref", "_seq", "_page", "_idx", common.RECORD_RAW),
+            *("quarantine_reason", "raw_ref", "_seq", "_page", "_idx", common.RECORD_RAW, *carried),
         ],
     )
-    deduped = common.dedupe(slim).with_columns(
+    deduped = common.dedupe(slim)
+    if carried:
+        # Components of the kept version only, after dedupe: a duplicate's components are its
+        # record's, counted with it, and a quarantined record keeps them in its raw JSON.
+        filled = observations.with_component_rows(common.fill_raw(deduped, pages, _locate, ["_idx"]))
+    else:
+        filled = common.fill_raw(deduped, pages, _locate, ["_idx"])
+    mapped_codes = filled.with_columns(
         valuesets.map_code(pl.col(f"{column}_source"), SURFACE, field).alias(column)
         for column, field in coded
     )
-    return common.finish(common.fill_raw(deduped, pages, _locate, ["_idx"]), table)
+    return common.finish(mapped_codes, table)
 
 
 def _ends_before_start(start: pl.Expr, end: pl.Expr) -> pl.Expr:
@@ -480,19 +525,8 @@ def patients(pages: pl.LazyFrame) -> pl.LazyFrame:
 
 def encounters(pages: pl.LazyFrame) -> pl.LazyFrame:
     """FHIR Encounter pages -> normalized ``encounters`` frame."""
-    participants = _field("participant")
-    is_attending = (
-        pl.element()
-        .struct.field("type")
-        .list.eval(pl.element().struct.field("coding").list.eval(pl.element().struct.field("code") == "ATND"))
-        .list.eval(pl.element().list.any())
-        .list.any()
-    )
-    attending = pl.coalesce(
-        _first(participants.list.filter(is_attending.fill_null(False))),
-        _first(participants.list.filter(_is_practitioner(pl.element().struct.field("individual")))),
-    ).struct.field("individual")
-    type_code, type_system, type_display = _codeable(_first(_field("type")))
+    attending = _provider(_field("participant"), "individual")
+    type_code, type_system, type_display = observations.codeable(_first(_field("type")))
     klass = _field("class", "code")
     status = _field("status")
     start, end = _field("period", "start"), _field("period", "end")
@@ -501,13 +535,14 @@ def encounters(pages: pl.LazyFrame) -> pl.LazyFrame:
         ref_id(_field("subject", "reference"), "Patient").alias("patient_source_id"),
         klass.alias("class_source"),
         type_code.alias("type_code"),
-        type_system.alias("type_system"),
+        codesystems.canonical(type_system).alias("type_system"),
+        type_system.alias("type_system_source"),
         type_display.alias("type_display"),
         status.alias("status_source"),
         _first(_field("location")).struct.field("location").struct.field("display").alias("location"),
         _practitioner_id(attending).alias("attending_provider_id"),
         attending.struct.field("display").alias("attending_provider_name"),
-        _cc_text(_first(_field("reasonCode"))).alias("reason"),
+        observations.cc_text(_first(_field("reasonCode"))).alias("reason"),
     )
     checks = [
         *_base_checks(clinical=True),
@@ -520,49 +555,36 @@ def encounters(pages: pl.LazyFrame) -> pl.LazyFrame:
 
 
 def results(pages: pl.LazyFrame) -> pl.LazyFrame:
-    """FHIR Observation pages -> normalized ``results`` frame."""
-    code, system, display = _codeable(_field("code"))
-    quantity = _field("valueQuantity")
-    rng = _first(_field("referenceRange"))
-    rng_text = rng.struct.field("text")
-    text_low, text_high = common.parse_range(rng_text)
-    structured_bounds = (
-        rng.struct.field("low").struct.field("value").is_not_null()
-        | rng.struct.field("high").struct.field("value").is_not_null()
-    )
-    text_low = pl.when(~structured_bounds).then(text_low)
-    text_high = pl.when(~structured_bounds).then(text_high)
-    low = pl.coalesce(rng.struct.field("low").struct.field("value"), text_low)
-    high = pl.coalesce(rng.struct.field("high").struct.field("value"), text_high)
-    flag = _first(_first(_field("interpretation")).struct.field("coding")).struct.field("code")
+    """FHIR Observation pages -> normalized ``results`` frame: one row per Observation, plus one per
+    component (``transforms.observations``), each carrying its parent's ``source_id``."""
+    r = pl.col("r")
     status = _field("status")
     effective = pl.coalesce(
         _field("effectiveDateTime"), _field("effectivePeriod", "start"), _field("effectiveInstant")
+    )
+    values = observations.value_columns(r)
+    members = _field("hasMember").list.eval(
+        pl.coalesce(
+            ref_id(pl.element().struct.field("reference"), "Observation"),
+            pl.element().struct.field("reference"),
+        )
     )
     frame = _timestamps(_explode(pages, "results"), effective_at=effective).with_columns(
         *_common_columns(),
         ref_id(_field("subject", "reference"), "Patient").alias("patient_source_id"),
         ref_id(_first(_field("basedOn")).struct.field("reference"), "ServiceRequest").alias("order_id"),
-        code.alias("code"),
-        system.alias("code_system"),
-        display.alias("display"),
-        pl.coalesce(quantity.struct.field("value"), _field("valueInteger")).alias("value_num"),
-        pl.coalesce(_field("valueString"), _cc_text(_field("valueCodeableConcept"))).alias("value_text"),
-        pl.coalesce(quantity.struct.field("unit"), quantity.struct.field("code")).alias("unit"),
-        low.alias("reference_low"),
-        high.alias("reference_high"),
-        # The text stays unless the bounds were read out of it (then it would say the same twice).
-        pl.when(structured_bounds | (text_low.is_null() & text_high.is_null()))
-        .then(rng_text)
-        .alias("reference_text"),
-        flag.alias("abnormal_flag_source"),
+        pl.lit(None, dtype=pl.String).alias("parent_source_id"),
+        pl.when(members.list.len() > 0).then(members).alias("member_source_ids"),
+        *(expr.alias(name) for name, expr in observations.coded_columns(r).items()),
+        *(expr.alias(name) for name, expr in values.items()),
         status.alias("status_source"),
+        observations.components(r).alias("_components"),
     )
     checks = [
         *_base_checks(clinical=True),
         (~common.present(status), "status: missing"),
         (common.unparseable(effective, pl.col("effective_at")), "effective[x]: unparseable datetime"),
-        (~common.present(code), "code: missing coding"),
+        (~common.present(pl.col("code")), "code: missing coding"),
     ]
     return _finish(frame, pages, "results", checks)
 
@@ -576,17 +598,7 @@ def appointments(pages: pl.LazyFrame) -> pl.LazyFrame:
     def actor(kind: str) -> pl.Expr:
         return _first(actors.list.filter(reference.str.contains(f"{kind}/").fill_null(False)))
 
-    is_attending = (
-        pl.element()
-        .struct.field("type")
-        .list.eval(pl.element().struct.field("coding").list.eval(pl.element().struct.field("code") == "ATND"))
-        .list.eval(pl.element().list.any())
-        .list.any()
-    )
-    provider = pl.coalesce(
-        _first(participants.list.filter(is_attending.fill_null(False))).struct.field("actor"),
-        _first(actors.list.filter(_is_practitioner(pl.element()))),
-    )
+    provider = _provider(participants, "actor")
     # A location named only by display (no reference, no identifier) is how the sandbox sends it.
     bare = reference.is_null() & pl.element().struct.field("identifier").is_null()
     location = pl.coalesce(
@@ -594,7 +606,7 @@ def appointments(pages: pl.LazyFrame) -> pl.LazyFrame:
         _first(actors.list.filter(bare & pl.element().struct.field("display").is_not_null())),
     )
     appt_type = _field("appointmentType")
-    type_code, _, type_display = _codeable(appt_type)
+    type_code, _, type_display = observations.codeable(appt_type)
     status = _field("status")
     start, end = _field("start"), _field("end")
     minutes = _field("minutesDuration")
@@ -610,7 +622,9 @@ def appointments(pages: pl.LazyFrame) -> pl.LazyFrame:
             location.struct.field("display").alias("location"),
             _practitioner_id(provider).alias("provider_id"),
             provider.struct.field("display").alias("provider_name"),
-            pl.coalesce(_cc_text(_first(_field("reasonCode"))), _field("description")).alias("reason"),
+            pl.coalesce(observations.cc_text(_first(_field("reasonCode"))), _field("description")).alias(
+                "reason"
+            ),
         )
         .with_columns(
             pl.coalesce(minutes.cast(pl.Int32, strict=False), derived.cast(pl.Int32, strict=False)).alias(

@@ -21,6 +21,7 @@ from typing import Final
 import polars as pl
 
 import schema
+from transforms import codesystems
 
 # source code (lower-cased, stripped) -> canonical value. Not a warehouse table: those are entities.
 CodeMap = Mapping[str, str]
@@ -293,4 +294,6 @@ def unmapped_counts(frame: pl.DataFrame, table: str, surface: str) -> dict[str, 
         if src not in frame.columns:
             continue
         out[column] = int(frame.select(is_unmapped(pl.col(src), surface, field).sum()).item() or 0)
+    # Code systems outside the one vocabulary pass through unchanged; they are counted here.
+    out.update(codesystems.unknown_counts(frame, table))
     return out

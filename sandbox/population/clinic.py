@@ -35,6 +35,21 @@ _ANALYTES: Final[dict[str, names.Analyte]] = {
 }
 
 
+# Result shapes beyond a number or a string (see ``Clinic.orders``).
+SNOMED: Final = "http://snomed.info/sct"
+QUALITATIVE: Final = {"Positive": "10828004", "Negative": "260385009"}
+BOOLEAN_ANALYTE: Final = "5802-4"
+BP_EVERY: Final = 4
+BP_PANEL: Final = ("85354-9", "Blood pressure panel with all children optional")
+BP_PARTS: Final = (
+    ("8480-6", "Systolic blood pressure", "systolic"),
+    ("8462-4", "Diastolic blood pressure", "diastolic"),
+)
+BP_UNIT: Final = "mm[Hg]"
+COMPONENTS: Final = pl.List(
+    pl.Struct({"code": pl.String(), "display": pl.String(), "value_num": pl.Float64(), "unit": pl.String()})
+)
+
 CLASSES: Final = tuple(_CLASS_WEIGHTS)
 _AMBULATORY: Final = CLASSES.index("ambulatory")
 _VIRTUAL: Final = CLASSES.index("virtual")
@@ -340,7 +355,29 @@ class Clinic:
         )
         positive = pl.col("u_text") < pl.col("p_abnormal")
         is_text = pl.col("mean").is_null()
-        return rows.select(
+        text = pl.when(positive).then("abnormal_text").otherwise("normal_text")
+        # FHIR EHRs code qualitative results (SNOMED CT), and send the nitrite dipstick as a
+        # boolean; the Data Model sends them as strings.
+        fhir_kind = (
+            pl.when(~is_text)
+            .then(pl.lit("quantity"))
+            .when(pl.col("code") == BOOLEAN_ANALYTE)
+            .then(pl.lit("boolean"))
+            .otherwise(pl.lit("codeable_concept"))
+        )
+        value_type = (
+            pl.when(is_fhir)
+            .then(fhir_kind)
+            .otherwise(pl.when(is_text).then(pl.lit("string")).otherwise(pl.lit("quantity")))
+        )
+        coded = value_type == "codeable_concept"
+        snomed = text.replace_strict(QUALITATIVE, default=None, return_dtype=pl.String)
+        value_text = pl.when(is_text).then(
+            pl.when(value_type == "boolean")
+            .then(pl.when(positive).then(pl.lit("true")).otherwise(pl.lit("false")))
+            .otherwise(text)
+        )
+        results = rows.select(
             "surface",
             source_id=pl.when(is_fhir).then("uuid").otherwise(pl.format("{}|{}", "order_id", "code")),
             patient_source_id="patient",
@@ -349,9 +386,7 @@ class Clinic:
             code_system=pl.lit(names.LOINC),
             display="display",
             value_num="value",
-            value_text=pl.when(is_text).then(
-                pl.when(positive).then("abnormal_text").otherwise("normal_text")
-            ),
+            value_text=value_text,
             unit="unit",
             reference_low="ref_low",
             reference_high="ref_high",
@@ -365,9 +400,83 @@ class Clinic:
             .then(pl.lit("preliminary"))
             .otherwise(pl.lit("final")),
             effective_at="effective",
+            value_type=value_type,
+            value_code=pl.when(coded).then(snomed),
+            value_code_system=pl.when(coded).then(pl.lit(SNOMED)),
+            value_code_display=pl.when(coded).then(text),
+            components=pl.lit(None, dtype=COMPONENTS),
             updated="updated",
             preliminary="preliminary",
         )
+        pressure = self._blood_pressure(orders, is_fhir).select(results.columns)
+        return pl.concat([results, pressure], how="vertical_relaxed")
+
+    @staticmethod
+    def _blood_pressure(orders: pl.DataFrame, is_fhir: pl.Expr) -> pl.DataFrame:
+        """A blood pressure taken with one order in ``BP_EVERY``: on FHIR one panel Observation
+        whose systolic and diastolic are components; on the Data Model two plain numeric results.
+        Values are a digest of the order id, not random draws, so every other draw is unchanged."""
+        number = pl.col("order_id").cast(pl.Int64)
+        taken = orders.filter(number % BP_EVERY == 0).with_columns(
+            systolic=(100 + number % 53).cast(pl.Float64), diastolic=(60 + number % 31).cast(pl.Float64)
+        )
+        status = (
+            pl.when("error")
+            .then(pl.lit("entered-in-error"))
+            .when("preliminary")
+            .then(pl.lit("preliminary"))
+            .otherwise(pl.lit("final"))
+        )
+        base = {
+            "surface": pl.col("surface"),
+            "patient_source_id": pl.col("patient"),
+            "order_id": pl.col("order_id"),
+            "code_system": pl.lit(names.LOINC),
+            "reference_low": pl.lit(None, dtype=pl.Float64),
+            "reference_high": pl.lit(None, dtype=pl.Float64),
+            "reference_text": pl.lit(None, dtype=pl.String),
+            "abnormal_flag": pl.lit(None, dtype=pl.String),
+            "status": status,
+            "effective_at": pl.col("effective"),
+            "value_code": pl.lit(None, dtype=pl.String),
+            "value_code_system": pl.lit(None, dtype=pl.String),
+            "value_code_display": pl.lit(None, dtype=pl.String),
+        }
+        tail = {"updated": pl.col("updated"), "preliminary": pl.col("preliminary")}
+        component = [
+            pl.struct(
+                code=pl.lit(code), display=pl.lit(display), value_num=pl.col(column), unit=pl.lit(BP_UNIT)
+            )
+            for code, display, column in BP_PARTS
+        ]
+        panel = taken.filter(is_fhir).select(
+            source_id=pl.format("bp-{}", "order_id"),
+            **base,
+            code=pl.lit(BP_PANEL[0]),
+            display=pl.lit(BP_PANEL[1]),
+            value_num=pl.lit(None, dtype=pl.Float64),
+            value_text=pl.lit(None, dtype=pl.String),
+            unit=pl.lit(None, dtype=pl.String),
+            value_type=pl.lit(None, dtype=pl.String),
+            components=pl.concat_list(component),
+            **tail,
+        )
+        parts = [
+            taken.filter(~is_fhir).select(
+                source_id=pl.format("{}|{}", "order_id", pl.lit(code)),
+                **base,
+                code=pl.lit(code),
+                display=pl.lit(display),
+                value_num=pl.col(column),
+                value_text=pl.lit(None, dtype=pl.String),
+                unit=pl.lit(BP_UNIT),
+                value_type=pl.lit("quantity"),
+                components=pl.lit(None, dtype=COMPONENTS),
+                **tail,
+            )
+            for code, display, column in BP_PARTS
+        ]
+        return pl.concat([panel, *parts], how="diagonal_relaxed")
 
     def appointments(
         self,
@@ -464,8 +573,11 @@ class Clinic:
         )
 
     @staticmethod
-    def lab_value(rng: random.Random, code: str) -> tuple[float, str]:
-        """A fresh value and its flag for analyte ``code`` (a corrected result's new value)."""
+    def lab_value(rng: random.Random, code: str) -> tuple[float, str | None]:
+        """A fresh value and its flag for analyte ``code`` (a corrected result's new value); a
+        blood pressure part (sent without a flag) gets a plausible reading and no flag."""
+        if code not in _ANALYTES:
+            return float(round(rng.gauss(120.0 if code == BP_PARTS[0][0] else 80.0, 8.0))), None
         _, _, _, decimals, low, high, crit_low, crit_high, mean, sd = _ANALYTES[code]
         value = round(max(rng.gauss(mean, sd), 10.0**-decimals), decimals)
         if crit_low is not None and value < crit_low:

@@ -11,7 +11,7 @@ from typing import Final
 import polars as pl
 import pyarrow as pa
 
-from sandbox.model import Kind, Person, Surface
+from sandbox.model import Kind, Person, Result, Surface, Version, provider_form
 from sandbox.population.ids import SURFACES
 from sandbox.store import Store
 
@@ -69,6 +69,10 @@ _TRUTH: Final[dict[Kind, dict[str, tuple[str, pl.DataType]]]] = {
         "abnormal_flag": ("abnormal_flag", pl.String()),
         "status": ("status", pl.String()),
         "effective_at": ("effective_at", _TS),
+        "value_type": ("value_type", pl.String()),
+        "value_code": ("value_code", pl.String()),
+        "value_code_system": ("value_code_system", pl.String()),
+        "value_code_display": ("value_code_display", pl.String()),
     },
     "appointments": {
         "source_surface": ("surface", pl.String()),
@@ -99,6 +103,90 @@ _ARROW: Final[dict[pl.DataType, pa.DataType]] = {
 }
 
 
+def _with_components(results: pl.DataFrame, versions: list[Version]) -> pl.DataFrame:
+    """``results`` plus one row per component of a panel, as the warehouse holds them: keyed
+    '<panel source_id>/component/<i>', with ``parent_source_id`` naming the panel, the panel's
+    patient, order, status and times, and the component's own code, value and unit."""
+    rows = []
+    for v in versions:
+        r = v.record
+        assert isinstance(r, Result)
+        for i, c in enumerate(r.components or ()):
+            rows.append(
+                {
+                    "source_surface": r.surface,
+                    "source_id": f"{r.source_id}/component/{i}",
+                    "parent_source_id": r.source_id,
+                    "code": c["code"],
+                    "display": c["display"],
+                    "value_num": c["value_num"],
+                    "unit": c["unit"],
+                    "value_type": "quantity",
+                }
+            )
+    parents = results.with_columns(pl.lit(None, dtype=pl.String).alias("parent_source_id"))
+    if not rows:
+        return parents
+    inherited = [
+        "patient_source_id",
+        "order_id",
+        "code_system",
+        "status",
+        "effective_at",
+        "last_updated",
+        "version_id",
+    ]
+    parts = pl.DataFrame(rows).join(
+        parents.select(pl.col("source_surface"), pl.col("source_id").alias("parent_source_id"), *inherited),
+        on=["source_surface", "parent_source_id"],
+    )
+    return pl.concat([parents, parts], how="diagonal_relaxed").select(parents.columns)
+
+
+# The results truth in the unified table's column order, with the value columns no sandbox record
+# fills (they stay null in the lake too): the schema minus ``*_source`` and ``source_updated_at``.
+_RESULT_ORDER: Final[dict[str, pl.DataType]] = {
+    "source_surface": pl.String(),
+    "source_id": pl.String(),
+    "patient_source_id": pl.String(),
+    "order_id": pl.String(),
+    "parent_source_id": pl.String(),
+    "member_source_ids": pl.List(pl.String()),
+    "code": pl.String(),
+    "code_system": pl.String(),
+    "display": pl.String(),
+    "value_type": pl.String(),
+    "value_num": pl.Float64(),
+    "value_comparator": pl.String(),
+    "value_text": pl.String(),
+    "value_code": pl.String(),
+    "value_code_system": pl.String(),
+    "value_code_display": pl.String(),
+    "value_low": pl.Float64(),
+    "value_high": pl.Float64(),
+    "value_denominator": pl.Float64(),
+    "value_at": _TS,
+    "value_end_at": _TS,
+    "absent_reason": pl.String(),
+    "unit": pl.String(),
+    "reference_low": pl.Float64(),
+    "reference_high": pl.Float64(),
+    "reference_text": pl.String(),
+    "abnormal_flag": pl.String(),
+    "status": pl.String(),
+    "effective_at": _TS,
+    "last_updated": _TS,
+    "version_id": pl.Int64(),
+}
+
+
+def _result_columns(results: pl.DataFrame) -> pl.DataFrame:
+    return results.select(
+        (pl.col(c) if c in results.columns else pl.lit(None)).cast(dtype).alias(c)
+        for c, dtype in _RESULT_ORDER.items()
+    )
+
+
 def truth_frames(
     store: Store,
     persons: dict[str, Person],
@@ -125,6 +213,24 @@ def truth_frames(
         frame = pl.from_arrow(pa.table(arrays))
         assert isinstance(frame, pl.DataFrame)
         out[kind] = frame.cast(schema)  # type: ignore[arg-type]
+        if kind == "results":
+            out[kind] = _result_columns(_with_components(out[kind], versions))
+        if kind == "encounters":
+            # A FHIR provider sent by name only (``provider_form``) has no id to load.
+            display_only = pl.Series(
+                [
+                    v.record.surface == "fhir" and provider_form(v.record.source_id) == "display"
+                    for v in versions
+                ],
+                dtype=pl.Boolean,
+            )
+            frame = out[kind]
+            out[kind] = frame.with_columns(
+                pl.when(display_only & pl.col("attending_provider_name").is_not_null())
+                .then(None)
+                .otherwise(pl.col("attending_provider_id"))
+                .alias("attending_provider_id")
+            )
     rows = [(pid, surface, sid) for pid, patients in patients_of.items() for surface, sid in patients]
     out["persons"] = pl.DataFrame(
         rows,

@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from sandbox.datamodel import utc_ms
+from sandbox.datamodel import echoes_query, utc_ms
 from sandbox.server import Running
 
 pytestmark = pytest.mark.integration
@@ -38,7 +38,16 @@ def redox_model(body: dict[str, Any]) -> Any:
     """The class ``redox.factory.redox_object_factory`` picks for a payload, found the same way
     without importing ``redox.factory`` (it pulls in ``redox.generic``: ~10 s)."""
     module = importlib.import_module(f"redox.{body['Meta']['DataModel'].replace(' ', '').lower()}")
-    return getattr(module, body["Meta"]["EventType"])
+    return getattr(module, reply_event(body))
+
+
+def reply_event(body: dict[str, Any]) -> str:
+    """The EventType a reply's shape is: a PatientSearch reply that echoes "Query" (as captured Redox
+    traffic does, and the sandbox for one patient in three) is a Response by its content."""
+    event = body["Meta"]["EventType"]
+    if body["Meta"]["DataModel"] == "PatientSearch" and event == "Query" and "PotentialMatches" in body:
+        return "Response"
+    return str(event)
 
 
 def _valid(response: httpx.Response) -> dict[str, Any]:
@@ -82,7 +91,8 @@ def test_patient_search_by_identifier(sandbox: Running, ask: Callable[..., httpx
     body = _valid(
         ask("PatientSearch", "Query", Patient={"Identifiers": [{"ID": patient.source_id, "IDType": "MR"}]})
     )
-    assert body["Meta"]["EventType"] == "Response"
+    assert reply_event(body) == "Response"
+    assert body["Meta"]["EventType"] == ("Query" if echoes_query(body) else "Response")
     found = body["Patient"]
     assert {"ID": patient.source_id, "IDType": "MR"} in found["Identifiers"]
     assert found["Demographics"]["LastName"] == patient.family_name
@@ -279,4 +289,7 @@ def test_responses_pass_redox_object_factory(sandbox: Running, ask: Callable[...
         ask("PatientAdmin", "VisitQuery", VisitStartDateTime=start, VisitEndDateTime=end),
     ):
         body = response.json()
+        if reply_event(body) != body["Meta"]["EventType"]:
+            # pyredox picks its model by EventType alone: an echoed reply is read as what it is.
+            body = {**body, "Meta": {**body["Meta"], "EventType": reply_event(body)}}
         assert type(redox_object_factory(body)) is redox_model(body)

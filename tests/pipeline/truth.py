@@ -14,12 +14,27 @@ from resources.warehouse import Warehouse
 KEY = ["source_surface", "source_id"]
 COMPARED = {
     "patients": ["given_name", "family_name", "birth_date", "sex", "address_postal_code"],
-    "encounters": ["patient_source_id", "class", "status", "start_at", "end_at"],
+    "encounters": [
+        "patient_source_id",
+        "class",
+        "status",
+        "start_at",
+        "end_at",
+        "type_system",
+        "attending_provider_id",
+        "attending_provider_name",
+    ],
     "results": [
         "patient_source_id",
+        "parent_source_id",
         "code",
+        "code_system",
+        "value_type",
         "value_num",
         "value_text",
+        "value_code",
+        "value_code_system",
+        "value_code_display",
         "unit",
         "abnormal_flag",
         "status",
@@ -55,9 +70,20 @@ def expected(truth: dict[str, pl.DataFrame], first: dt.date, last: dt.date) -> d
         for table, column in CLINICAL_TIME.items()
     }
     out["patients"] = truth["patients"].join(referenced(out), on=KEY)
-    # Redox's VisitQueryResponse has no end of visit: the Data Model surface cannot carry end_at.
+    # Data Model ids are unique only within a source system: the lake keys those records by their
+    # patient too ('<patient_source_id>/<id>'), as transforms/datamodel scopes them.
+    for table in CLINICAL_TIME:
+        out[table] = out[table].with_columns(
+            pl.when(pl.col("source_surface") == "datamodel")
+            .then(pl.concat_str([pl.col("patient_source_id"), pl.col("source_id")], separator="/"))
+            .otherwise(pl.col("source_id"))
+            .alias("source_id")
+        )
+    # Redox's VisitQueryResponse has no end of visit, visit type or attending provider: the Data
+    # Model surface cannot carry them.
     out["encounters"] = out["encounters"].with_columns(
-        pl.when(pl.col("source_surface") == "fhir").then(pl.col("end_at")).alias("end_at")
+        pl.when(pl.col("source_surface") == "fhir").then(pl.col(c)).alias(c)
+        for c in ("end_at", "type_system", "attending_provider_id", "attending_provider_name")
     )
     return out
 

@@ -313,7 +313,8 @@ def test_clinical_values_use_the_canonical_vocabularies(truth: dict[str, pl.Data
     assert set(truth["encounters"]["class"].unique()) == set(VALUESETS["encounter_class"]) - {"unknown"}
     assert set(truth["encounters"]["status"].unique()) <= set(VALUESETS["encounter_status"])
     assert set(truth["results"]["status"].unique()) <= set(VALUESETS["result_status"])
-    assert set(truth["results"]["abnormal_flag"].unique()) <= set(VALUESETS["abnormal_flag"])
+    # Blood pressure readings carry no flag (null), as their sources send none.
+    assert set(truth["results"]["abnormal_flag"].drop_nulls().unique()) <= set(VALUESETS["abnormal_flag"])
     assert {"normal", "low", "high", "abnormal"} <= set(truth["results"]["abnormal_flag"].unique())
     assert set(truth["appointments"]["status"].unique()) >= {"booked", "fulfilled", "cancelled", "noshow"}
     assert set(truth["appointments"]["status"].unique()) <= set(VALUESETS["appointment_status"])
@@ -331,7 +332,13 @@ def test_records_point_at_patients_of_their_surface(truth: dict[str, pl.DataFram
 def test_ids_have_each_surface_shape(truth: dict[str, pl.DataFrame]) -> None:
     for kind in ("encounters", "results", "appointments"):
         frame = truth[kind]
+        if kind == "results":
+            # Blood pressure panels ('bp-<order>') and their components ('<panel>/component/<i>').
+            frame = frame.filter(~pl.col("source_id").str.starts_with("bp-"))
         assert frame.filter(pl.col("source_surface") == "fhir")["source_id"].str.contains(UUID.pattern).all()
+    panels = truth["results"].filter(pl.col("source_id").str.starts_with("bp-"))
+    assert panels["source_id"].str.contains(r"^bp-\d+(?:/component/[01])?$").all()
+    assert (panels["parent_source_id"].is_null() == ~panels["source_id"].str.contains("/component/")).all()
     dm = pl.col("source_surface") == "datamodel"
     visits = pl.concat(
         [truth["encounters"].filter(dm)["source_id"], truth["appointments"].filter(dm)["source_id"]]
@@ -385,7 +392,8 @@ def test_rates_per_patient(truth: dict[str, pl.DataFrame]) -> None:
 
 
 def test_abnormal_flags_follow_values_and_ranges(truth: dict[str, pl.DataFrame]) -> None:
-    numeric = truth["results"].filter(pl.col("value_num").is_not_null())
+    blood_pressure = pl.col("code").is_in(["85354-9", "8480-6", "8462-4"])
+    numeric = truth["results"].filter(pl.col("value_num").is_not_null() & ~blood_pressure)
     for row in numeric.iter_rows(named=True):
         v, lo, hi, flag = row["value_num"], row["reference_low"], row["reference_high"], row["abnormal_flag"]
         assert hi is not None and row["unit"] is not None
@@ -396,8 +404,15 @@ def test_abnormal_flags_follow_values_and_ranges(truth: dict[str, pl.DataFrame])
         else:
             assert lo is not None and v < lo
     text = truth["results"].filter(pl.col("value_text").is_not_null())
-    assert set(text["value_text"].unique()) == {"Positive", "Negative"}
-    assert ((text["value_text"] == "Positive") == (text["abnormal_flag"] == "abnormal")).all()
+    # FHIR sends the nitrite dipstick as a boolean; every other qualitative value is Positive/Negative.
+    assert set(text["value_text"].unique()) == {"Positive", "Negative", "true", "false"}
+    positive = text["value_text"].is_in(["Positive", "true"])
+    assert (positive == (text["abnormal_flag"] == "abnormal")).all()
+    coded = truth["results"].filter(pl.col("value_type") == "codeable_concept")
+    assert not coded.is_empty() and (coded["source_surface"] == "fhir").all()
+    assert (
+        coded["value_code"] == coded["value_text"].replace({"Positive": "10828004", "Negative": "260385009"})
+    ).all()
     assert (text["reference_text"] == "Negative").all()
     panels = truth["results"].group_by("source_surface", "order_id").agg(pl.col("effective_at").n_unique())
     assert (panels["effective_at"] == 1).all()

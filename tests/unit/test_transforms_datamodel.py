@@ -102,8 +102,14 @@ def run(entity: str, *bodies: str, **kwargs: Any) -> pl.DataFrame:
     return out
 
 
+def local_id(source_id: pl.Expr) -> pl.Expr:
+    """A clinical key without its patient scope ('<patient>/<id>' -> '<id>'); patients unchanged."""
+    return source_id.str.replace(r"^[^/]*/", "")
+
+
 def one(out: pl.DataFrame, source_id: str) -> dict[str, Any]:
-    rows = out.filter(pl.col("source_id") == source_id)
+    """The row whose id at the source is ``source_id`` (clinical keys are scoped by patient)."""
+    rows = out.filter((pl.col("source_id") == source_id) | (local_id(pl.col("source_id")) == source_id))
     assert rows.height == 1
     return rows.row(0, named=True)
 
@@ -126,7 +132,9 @@ def test_the_expectation_table_covers_every_fixture_of_the_families() -> None:
 def test_every_fixture_normalizes_without_error(name: str, entity: str) -> None:
     out = run(entity, fixture(name))
     assert bad(out).height == 0, bad(out)["quarantine_reason"].to_list()
-    assert sorted(out["source_id"].to_list()) == EXPECTED[name].get(entity, [])
+    assert sorted(out.select(local_id(pl.col("source_id")))["source_id"].to_list()) == EXPECTED[name].get(
+        entity, []
+    )
     assert out["source_surface"].to_list() == ["datamodel"] * out.height
     good_part, bad_part = common.split(out.lazy())
     assert good_part.collect().schema == schema.TABLES[entity]
@@ -234,7 +242,7 @@ def test_clinical_summary_encounter() -> None:
     assert row["patient_source_id"] == "2.16.840.1.113883.4.6:1234"
     assert (row["type_code"], row["type_system"], row["type_display"]) == (
         "99222",
-        "2.16.840.1.113883.6.12",
+        "http://www.ama-assn.org/go/cpt",
         "InPatient Admission",
     )
     assert row["start_at"] == datetime(2012, 8, 6, 4, 0, tzinfo=UTC)
@@ -258,7 +266,10 @@ def test_results_query_response() -> None:
 
 def test_clinical_summary_numeric_observation() -> None:
     row = one(run("results", fixture("clinicalsummary_patientqueryresponse")), CS_RESULTS[1])
-    assert (row["code"], row["code_system"], row["display"]) == ("30313-1", "2.16.840.1.113883.6.1", "HGB")
+    assert (row["code"], row["code_system"], row["display"]) == ("30313-1", "http://loinc.org", "HGB")
+    # The source's own spelling of the system is kept beside the canonical URI.
+    assert row["code_system_source"] == "2.16.840.1.113883.6.1"
+    assert (row["value_type"], row["value_num"], row["unit"]) == ("quantity", 10.2, "g/dl")
     assert (row["value_num"], row["value_text"], row["unit"]) == (10.2, None, "g/dl")
     assert row["order_id"] is None
 
@@ -303,7 +314,11 @@ def test_sandbox_order_shape() -> None:
     row = one(run("results", results_body(order())), "ORD1|2345-7")
     assert (row["value_num"], row["value_text"], row["unit"]) == (105.5, None, "mg/dL")
     assert (row["reference_low"], row["reference_high"], row["reference_text"]) == (70.0, 99.0, None)
-    assert (row["abnormal_flag"], row["code_system"]) == ("high", "LOINC")
+    assert (row["abnormal_flag"], row["code_system"], row["code_system_source"]) == (
+        "high",
+        "http://loinc.org",
+        "LOINC",
+    )
     assert row["effective_at"] == datetime(2026, 11, 1, 14, 10, tzinfo=UTC)
 
 
@@ -334,7 +349,12 @@ def test_result_status_and_flag_codes() -> None:
     out = good(run("results", results_body(o)))
     mapped = dict(zip(out["abnormal_flag_source"], out["abnormal_flag"], strict=True))
     assert mapped == {**{f.title(): v for f, v in valuesets.DM_ABNORMAL_FLAG.items()}, "Weird": "unknown"}
-    assert valuesets.unmapped_counts(out, "results", "datamodel") == {"abnormal_flag": 1, "status": 0}
+    assert valuesets.unmapped_counts(out, "results", "datamodel") == {
+        "abnormal_flag": 1,
+        "status": 0,
+        "code_system": 0,
+        "value_code_system": 0,
+    }
 
 
 def visits_body(*visits: dict[str, Any], patient: dict[str, Any] | None = None) -> str:
@@ -442,7 +462,7 @@ def test_bad_visits_are_quarantined(change: dict[str, Any], reason: str) -> None
     if change.get("VisitNumber", "") is None:
         broken.pop("VisitNumber")
     out = run("encounters", visits_body(VISIT, broken))
-    assert good(out)["source_id"].to_list() == ["V1"]
+    assert good(out).select(local_id(pl.col("source_id")))["source_id"].to_list() == ["V1"]
     q = bad(out).row(0, named=True)
     assert q["quarantine_reason"] == reason
     assert json.loads(q["raw"]) == broken
@@ -487,7 +507,7 @@ def test_bad_orders_are_quarantined(mutate: Any, reason: str) -> None:
     broken = order(ID="BAD")
     mutate(broken)
     out = run("results", results_body(order(), broken))
-    assert good(out)["source_id"].to_list() == ["ORD1|2345-7"]
+    assert good(out).select(local_id(pl.col("source_id")))["source_id"].to_list() == ["ORD1|2345-7"]
     assert bad(out)["quarantine_reason"].to_list() == [reason]
     assert bad(out)["raw"][0] is not None
 

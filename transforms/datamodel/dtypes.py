@@ -92,12 +92,14 @@ CS_ENCOUNTER: Final = pl.Struct(
         "ReasonForVisit": pl.List(pl.Struct({"Code": S, "Name": S})),
     }
 )
-CS_RESULT: Final = pl.Struct({"Code": S, "CodeSystem": S, "Name": S})
+CS_RESULT: Final = pl.Struct({"Code": S, "CodeSystem": S, "CodeSystemName": S, "Name": S})
 CS_OBSERVATION: Final = pl.Struct(
     {
         "Code": S,
         "CodeSystem": S,
+        "CodeSystemName": S,
         "Name": S,
+        "CodedValue": pl.Struct({"Code": S, "CodeSystem": S, "CodeSystemName": S, "Name": S}),
         "Status": S,
         "Interpretation": S,
         "DateTime": S,

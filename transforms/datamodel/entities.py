@@ -11,11 +11,12 @@ then the one on the later page; reasons name Data Model field paths, never value
 """
 
 from collections.abc import Sequence
+from typing import Final
 
 import polars as pl
 
 import schema
-from transforms import common, valuesets
+from transforms import codesystems, common, valuesets
 from transforms.datamodel.chains import CHAINS
 from transforms.datamodel.fields import (
     DEFAULT_ID_TYPES,
@@ -48,6 +49,7 @@ def encounters(
             provider = field(rec, "Providers").list.first()
             start, start_check = timestamp(field(rec, "DateTime"), "start_at", "Encounters[].DateTime")
             end, end_check = timestamp(field(rec, "EndDateTime"), "end_at", "Encounters[].EndDateTime")
+            type_system = pl.coalesce(field(rec, "Type", "CodeSystem"), field(rec, "Type", "CodeSystemName"))
             ident = (
                 field(rec, "Identifiers")
                 .list.filter(common.present(pl.element().struct.field("ID")))
@@ -56,9 +58,8 @@ def encounters(
             columns = [
                 field(ident, "ID").alias("source_id"),
                 field(rec, "Type", "Code").alias("type_code"),
-                pl.coalesce(field(rec, "Type", "CodeSystem"), field(rec, "Type", "CodeSystemName")).alias(
-                    "type_system"
-                ),
+                codesystems.canonical(type_system).alias("type_system"),
+                type_system.alias("type_system_source"),
                 field(rec, "Type", "Name").alias("type_display"),
                 field(rec, "Locations").list.first().struct.field("Name").alias("location"),
                 field(rec, "ReasonForVisit").list.first().struct.field("Name").alias("reason"),
@@ -203,9 +204,17 @@ def results(
     for chain in CHAINS["results"]:
         rec, order = pl.col("rec"), pl.col("outer")
         value_text = field(rec, "Value")
-        value_type = field(rec, "ValueType").str.strip_chars().str.to_lowercase()
-        numeric_type = value_type.is_in(["numeric", "nm", "physicalquantity", "pq"])
-        number = common.parse_number(value_text)
+        value_type = (
+            field(rec, "ValueType").str.strip_chars().str.to_lowercase().str.replace_all(r"[\s_-]", "")
+        )
+        numeric_type = value_type.is_in(NUMERIC_TYPES)
+        comparator = value_text.str.strip_chars().str.extract(r"^(<=|>=|<|>)\s*[-+.\d]", 1)
+        number = common.parse_number(
+            pl.when(comparator.is_not_null())
+            .then(value_text.str.strip_chars().str.strip_prefix(comparator))
+            .otherwise(value_text)
+        )
+        coded = pl.col("rec").struct.field("CodedValue") if chain.name != "orders" else None
         rng = field(rec, "ReferenceRange")
         low_given, high_given = field(rng, "Low"), field(rng, "High")
         low_num, high_num = common.parse_number(low_given), common.parse_number(high_given)
@@ -234,9 +243,9 @@ def results(
                 field(order, "TransactionDateTime"), field(order, "LastUpdated"), pl.col("_event_at")
             )
             source_id = pl.concat_str([order_id, field(rec, "Code")], separator="|")
+            code_system = field(rec, "Codeset")
             columns = [
                 order_id.alias("order_id"),
-                field(rec, "Codeset").alias("code_system"),
                 field(rec, "Description").alias("display"),
                 field(rec, "Units").alias("unit"),
                 field(rec, "AbnormalFlag").alias("abnormal_flag_source"),
@@ -254,9 +263,9 @@ def results(
             source_id = pl.concat_str(
                 [field(order, "Code"), field(rec, "Code"), field(rec, "DateTime")], separator="|"
             )
+            code_system = pl.coalesce(field(rec, "CodeSystem"), field(rec, "CodeSystemName"))
             columns = [
                 pl.lit(None, dtype=pl.String).alias("order_id"),
-                field(rec, "CodeSystem").alias("code_system"),
                 field(rec, "Name").alias("display"),
                 field(rec, "Units").alias("unit"),
                 field(rec, "Interpretation").alias("abnormal_flag_source"),
@@ -269,10 +278,10 @@ def results(
             source_id.alias("source_id"),
             patient.alias("patient_source_id"),
             field(rec, "Code").alias("code"),
-            pl.when(numeric_type | value_type.is_null()).then(number).alias("value_num"),
-            pl.when(~(numeric_type | value_type.is_null()) | number.is_null())
-            .then(value_text)
-            .alias("value_text"),
+            pl.lit(None, dtype=pl.String).alias("parent_source_id"),
+            codesystems.canonical(code_system).alias("code_system"),
+            code_system.alias("code_system_source"),
+            *_value_columns(value_type, value_text, number, comparator, coded),
             pl.coalesce(low_num, pl.when(~structured).then(text_low)).alias("reference_low"),
             pl.coalesce(high_num, pl.when(~structured).then(text_high)).alias("reference_high"),
             pl.when(structured | (text_low.is_null() & text_high.is_null()))
@@ -313,6 +322,61 @@ def results(
         ]
         frames.append(_recheck(frame, checks))
     return _finish(frames, decoded, pages, "results")
+
+
+# Data Model ValueTypes (HL7 v2 OBX-2 codes and Redox's spelled-out names, lower-cased, without
+# spaces, '_' or '-') -> ``results.value_type``. A type not listed keeps its Value as text ('string').
+NUMERIC_TYPES: Final = ("numeric", "nm", "physicalquantity", "pq", "structurednumeric", "sn")
+_VALUE_TYPES: Final[dict[str, str]] = {
+    **dict.fromkeys(NUMERIC_TYPES, "quantity"),
+    **dict.fromkeys(("code", "codedentry", "ce", "cwe", "cne", "coded"), "codeable_concept"),
+    **dict.fromkeys(("datetime", "dt", "dtm", "ts", "date"), "datetime"),
+    **dict.fromkeys(("time", "tm"), "time"),
+    **dict.fromkeys(
+        ("string", "st", "text", "tx", "formattedtext", "ft", "encapsulateddata", "ed"), "string"
+    ),
+}
+
+
+def _value_columns(
+    value_type: pl.Expr, value: pl.Expr, number: pl.Expr, comparator: pl.Expr, coded: pl.Expr | None
+) -> list[pl.Expr]:
+    """The ``results`` value columns of one Data Model result, by its ValueType (``_VALUE_TYPES``).
+
+    A numeric type whose Value is not a number keeps the text (and is quarantined by the caller's
+    check); a result with no ValueType is numeric when its Value parses as a number. A coded value
+    is ``CodedValue`` where the message has one (Clinical Summary), else the Value itself.
+    """
+    kind = value_type.replace_strict(_VALUE_TYPES, default="string", return_dtype=pl.String)
+    kind = (
+        pl.when(value_type.is_null())
+        .then(pl.when(number.is_not_null()).then(pl.lit("quantity")).otherwise(pl.lit("string")))
+        .otherwise(kind)
+    )
+    has_value = common.present(value) | (
+        coded.struct.field("Code").is_not_null() if coded is not None else False
+    )
+    kind = pl.when(has_value).then(kind)
+    is_code = kind == "codeable_concept"
+    code_system = (
+        pl.coalesce(coded.struct.field("CodeSystem"), coded.struct.field("CodeSystemName"))
+        if coded is not None
+        else pl.lit(None, dtype=pl.String)
+    )
+    code = pl.coalesce(coded.struct.field("Code"), value) if coded is not None else value
+    display = pl.coalesce(coded.struct.field("Name"), value) if coded is not None else value
+    is_time = kind.is_in(["datetime"])
+    return [
+        kind.alias("value_type"),
+        pl.when(kind == "quantity").then(number).alias("value_num"),
+        pl.when(kind == "quantity").then(comparator).alias("value_comparator"),
+        pl.when((kind != "quantity") | number.is_null()).then(value).alias("value_text"),
+        pl.when(is_code).then(code).alias("value_code"),
+        pl.when(is_code).then(codesystems.canonical(code_system)).alias("value_code_system"),
+        pl.when(is_code).then(code_system).alias("value_code_system_source"),
+        pl.when(is_code).then(display).alias("value_code_display"),
+        pl.when(is_time).then(common.parse_utc(value)).alias("value_at"),
+    ]
 
 
 def patients(
@@ -426,12 +490,38 @@ def _finish(
         .sort("_page", maintain_order=True)
         .with_row_index("_seq")
     )
+    if "patient_source_id" in schema.TABLES[table]:
+        merged = merged.with_columns(scoped_key().alias("source_id"))
+    have = set(merged.collect_schema().names())
+    # Columns no chain of this surface fills (a FHIR-only value shape) are null, not missing.
+    merged = merged.with_columns(
+        pl.lit(None, dtype=dtype).alias(c) for c, dtype in schema.TABLES[table].items() if c not in have
+    )
     string_cols = [c for c, dt in schema.TABLES[table].items() if dt == pl.String and c != "source_surface"]
     merged = merged.with_columns([blank_to_null(pl.col(c)).alias(c) for c in string_cols])
     if "_rank" not in merged.collect_schema().names():
         merged = merged.with_columns(pl.lit(0).alias("_rank"))
     deduped = common.dedupe(merged, prefer=("_rank", "source_updated_at"))
     return common.finish(common.fill_raw(deduped, pages, record_path, ["_path"]), table)
+
+
+def scoped_key() -> pl.Expr:
+    """A clinical record's natural key: '<patient_source_id>/<id at the source>'.
+
+    Data Model ids (Order ID, VisitNumber, an encounter's identifier) are unique only within the
+    source system and id type that issued them, and Redox sends no assigning authority for them,
+    so two patients' records can carry one id. Scoped by the patient, such records are two keys:
+    both are kept, never one merged into the other.
+    """
+    local = pl.col("source_id")
+    # A quarantined record keeps the id the source sent: it is never merged, and a person fixing it
+    # looks for that id.
+    scoped = pl.col("patient_source_id").is_not_null() & local.is_not_null()
+    return (
+        pl.when(scoped & pl.col("quarantine_reason").is_null())
+        .then(pl.concat_str([pl.col("patient_source_id"), local], separator="/"))
+        .otherwise(local)
+    )
 
 
 def _recheck(frame: pl.LazyFrame, checks: list[tuple[pl.Expr, str]]) -> pl.LazyFrame:

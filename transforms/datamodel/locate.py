@@ -9,7 +9,9 @@ Invariants:
 - one row per located record, per record that cannot be read (quarantined), and per unreadable
   page (quarantined), before dedupe; ``count_records`` counts exactly what was located, so
   ``records == good + sum(duplicates) + quarantined`` for every batch;
-- request messages (Query, VisitQuery, Booked, ...) are not data: they yield no rows;
+- request messages (Query, VisitQuery, Booked, ...) are not data: they yield no rows; a message is
+  a request by its content (``is_request``: a request event type and no reply container), so a
+  reply that echoes its request's EventType is still read;
 - a response with ``Meta.Errors`` is one quarantined page row: Redox said the query failed;
 - PatientSearch's "no single match" answer (``Patient: {}``) is not a patient.
 """
@@ -39,6 +41,23 @@ REQUEST_EVENTS: Final = frozenset(
         "AvailableSlots",
     }
 )
+
+
+# Containers only a reply carries: a request asks with Patient/Patients/Visit criteria, never with
+# these. Captured Redox traffic shows replies that echo the request's EventType (a PatientSearch
+# response whose EventType is "Query"), so the event type alone cannot say what a message is.
+RESPONSE_CONTAINERS: Final = ("PotentialMatches", "Orders", "Visits", "Results", "Encounters")
+
+
+def is_request(entity: str) -> pl.Expr:
+    """True on a decoded page that asks rather than tells: a request event type and none of the
+    reply containers (``RESPONSE_CONTAINERS``) this entity's page dtype reads."""
+    b = pl.col("_b")
+    present = [name for name in RESPONSE_CONTAINERS if name in page_dtype(entity).to_schema()]
+    carries_data = pl.any_horizontal(
+        [b.struct.field(name).is_not_null() for name in present] or [pl.lit(False)]
+    )
+    return pl.col("_event").is_in(list(REQUEST_EVENTS)).fill_null(False) & ~carries_data
 
 
 def decode(pages: pl.LazyFrame, entity: str) -> pl.LazyFrame:
@@ -79,13 +98,11 @@ def decode(pages: pl.LazyFrame, entity: str) -> pl.LazyFrame:
     )
 
 
-def _chain_rows(decoded: pl.LazyFrame, chain: Chain) -> pl.LazyFrame:
+def _chain_rows(decoded: pl.LazyFrame, chain: Chain, entity: str) -> pl.LazyFrame:
     """One row per record of ``chain``: columns ``rec`` (the leaf struct), ``ctx`` (the innermost
     context struct or the sibling patient), ``outer`` (the first level's item when there are two
     levels), ``_path`` and the page columns."""
-    frame = decoded.filter(
-        pl.col("_page_reason").is_null() & ~pl.col("_event").is_in(list(REQUEST_EVENTS)).fill_null(False)
-    )
+    frame = decoded.filter(pl.col("_page_reason").is_null() & ~is_request(entity))
     if chain.data_model is not None:
         frame = frame.filter(pl.col("_data_model") == chain.data_model)
     sibling: pl.Expr = pl.lit(None, dtype=with_mark(PATIENT_CTX))
@@ -126,7 +143,7 @@ def page_rows(decoded: pl.LazyFrame) -> pl.LazyFrame:
 
 def records(decoded: pl.LazyFrame, chain: Chain, entity: str) -> pl.LazyFrame:
     """The rows of ``chain`` that are records of ``entity``."""
-    rows = _chain_rows(decoded, chain)
+    rows = _chain_rows(decoded, chain, entity)
     if entity == "patients":
         rec = pl.col("rec")
         # PatientSearch answers "no single match" with Patient: {} (and the matches beside it).
