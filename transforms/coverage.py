@@ -95,6 +95,39 @@ _DM_RESULT: Final = (
 _DM_CTX: Final = (*_under("Patient", _DM_PATIENT), *_under("Header.Patient", _DM_PATIENT), *_DM_META)
 
 # (surface, entity) -> the source paths its normalizer maps (each covers the paths under it).
+# Observation value[x], dataAbsentReason, interpretation and reference range, as
+# transforms/observations.py reads them (for the Observation itself and for each component[]).
+_FHIR_VALUES: Final = (
+    "valueQuantity.value",
+    "valueQuantity.comparator",
+    "valueQuantity.unit",
+    "valueQuantity.system",
+    "valueQuantity.code",
+    *_under("valueCodeableConcept", _CODEABLE),
+    "valueString",
+    "valueBoolean",
+    "valueInteger",
+    *(f"valueRange.{end}.{f}" for end in ("low", "high") for f in ("value", "unit", "code")),
+    *(
+        f"valueRatio.{part}.{f}"
+        for part in ("numerator", "denominator")
+        for f in ("value", "comparator", "unit", "system", "code")
+    ),
+    "valueSampledData.origin.value",
+    "valueSampledData.origin.unit",
+    "valueSampledData.origin.code",
+    "valueSampledData.data",
+    "valueTime",
+    "valueDateTime",
+    "valuePeriod.start",
+    "valuePeriod.end",
+    *_under("dataAbsentReason", _CODEABLE),
+    *_under("interpretation[]", _CODEABLE),
+    "referenceRange[].low.value",
+    "referenceRange[].high.value",
+    "referenceRange[].text",
+)
+
 MAPPED: Final[dict[tuple[str, str], tuple[str, ...]]] = {
     ("fhir", "patients"): (
         *_FHIR_BASE,
@@ -138,18 +171,9 @@ MAPPED: Final[dict[tuple[str, str], tuple[str, ...]]] = {
         "effectiveDateTime",
         "effectivePeriod.start",
         "effectiveInstant",
-        "valueQuantity.value",
-        "valueQuantity.unit",
-        "valueQuantity.code",
-        "valueString",
-        "valueInteger",
-        # value_text holds the concept's text (or its first coding's display); its code is not held yet.
-        "valueCodeableConcept.text",
-        "valueCodeableConcept.coding[].display",
-        *_under("interpretation[]", _CODEABLE),
-        "referenceRange[].low.value",
-        "referenceRange[].high.value",
-        "referenceRange[].text",
+        *_FHIR_VALUES,
+        *_under("component[]", (*_under("code", _CODEABLE), *_FHIR_VALUES)),
+        "hasMember[].reference",
     ),
     ("fhir", "appointments"): (
         *_FHIR_BASE,

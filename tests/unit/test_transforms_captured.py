@@ -70,6 +70,7 @@ def test_coverage_counts_a_record_once_per_path_and_flags_mapped_paths() -> None
         "id": "o",
         "code": {"coding": [{"system": "http://loinc.org", "code": "85354-9"}, {"code": "x"}]},
         "component": [{"valueQuantity": {"value": 1}}, {"valueQuantity": {"value": 2}}],
+        "specimen": {"display": "serum"},
         "note": [],
         "status": "",
     }
@@ -85,9 +86,10 @@ def test_coverage_counts_a_record_once_per_path_and_flags_mapped_paths() -> None
         "id": (2, True),
         "code.coding[].system": (2, True),
         "code.coding[].code": (2, True),
-        "component[].valueQuantity.value": (2, False),
+        "component[].valueQuantity.value": (2, True),
+        "specimen.display": (2, False),
     }
-    assert coverage.top_unmapped(frame) == ["component[].valueQuantity.value (2)"]
+    assert coverage.top_unmapped(frame) == ["specimen.display (2)"]
     assert coverage.is_mapped("identifier[].value", ["identifier"])
     assert not coverage.is_mapped("identifierX", ["identifier"])
 
