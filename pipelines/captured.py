@@ -39,7 +39,7 @@ from resources.warehouse import Warehouse
 from schema import QUARANTINE
 from transforms import captured, coverage
 from transforms import datamodel as dm_norm
-from transforms.common import split
+from transforms.common import components_in, split
 from transforms.streams import STREAMS, Stream
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,8 @@ class StreamReport:
     loaded: int = 0
     duplicates: int = 0
     quarantined: int = 0
+    # Observation component rows: parts of a loaded record, so not records themselves.
+    components: int = 0
     known_references: int = 0
     inserted: int = 0
     updated: int = 0
@@ -248,7 +250,9 @@ def _load_stream(
     seen = coverage.merge_counts(counts.values())
     row = report.streams.setdefault((surface, entity), StreamReport(surface, entity))
     row.read += records
-    row.loaded += good.height
+    components = components_in(good)
+    row.loaded += good.height - components
+    row.components += components
     row.duplicates += int(normalized.filter(pl.col("quarantine_reason").is_null())["duplicates"].sum())
     row.quarantined += bad.height
     row.known_references += known_references

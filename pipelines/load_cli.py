@@ -82,6 +82,9 @@ def print_report(report: "LoadReport") -> None:
             f"[yellow]{report.unrouted} document(s) of no known shape quarantined[/yellow]"
             " (quarantine, entity 'unrouted', with the reason)"
         )
+    parts = [f"{r.table} {r.surface} {r.components}" for r in report.streams.values() if r.components]
+    if parts:
+        console.print(f"Component rows (parts of loaded records, e.g. blood pressure): {', '.join(parts)}")
     if report.other:
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(report.other.items()))
         console.print(f"Records no table holds (counted, not loaded): {kinds}")

@@ -103,6 +103,7 @@ def contained_reader(lake: LakeConfig) -> duckdb.DuckDBPyConnection:
 def writer(lake: LakeConfig) -> Iterator[duckdb.DuckDBPyConnection]:
     """Hold the lake's writer lock and yield a read-write connection, closed on leaving."""
     lake.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _require_shared_data_path(lake)
     # A shared (Postgres) catalog has writers on several machines: the flock alone cannot see them.
     shared = lake.catalog.target if lake.catalog.kind == "postgres" else None
     with writer_lock(lake.lock_file, timeout=lake.lock_timeout_s, shared=shared):
@@ -149,14 +150,20 @@ def _open(lake: LakeConfig, *, read_only: bool) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def _attach(lake: LakeConfig, *, read_only: bool, create: bool) -> duckdb.DuckDBPyConnection:
-    """A new in-memory DuckDB instance with the extensions loaded and the lake attached."""
-    spec = lake.catalog
-    if spec.kind != "sqlite" and not read_only and not lake.data_path_configured:
+def _require_shared_data_path(lake: LakeConfig) -> None:
+    # Checked before the writer lock too: a misconfigured writer is refused before it connects.
+    if lake.catalog.kind != "sqlite" and not lake.data_path_configured:
         raise ValueError(
             "a Postgres catalog needs REDOX_LAKE_DATA_PATH (or Warehouse(data_path=...)) set to the "
             "same data location on every writer, e.g. s3://bucket/lake/"
         )
+
+
+def _attach(lake: LakeConfig, *, read_only: bool, create: bool) -> duckdb.DuckDBPyConnection:
+    """A new in-memory DuckDB instance with the extensions loaded and the lake attached."""
+    spec = lake.catalog
+    if not read_only:
+        _require_shared_data_path(lake)
     con = duckdb.connect()
     try:
         # An extension LOAD on a busy machine is slow enough to draw a progress bar otherwise.

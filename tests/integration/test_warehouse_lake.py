@@ -53,6 +53,8 @@ def _value(name: str, dtype: pl.DataType, row: int) -> object:
         return STAMP + dt.timedelta(hours=row)
     if isinstance(dtype, pl.Date):
         return dt.date(2024, 2, 29)
+    if isinstance(dtype, pl.List) and dtype.inner == pl.String():
+        return [f"{name}-{row}-a", f"{name}-{row}-b"]
     if isinstance(dtype, pl.List):
         return [{"system": "urn:mrn", "value": f"{row}-1"}, {"system": "urn:ssn", "value": None}]
     if isinstance(dtype, pl.Int32):

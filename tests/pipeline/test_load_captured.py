@@ -157,7 +157,8 @@ def test_corpus_loads_with_nothing_silently_lost(isolated_lake_env: None) -> Non
         "coverage", "--unmapped", "--entity", "results", "--limit", "500"
     )
 
-    # Every row reaches its source JSON from SQL: its page, and in a FHIR page the entry of its id.
+    # Every row reaches its source JSON from SQL: its page, and in a FHIR page the entry of its id
+    # (a component row: its parent Observation's entry, which holds the component).
     for table in TABLES.values():
         orphans = warehouse.query(
             f"SELECT count(*) AS n FROM {table} t LEFT JOIN source_pages p ON p.raw_ref = t.source_ref"
@@ -167,7 +168,7 @@ def test_corpus_loads_with_nothing_silently_lost(isolated_lake_env: None) -> Non
     exact = warehouse.query(
         "SELECT count(*) AS n FROM results t JOIN source_pages p ON p.raw_ref = t.source_ref"
         " WHERE t.source_surface = 'fhir' AND len(list_filter(CAST(p.body -> '$.entry[*].resource' AS JSON[]),"
-        " lambda r: (r ->> 'id') = t.source_id)) = 1"
+        " lambda r: (r ->> 'id') = coalesce(t.parent_source_id, t.source_id))) = 1"
     )["n"][0]
     assert exact == warehouse.query("SELECT count(*) AS n FROM results WHERE source_surface = 'fhir'")["n"][0]
 

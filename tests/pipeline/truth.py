@@ -62,6 +62,17 @@ def referenced(clinical: dict[str, pl.DataFrame]) -> pl.DataFrame:
     ).unique()
 
 
+def scope_datamodel_ids(frame: pl.DataFrame) -> pl.DataFrame:
+    """Data Model ids are unique only within a source system: the lake keys those clinical records
+    by their patient too ('<patient_source_id>/<id>'), as transforms/datamodel scopes them."""
+    return frame.with_columns(
+        pl.when(pl.col("source_surface") == "datamodel")
+        .then(pl.concat_str([pl.col("patient_source_id"), pl.col("source_id")], separator="/"))
+        .otherwise(pl.col("source_id"))
+        .alias("source_id")
+    )
+
+
 def expected(truth: dict[str, pl.DataFrame], first: dt.date, last: dt.date) -> dict[str, pl.DataFrame]:
     """Truth rows a sync of [first, last] must load: the window's clinical records, their patients."""
     lo, hi = bounds(first, last)
@@ -70,15 +81,8 @@ def expected(truth: dict[str, pl.DataFrame], first: dt.date, last: dt.date) -> d
         for table, column in CLINICAL_TIME.items()
     }
     out["patients"] = truth["patients"].join(referenced(out), on=KEY)
-    # Data Model ids are unique only within a source system: the lake keys those records by their
-    # patient too ('<patient_source_id>/<id>'), as transforms/datamodel scopes them.
     for table in CLINICAL_TIME:
-        out[table] = out[table].with_columns(
-            pl.when(pl.col("source_surface") == "datamodel")
-            .then(pl.concat_str([pl.col("patient_source_id"), pl.col("source_id")], separator="/"))
-            .otherwise(pl.col("source_id"))
-            .alias("source_id")
-        )
+        out[table] = scope_datamodel_ids(out[table])
     # Redox's VisitQueryResponse has no end of visit, visit type or attending provider: the Data
     # Model surface cannot carry them.
     out["encounters"] = out["encounters"].with_columns(
