@@ -265,6 +265,8 @@ def build_load_asset(entity: Entity, partitions: dg.PartitionsDefinition) -> dg.
                         "duplicates": total.duplicates,
                         "quarantined": total.quarantined,
                         "known_references": total.known_references,
+                        # Component rows merged beside their records (parts of a record, not records).
+                        "components": total.components,
                     },
                 )
             ],
