@@ -9,6 +9,7 @@ a module's order); after it, breaks are chosen so that none changes what another
 
 import dataclasses
 import datetime as dt
+import importlib
 import json
 import warnings
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from typing import Any
 import dagster as dg
 import pytest
 
+import pipelines.definitions
 from assets import all_assets, all_checks
 from resources import all_resources
 from resources.landing import LandingResource
@@ -44,7 +46,10 @@ def _count(evaluation: Any, key: str) -> Any:
 
 
 def _run_checks(synced: Synced, run_config: dict[str, Any] | None = None) -> dict[tuple[str, str], Any]:
-    from pipelines.definitions import defs
+    # The definitions bind the settings (the lake's folder among them) when they are built, as the
+    # code location does in production: build them afresh under this module's environment, not
+    # whatever another test in this worker process built them under.
+    defs = importlib.reload(pipelines.definitions).defs
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -92,6 +92,8 @@ def test_two_syncs_started_at_once_on_a_fresh_home_both_succeed(
     assert len(runs) >= 2 and all(r.status == DagsterRunStatus.SUCCESS for r in runs)
 
 
+# Twenty rounds of two real sync commands: longer than the suite's 600 s per-test default.
+@pytest.mark.timeout(3000)
 def test_overlapping_syncs_repeated_all_succeed_and_equal_truth(
     sandbox: tuple[Running, dict[str, str]],
 ) -> None:
