@@ -524,6 +524,12 @@ def scoped_key() -> pl.Expr:
     )
 
 
+def local_id() -> pl.Expr:
+    """The id at the source of a good clinical row: its ``source_id`` without the patient scope
+    (``scoped_key``'s inverse)."""
+    return pl.col("source_id").str.slice(pl.col("patient_source_id").str.len_chars() + 1)
+
+
 def _recheck(frame: pl.LazyFrame, checks: list[tuple[pl.Expr, str]]) -> pl.LazyFrame:
     """Add field-check reasons to rows that have no marker reason yet."""
     return frame.with_columns(
