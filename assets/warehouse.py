@@ -19,7 +19,7 @@ from assets.partitions import backfill_policy, partition_folder
 from assets.streams import extract_asset
 from resources.landing import LandingResource, LandingZone
 from resources.warehouse import Warehouse
-from transforms import coverage, valuesets
+from transforms import coverage, fhir_refs, valuesets
 from transforms import datamodel as dm_norm
 from transforms import fhir as fhir_norm
 from transforms.common import components_in, split
@@ -42,6 +42,11 @@ class Tally:
     known_references: int = 0
     # (day, surface) pairs whose landed pages were already loaded: nothing to do.
     skipped: int = 0
+    # FHIR references into a page (urn:uuid, #contained, Patient?identifier) naming nothing it holds.
+    unresolved_references: int = 0
+    # Data Model ids (VisitNumber, Order ID) of the day's rows that the lake holds for more than one
+    # patient: kept as separate records (keys are scoped by patient), counted here.
+    ids_shared_across_patients: int = 0
 
     @property
     def accounted(self) -> bool:
@@ -157,8 +162,34 @@ def load_day(
     tally.updated += stats.updated
     tally.ignored_older += stats.ignored_older
     tally.unknown_codes += sum(valuesets.unmapped_counts(good.drop("source_ref"), entity, surface).values())
+    if surface == "fhir":
+        tally.unresolved_references += fhir_refs.count_unresolved(pages, fhir_norm.RESOURCE_TYPES[entity])
+    elif entity != "patients":
+        tally.ids_shared_across_patients += shared_ids(warehouse, entity, good)
     own = zone.scan(surface, entity, [partition_folder(day)])
     return coverage.field_coverage(own, surface, entity).collect()
+
+
+def shared_ids(warehouse: Warehouse, entity: Entity, good: pl.DataFrame) -> int:
+    """How many ids at the source of ``good``'s Data Model rows (the key without its patient scope:
+    an order's ID for results, else the VisitNumber) the lake holds for more than one patient."""
+    local = "order_id" if entity == "results" else "substr(source_id, length(patient_source_id) + 2)"
+    ids = (
+        good.select(pl.col("order_id") if entity == "results" else dm_norm.local_id())
+        .to_series()
+        .drop_nulls()
+        .unique()
+    )
+    if ids.is_empty():
+        return 0
+    return int(
+        warehouse.query(
+            f"SELECT local FROM (SELECT {local} AS local, patient_source_id FROM {entity}"
+            " WHERE source_surface = 'datamodel') WHERE local IN (SELECT unnest(?::VARCHAR[]))"
+            " GROUP BY local HAVING count(DISTINCT patient_source_id) > 1",
+            [ids.to_list()],
+        ).height
+    )
 
 
 def with_source_ref(good: pl.DataFrame, normalized: pl.DataFrame) -> pl.DataFrame:

@@ -37,8 +37,9 @@ from assets.warehouse import count_records, pages_for, settle_references, with_s
 from resources.landing import LandingZone, RawPage
 from resources.warehouse import Warehouse
 from schema import QUARANTINE
-from transforms import captured, coverage
+from transforms import captured, coverage, fhir_refs
 from transforms import datamodel as dm_norm
+from transforms import fhir as fhir_norm
 from transforms.common import components_in, split
 from transforms.streams import STREAMS, Stream
 
@@ -65,6 +66,8 @@ class StreamReport:
     updated: int = 0
     ignored_older: int = 0
     unmapped_paths: int = 0
+    # FHIR references into a Bundle (urn:uuid, #contained, Patient?identifier) naming nothing it holds.
+    unresolved_references: int = 0
 
 
 @dataclasses.dataclass
@@ -224,6 +227,8 @@ def _load_stream(
     else:
         normalized = stream.normalize(pages).collect()
         records = count_records(pages, surface, entity)
+        row = report.streams.setdefault((surface, entity), StreamReport(surface, entity))
+        row.unresolved_references += fhir_refs.count_unresolved(pages, fhir_norm.RESOURCE_TYPES[entity])
     good_lazy, bad_lazy = split(normalized.lazy(), entity)
     good, bad = pl.collect_all([good_lazy, bad_lazy])
     good = with_source_ref(good, normalized)

@@ -85,6 +85,14 @@ def print_report(report: "LoadReport") -> None:
     parts = [f"{r.table} {r.surface} {r.components}" for r in report.streams.values() if r.components]
     if parts:
         console.print(f"Component rows (parts of loaded records, e.g. blood pressure): {', '.join(parts)}")
+    unresolved = [
+        f"{r.table} {r.unresolved_references}" for r in report.streams.values() if r.unresolved_references
+    ]
+    if unresolved:
+        console.print(
+            "[yellow]References naming nothing their Bundle holds[/yellow] (urn:uuid, #contained,"
+            f" Patient?identifier; a record's patient among them is quarantined): {', '.join(unresolved)}"
+        )
     if report.other:
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(report.other.items()))
         console.print(f"Records no table holds (counted, not loaded): {kinds}")

@@ -34,6 +34,7 @@ from sandbox.datamodel_render import (
     render_result,
     render_visit,
     utc_ms,
+    wire_id,
 )
 from sandbox.fhir import StoreLike
 from sandbox.model import Patient, Result, Version
@@ -366,7 +367,7 @@ class DataModelSurface:
         versions = [
             v
             for v in self._query("appointments", criteria)
-            if numbers is None or v.record.source_id in numbers
+            if numbers is None or wire_id(v.record.source_id) in numbers
         ]
         versions.sort(key=lambda v: (v.record.start_at, v.record.source_id))  # type: ignore[union-attr]
         visits = []
@@ -416,7 +417,7 @@ class DataModelSurface:
         for version in self._query("results", criteria):
             r = version.record
             assert isinstance(r, Result)
-            if order_ids is not None and r.order_id not in order_ids:
+            if order_ids is not None and wire_id(r.order_id) not in order_ids:
                 continue
             if (
                 wanted_status is not None
@@ -434,7 +435,7 @@ class DataModelSurface:
         updated = max(v.last_updated for v in versions)
         statuses = {r.status for r in records}  # type: ignore[union-attr]
         return {
-            "ID": order_id,
+            "ID": wire_id(order_id),
             # Redox's TransactionDateTime is when the order message was made: the latest version here.
             "TransactionDateTime": utc_ms(updated),
             "LastUpdated": utc_ms(updated),

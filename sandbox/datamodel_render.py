@@ -5,7 +5,8 @@ breaks a visit or an order (``malform``).
 
 Invariants: every timestamp is ISO 8601 UTC with milliseconds and ``Z``; a rendering depends only on
 the record version, so the surface may cache it per version; ``malform`` works on a deep copy and
-never alters what it was given (cached pieces stay intact).
+never alters what it was given (cached pieces stay intact); an id is sent as ``wire_id`` of the
+record's (a VisitNumber or Order ID the source system reused for another patient's record).
 """
 
 import copy
@@ -15,6 +16,20 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sandbox.model import Appointment, Encounter, Patient, Result, Version
+
+# Where a Data Model record's key in the store (unique) carries a second part after the id it is
+# sent with: '<sent id>~<own id>' is a record whose source system reused another patient's
+# VisitNumber or Order ID (sandbox/population/records.py makes them).
+REUSED_MARK = "~"
+REUSED_PART = r"~[^|]*"
+_REUSED = re.compile(REUSED_PART)
+
+
+def wire_id(source_id: str) -> str:
+    """The id the Data Model sends for a record (a VisitNumber, an Order ID, a result's
+    '<Order ID>|<Code>'): the store's key less its reuse part."""
+    return _REUSED.sub("", source_id) if REUSED_MARK in source_id else source_id
+
 
 SEX = {"male": "Male", "female": "Female", "other": "Other", "unknown": "Unknown"}
 PATIENT_CLASS = {
@@ -154,7 +169,7 @@ def render_visit(version: Version) -> dict[str, Any]:
     e = version.record
     assert isinstance(e, Encounter)
     return {
-        "VisitNumber": e.source_id,
+        "VisitNumber": wire_id(e.source_id),
         "VisitDateTime": utc_ms(e.start_at),
         "PatientClass": PATIENT_CLASS.get(e.encounter_class, "Unknown"),
         "Status": ENCOUNTER_STATUS.get(e.status, "Unknown"),
@@ -180,7 +195,7 @@ def render_booking(version: Version) -> dict[str, Any]:
             }
         )
     return {
-        "VisitNumber": a.source_id,
+        "VisitNumber": wire_id(a.source_id),
         "VisitDateTime": utc_ms(a.start_at),
         "Duration": a.duration_min,
         "Status": APPOINTMENT_STATUS.get(a.status, "Unknown"),

@@ -110,7 +110,7 @@ class Pusher:
         first = version.version_id == 1
         if isinstance(r, Result):
             order = {
-                "ID": r.order_id,
+                "ID": dmr.wire_id(r.order_id),
                 "TransactionDateTime": _ms(version.last_updated),
                 "LastUpdated": _ms(version.last_updated),
                 "CollectionDateTime": _ms(r.effective_at),

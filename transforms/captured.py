@@ -5,7 +5,10 @@ that). Each document's shape is detected on its own:
 
 - a FHIR ``Bundle`` (searchset, collection, transaction, batch, message, ...): its entries of a
   table's resource type become one searchset page per table, entries kept as they are (with
-  ``request``/``fullUrl``), so the FHIR normalizer reads them as it reads a pulled page;
+  ``request``/``fullUrl``), so the FHIR normalizer reads them as it reads a pulled page. Entries
+  they reference from inside the Bundle (by ``fullUrl``, or a Patient by conditional identifier)
+  ride along on that page, so the normalizer can resolve the reference (transforms/fhir_refs.py);
+  they are of another resource type there, so they are skipped, not counted twice;
 - a single FHIR resource (a file of one, or an NDJSON line): consecutive resources of one type are
   wrapped into searchset Bundles of at most ``PAGE_ENTRIES`` entries;
 - a Data Model message (``Meta.DataModel``): one page, under every table its data model feeds
@@ -23,6 +26,7 @@ Invariants:
 
 import dataclasses
 import json
+import re
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from typing import Any, Final
@@ -165,7 +169,26 @@ def _read_bundle(doc: dict[str, Any], where: str, raw: str, out: Captured) -> No
             out.other[f"fhir:{kind}"] += 1
     for table, kept in by_table.items():
         for start in range(0, len(kept), PAGE_ENTRIES):
-            out.pages[("fhir", table)].append(_bundle("searchset", kept[start : start + PAGE_ENTRIES]))
+            chunk = kept[start : start + PAGE_ENTRIES]
+            out.pages[("fhir", table)].append(_bundle("searchset", chunk + _referenced(chunk, entries)))
+
+
+def _referenced(chunk: list[Any], entries: list[Any]) -> list[Any]:
+    """The entries of the Bundle (of other types than ``chunk``'s) that ``chunk``'s resources name
+    by ``fullUrl``, plus its Patients when one is named by a conditional identifier."""
+    refs = set(re.findall(r'"reference":\s*"([^"]+)"', json.dumps(chunk)))
+    if not refs:
+        return []
+    kinds = {e["resource"]["resourceType"] for e in chunk}
+    conditional = any(r.startswith("Patient?") for r in refs)
+    return [
+        e
+        for e in entries
+        if isinstance(e, dict)
+        and isinstance(e.get("resource"), dict)
+        and e["resource"].get("resourceType") not in kinds
+        and (e.get("fullUrl") in refs or (conditional and e["resource"].get("resourceType") == "Patient"))
+    ]
 
 
 def _bundle(kind: str, entries: list[Any]) -> str:

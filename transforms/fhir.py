@@ -24,7 +24,7 @@ from typing import Any, Final
 import polars as pl
 
 import schema
-from transforms import codesystems, common, observations, valuesets
+from transforms import codesystems, common, fhir_refs, observations, valuesets
 
 SURFACE: Final = "fhir"
 SSN_SYSTEM: Final = "http://hl7.org/fhir/sid/us-ssn"
@@ -176,6 +176,9 @@ def _repairer(entity: str) -> common.Repair:
         if problem:
             # One null entry: the page becomes exactly one (quarantined) row when exploded.
             return common.dumps({common.PAGE_ERROR: problem, "entry": [None]})
+        # References into the page (fullUrl, contained, conditional Patient) are read resolved;
+        # the rows' raw JSON is cut from the original body, so it stays as sent.
+        page = fhir_refs.resolve(page)
         out: list[dict[str, Any]] = []
         for entry in page.get("entry") or []:
             kind, reason = _classify(entry, resource_type)
@@ -275,7 +278,8 @@ def _explode(pages: pl.LazyFrame, entity: str) -> pl.LazyFrame:
                 "body",
                 page_dtype,
                 _repairer(entity),
-                suspect=common.non_string_regex(common.string_keys(page_dtype)),
+                # Pages with references into the page take the repair path, which resolves them.
+                suspect=f"{common.non_string_regex(common.string_keys(page_dtype))}|{fhir_refs.SUSPECT}",
                 accept=_is_bundle,
             ).alias("_b"),
         )
@@ -408,7 +412,9 @@ def _timestamps(frame: pl.LazyFrame, **columns: pl.Expr) -> pl.LazyFrame:
     return common.with_utc(frame, {"source_updated_at": _field("meta", "lastUpdated"), **columns})
 
 
-def _base_checks(clinical: bool) -> list[tuple[pl.Expr, str]]:
+def _base_checks(clinical: bool, patient_refs: pl.Expr | None = None) -> list[tuple[pl.Expr, str]]:
+    """``patient_refs``: the references that could name the record's patient (a list), so that one
+    left unresolved (``fhir_refs``) is told apart from none at all."""
     checks = [
         (~common.present(_field("id")), "id: missing"),
         (
@@ -417,8 +423,16 @@ def _base_checks(clinical: bool) -> list[tuple[pl.Expr, str]]:
         ),
     ]
     if clinical:
-        checks.append((pl.col("patient_source_id").is_null(), "subject: missing Patient reference"))
+        assert patient_refs is not None
+        unresolved = patient_refs.list.eval(pl.element().str.contains(fhir_refs.UNRESOLVED)).list.any()
+        missing = pl.col("patient_source_id").is_null()
+        checks.append((missing & unresolved.fill_null(False), "subject: Patient reference not resolved"))
+        checks.append((missing & ~unresolved.fill_null(False), "subject: missing Patient reference"))
     return checks
+
+
+def _subject_refs() -> pl.Expr:
+    return pl.concat_list(_field("subject", "reference"))
 
 
 def _finish(
@@ -545,7 +559,7 @@ def encounters(pages: pl.LazyFrame) -> pl.LazyFrame:
         observations.cc_text(_first(_field("reasonCode"))).alias("reason"),
     )
     checks = [
-        *_base_checks(clinical=True),
+        *_base_checks(clinical=True, patient_refs=_subject_refs()),
         (~common.present(status), "status: missing"),
         (common.unparseable(start, pl.col("start_at")), "period.start: unparseable datetime"),
         (common.unparseable(end, pl.col("end_at")), "period.end: unparseable datetime"),
@@ -581,7 +595,7 @@ def results(pages: pl.LazyFrame) -> pl.LazyFrame:
         observations.components(r).alias("_components"),
     )
     checks = [
-        *_base_checks(clinical=True),
+        *_base_checks(clinical=True, patient_refs=_subject_refs()),
         (~common.present(status), "status: missing"),
         (common.unparseable(effective, pl.col("effective_at")), "effective[x]: unparseable datetime"),
         (~common.present(pl.col("code")), "code: missing coding"),
@@ -633,7 +647,7 @@ def appointments(pages: pl.LazyFrame) -> pl.LazyFrame:
         )
     )
     checks = [
-        *_base_checks(clinical=True),
+        *_base_checks(clinical=True, patient_refs=actors.list.eval(reference)),
         (~common.present(status), "status: missing"),
         (common.unparseable(start, pl.col("start_at")), "start: unparseable datetime"),
         (common.unparseable(end, pl.col("end_at")), "end: unparseable datetime"),

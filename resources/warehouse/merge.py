@@ -5,13 +5,19 @@ Invariants:
   (polars) and against the stored row (the MERGE's SQL), both rendered from that one definition;
 - a load (rows, the partition's quarantine share, its ``partition_loads`` row) is ONE transaction,
   so every snapshot has loaded + quarantined = fetched for the partition;
-- only the natural key and ``source_updated_at`` are read; every other column passes through untouched.
+- only the natural key and ``source_updated_at`` are read; every other column passes through untouched,
+  except on a table with component rows (``results.parent_source_id``): a component row is part of
+  its record's version, so it follows its parent there. A component whose parent in the lake is
+  newer is ignored as older, and when a record's version wins, its stored component rows that the
+  winning version no longer has are deleted in the same transaction (``components_removed``): the
+  lake never holds a current record beside components of an earlier version.
 """
 
 import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Sequence
+from typing import Final
 
 import duckdb
 import polars as pl
@@ -41,6 +47,8 @@ class MergeStats:
     duplicates: int
     quarantined: int | None  # None: the partition's quarantine was not replaced by this merge
     snapshot_id: int | None
+    # Stored component rows of a record whose winning version has fewer components (results only).
+    components_removed: int = 0
 
     def as_metadata(self) -> dict[str, int]:
         """Counts only, safe for Dagster metadata and logs."""
@@ -51,6 +59,8 @@ class MergeStats:
             "ignored_older": self.ignored_older,
             "duplicates": self.duplicates,
         }
+        if self.components_removed:
+            counts["components_removed"] = self.components_removed
         if self.quarantined is not None:
             counts["quarantined"] = self.quarantined
         return counts
@@ -86,15 +96,19 @@ def merge(
     older = versions.sql_strictly_older("s", "t")
     key_cols = ", ".join(quote_ident(k) for k in NATURAL_KEY)
     version_cols = ", ".join(quote_ident(c) for c in versions.VERSION_COLUMNS)
+    has_parts = PARENT in UNIFIED_TABLES[table]
+    # What the MERGE reads: the incoming rows, less (on a table with parts) the components of a
+    # version the lake already holds a newer one of.
+    source = _kept_parts_sql(target) if has_parts else "_incoming"
     count_sql = (
         "SELECT count(*) FILTER (WHERE t._hit IS NULL),"
         f" count(*) FILTER (WHERE t._hit AND NOT {older}),"
         f" count(*) FILTER (WHERE t._hit AND {older})"
-        f" FROM _incoming AS s LEFT JOIN"
+        f" FROM {source} AS s LEFT JOIN"
         f" (SELECT {key_cols}, {version_cols}, true AS _hit FROM {target}) AS t ON {on}"
     )
     merge_sql = (
-        f"MERGE INTO {target} AS t USING _incoming AS s ON ({on})"
+        f"MERGE INTO {target} AS t USING {source} AS s ON ({on})"
         f" WHEN MATCHED AND NOT {older} THEN UPDATE SET "
         + ", ".join(f"{quote_ident(c)} = s.{quote_ident(c)}" for c in columns)
         + f" WHEN NOT MATCHED THEN INSERT ({', '.join(quote_ident(c) for c in columns)})"
@@ -113,6 +127,8 @@ def merge(
             counts = con.execute(count_sql).fetchone()
             assert counts is not None
             inserted, updated, ignored = (int(n) for n in counts)
+            # Components left out of the MERGE (their record's stored version is newer) are older.
+            ignored += latest.height - inserted - updated - ignored
             affected = _rowcount(con.execute(merge_sql))
             if affected != inserted + updated:
                 # Only possible if the table already holds a key twice; loading on would hide it.
@@ -132,6 +148,7 @@ def merge(
                 duplicates=frame.height - latest.height,
                 quarantined=None if staged_quarantine is None else staged_quarantine.height,
                 snapshot_id=None,
+                components_removed=_remove_stale_parts(con, target) if has_parts else 0,
             )
             if staged_quarantine is not None:
                 _replace_quarantine_rows(
@@ -141,7 +158,7 @@ def merge(
         stats = dataclasses.replace(stats, snapshot_id=current_snapshot(con))
     log.info(
         "merged %s/%s day=%s: rows=%d inserted=%d updated=%d ignored_older=%d duplicates=%d "
-        "quarantined=%s snapshot=%s",
+        "components_removed=%d quarantined=%s snapshot=%s",
         table,
         source_surface,
         partition_day,
@@ -150,10 +167,47 @@ def merge(
         stats.updated,
         stats.ignored_older,
         stats.duplicates,
+        stats.components_removed,
         stats.quarantined,
         stats.snapshot_id,
     )
     return stats
+
+
+# The column that makes a row a part (a component) of another record of its table.
+PARENT: Final = "parent_source_id"
+
+
+def _kept_parts_sql(target: str) -> str:
+    """``_incoming`` without the component rows whose record the lake holds in a newer version: a
+    component's version is its record's, so it loses exactly when its record would."""
+    parent = quote_ident(PARENT)
+    older = versions.sql_strictly_older("s", "p")
+    return (
+        f"(SELECT s.* FROM _incoming AS s WHERE s.{parent} IS NULL OR NOT EXISTS ("
+        f"SELECT 1 FROM {target} AS p WHERE p.source_surface = s.source_surface"
+        f" AND p.source_id = s.{parent} AND p.{parent} IS NULL AND {older}))"
+    )
+
+
+def _remove_stale_parts(con: duckdb.DuckDBPyConnection, target: str) -> int:
+    """After the MERGE: delete the stored component rows of each incoming record whose version is
+    now the lake's (it won, or tied) that the incoming rows do not hold, i.e. the components an
+    earlier version had beyond the winning one's. A record whose stored version stayed (newer than
+    the incoming one) keeps its components."""
+    parent = quote_ident(PARENT)
+    won = versions.sql_strictly_older("s", "p")
+    return _rowcount(
+        con.execute(
+            f"DELETE FROM {target} AS t WHERE t.{parent} IS NOT NULL"
+            f" AND EXISTS (SELECT 1 FROM _incoming AS s JOIN {target} AS p"
+            f" ON p.source_surface = s.source_surface AND p.source_id = s.source_id AND p.{parent} IS NULL"
+            f" WHERE s.{parent} IS NULL AND s.source_surface = t.source_surface"
+            f" AND s.source_id = t.{parent} AND NOT {won})"
+            f" AND NOT EXISTS (SELECT 1 FROM _incoming AS s"
+            f" WHERE s.source_surface = t.source_surface AND s.source_id = t.source_id)"
+        )
+    )
 
 
 def newest_per_key(frame: pl.DataFrame) -> pl.DataFrame:

@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from sandbox.datamodel import echoes_query, utc_ms
+from sandbox.datamodel_render import wire_id
 from sandbox.server import Running
 
 pytestmark = pytest.mark.integration
@@ -83,7 +84,7 @@ def _window(sandbox: Running, kind: str) -> tuple[str, str, set[str]]:
     times = sorted(v.record.start_at if kind != "results" else v.record.effective_at for v in versions)
     lo = times[len(times) // 3].astimezone(UTC)
     hi = lo + timedelta(days=3)
-    return utc_ms(lo), utc_ms(hi), {v.record.source_id for v in versions}
+    return utc_ms(lo), utc_ms(hi), {wire_id(v.record.source_id) for v in versions}
 
 
 def test_patient_search_by_identifier(sandbox: Running, ask: Callable[..., httpx.Response]) -> None:
@@ -146,7 +147,7 @@ def test_scheduling_booked(sandbox: Running, ask: Callable[..., httpx.Response])
         "Entered in Error",
     }
     expected = {
-        v.record.source_id
+        wire_id(v.record.source_id)
         for v in sandbox.world.store.query("appointments", "datamodel")
         if start <= utc_ms(v.record.start_at) < end
     }
@@ -183,7 +184,7 @@ def test_results_query_by_completion_and_patients(
     assert orders
     served = {f"{o['ID']}|{r['Code']}" for o in orders for r in o["Results"]}
     expected = {
-        v.record.source_id
+        wire_id(v.record.source_id)
         for v in sandbox.world.store.query("results", "datamodel")
         if start <= utc_ms(v.record.effective_at) < end
     }
@@ -212,7 +213,7 @@ def test_results_query_last_updated(sandbox: Running, ask: Callable[..., httpx.R
         )
     )
     served = {f"{o['ID']}|{r['Code']}" for o in body["Orders"] for r in o["Results"]}
-    expected = {v.record.source_id for v in versions if v.last_updated >= cut}
+    expected = {wire_id(v.record.source_id) for v in versions if v.last_updated >= cut}
     assert served == expected
 
 
@@ -222,7 +223,7 @@ def test_visit_query(sandbox: Running, ask: Callable[..., httpx.Response]) -> No
     assert body["Meta"]["EventType"] == "VisitQueryResponse"
     visits = [visit for patient in body["Patients"] for visit in patient["Visits"]]
     expected = {
-        v.record.source_id
+        wire_id(v.record.source_id)
         for v in sandbox.world.store.query("encounters", "datamodel")
         if start <= utc_ms(v.record.start_at) < end
     }

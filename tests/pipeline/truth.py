@@ -10,6 +10,7 @@ import polars as pl
 from polars.testing import assert_frame_equal
 
 from resources.warehouse import Warehouse
+from sandbox.datamodel_render import REUSED_PART
 
 KEY = ["source_surface", "source_id"]
 COMPARED = {
@@ -64,10 +65,13 @@ def referenced(clinical: dict[str, pl.DataFrame]) -> pl.DataFrame:
 
 def scope_datamodel_ids(frame: pl.DataFrame) -> pl.DataFrame:
     """Data Model ids are unique only within a source system: the lake keys those clinical records
-    by their patient too ('<patient_source_id>/<id>'), as transforms/datamodel scopes them."""
+    by their patient too ('<patient_source_id>/<id>'), as transforms/datamodel scopes them. The id
+    is the one the sandbox sends: its store key less the part that makes a reused id unique there
+    ('<sent id>~<own id>', sandbox/population/records.py)."""
+    sent = pl.col("source_id").str.replace_all(REUSED_PART, "")
     return frame.with_columns(
         pl.when(pl.col("source_surface") == "datamodel")
-        .then(pl.concat_str([pl.col("patient_source_id"), pl.col("source_id")], separator="/"))
+        .then(pl.concat_str([pl.col("patient_source_id"), sent], separator="/"))
         .otherwise(pl.col("source_id"))
         .alias("source_id")
     )

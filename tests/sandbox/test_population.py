@@ -343,10 +343,20 @@ def test_ids_have_each_surface_shape(truth: dict[str, pl.DataFrame]) -> None:
     visits = pl.concat(
         [truth["encounters"].filter(dm)["source_id"], truth["appointments"].filter(dm)["source_id"]]
     )
-    assert visits.str.contains(r"^\d{9}$").all() and visits.is_unique().all()
+    # A store key is unique; a few are '<sent id>~<own id>': an id reused for another patient.
+    assert visits.str.contains(r"^\d{9}(?:~\d{9})?$").all() and visits.is_unique().all()
     results = truth["results"].filter(dm)
     assert (results["source_id"] == results["order_id"] + "|" + results["code"]).all()
     assert truth["results"].select("source_surface", "order_id", "code").is_unique().all()
+    for kind, key in (("encounters", "source_id"), ("appointments", "source_id"), ("results", "order_id")):
+        rows = truth[kind].filter(dm).select(key, "patient_source_id").unique()
+        reused = rows.filter(pl.col(key).str.contains("~"))
+        assert reused.height > 0, kind
+        owners = dict(rows.filter(~pl.col(key).str.contains("~")).iter_rows())
+        for stored, patient in reused.iter_rows():
+            sent = stored.split("~")[0]
+            # Sent with the id of another patient's record, which is sent as it is.
+            assert sent in owners and owners[sent] != patient, (kind, stored)
 
 
 def test_times_are_utc_whole_seconds_inside_the_range(world: World, truth: dict[str, pl.DataFrame]) -> None:

@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 
 from tests import corpus
-from transforms import datamodel, fhir
+from transforms import captured, datamodel, fhir, fhir_refs
 
 TABLES = ("patients", "encounters", "results", "appointments")
 
@@ -54,6 +54,39 @@ def test_us_core_records_land_in_their_columns(table: str) -> None:
     assert sorted(by_id) == sorted(row["source_id"] for row in expected)
     for want in expected:
         _assert_row(by_id[want["source_id"]], want, f"{table}/{want['source_id']}")
+
+
+@pytest.mark.parametrize("table", ["encounters", "results"])
+def test_us_core_as_a_transaction_bundle_resolves_urn_uuid_and_conditional_patients(table: str) -> None:
+    """The corpus re-sent as a transaction Bundle would be (every Patient under a ``urn:uuid``
+    fullUrl; a record's subject pointing at that fullUrl, or by its identifier), through
+    ``redox-etl load``'s reader: every record finds the patient a literal reference found."""
+    patients = corpus.fhir_records("patients")
+    resources = corpus.fhir_records(table)
+    by_id = {p["id"]: p for p in patients}
+    entries = [{"fullUrl": f"urn:uuid:{p['id']}", "resource": p} for p in patients]
+    for i, r in enumerate(resources):
+        target = corpus.ref_id(r.get("subject"), "Patient")
+        resent = dict(r)
+        if target in by_id and i % 2 == 0:
+            resent["subject"] = {"reference": f"urn:uuid:{target}"}
+        elif target in by_id and by_id[target].get("identifier"):
+            ident = by_id[target]["identifier"][0]
+            resent["subject"] = {"reference": f"Patient?identifier={ident['system']}|{ident['value']}"}
+        entries.append({"fullUrl": f"urn:uuid:{table}-{i}", "resource": resent})
+    text = json.dumps({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+    bodies = captured.read(text).pages[("fhir", table)]
+    pages = pl.LazyFrame({"raw_ref": [f"p{i}" for i in range(len(bodies))], "body": bodies})
+    normalize = fhir.encounters if table == "encounters" else fhir.results
+    out = (
+        normalize(pages)
+        .collect()
+        .filter(pl.col("parent_source_id").is_null() if table == "results" else True)
+    )
+    assert out.filter(pl.col("quarantine_reason").is_not_null()).is_empty()
+    got = dict(out.select("source_id", "patient_source_id").iter_rows())
+    assert got == {r["id"]: corpus.ref_id(r.get("subject"), "Patient") for r in resources}
+    assert fhir_refs.count_unresolved(pages, fhir.RESOURCE_TYPES[table]) == 0
 
 
 def test_no_observation_value_is_silently_lost() -> None:

@@ -22,7 +22,11 @@ CS_RESULTS = [
     "43789009|33765-9|2012-08-10T14:00:00.000Z",
     "624-7|86243-3|2012-08-10T14:00:00.000Z",
 ]
-CS = {"patients": ["2.16.840.1.113883.4.6:1234"], "encounters": ["2376492"], "results": CS_RESULTS}
+CS = {
+    "patients": ["2.16.840.1.113883.4.6:1234"],
+    "encounters": ["URMC Epic CSN:2376492"],
+    "results": CS_RESULTS,
+}
 TIM = {"patients": ["0000000001"]}
 # fixture -> entity -> source ids produced (entities not named produce no rows at all).
 EXPECTED: dict[str, dict[str, list[str]]] = {
@@ -238,7 +242,7 @@ def test_discharge_gives_end_and_attending() -> None:
 
 
 def test_clinical_summary_encounter() -> None:
-    row = one(run("encounters", fixture("clinicalsummary_visitqueryresponse")), "2376492")
+    row = one(run("encounters", fixture("clinicalsummary_visitqueryresponse")), "URMC Epic CSN:2376492")
     assert row["patient_source_id"] == "2.16.840.1.113883.4.6:1234"
     assert (row["type_code"], row["type_system"], row["type_display"]) == (
         "99222",

@@ -31,7 +31,14 @@ from typing import Final
 import polars as pl
 
 from transforms.datamodel.carry import CARRIED, CARRIED_DTYPE, carried_patients
-from transforms.datamodel.entities import appointments, encounters, patients, reference_only, results
+from transforms.datamodel.entities import (
+    appointments,
+    encounters,
+    local_id,
+    patients,
+    reference_only,
+    results,
+)
 from transforms.datamodel.fields import DEFAULT_ID_TYPES, SURFACE
 from transforms.datamodel.locate import count_records, decode
 
@@ -63,6 +70,7 @@ __all__ = [
     "carried_patients",
     "count_records",
     "encounters",
+    "local_id",
     "normalize_counted",
     "patients",
     "reference_only",

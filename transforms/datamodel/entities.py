@@ -55,8 +55,13 @@ def encounters(
                 .list.filter(common.present(pl.element().struct.field("ID")))
                 .list.first()
             )
+            # The identifier's type is part of the key: an id is unique only within its type.
+            id_type = blank_to_null(field(ident, "IDType"))
             columns = [
-                field(ident, "ID").alias("source_id"),
+                pl.when(id_type.is_not_null())
+                .then(pl.concat_str([id_type, field(ident, "ID")], separator=":"))
+                .otherwise(field(ident, "ID"))
+                .alias("source_id"),
                 field(rec, "Type", "Code").alias("type_code"),
                 codesystems.canonical(type_system).alias("type_system"),
                 type_system.alias("type_system_source"),
@@ -522,6 +527,12 @@ def scoped_key() -> pl.Expr:
         .then(pl.concat_str([pl.col("patient_source_id"), local], separator="/"))
         .otherwise(local)
     )
+
+
+def local_id() -> pl.Expr:
+    """The id at the source of a good clinical row: its ``source_id`` without the patient scope
+    (``scoped_key``'s inverse)."""
+    return pl.col("source_id").str.slice(pl.col("patient_source_id").str.len_chars() + 1)
 
 
 def _recheck(frame: pl.LazyFrame, checks: list[tuple[pl.Expr, str]]) -> pl.LazyFrame:
