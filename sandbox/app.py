@@ -25,6 +25,7 @@ import dataclasses
 import io
 import json
 import secrets
+import threading
 import uuid
 import zipfile
 from collections import Counter
@@ -40,7 +41,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sandbox import auth
-from sandbox.datamodel import DataModelSurface
+from sandbox.datamodel import Answer, DataModelSurface
 from sandbox.faults import Faults, FaultSpec
 from sandbox.fhir import RESOURCES, FhirSurface, StoreLike, operation_outcome
 from sandbox.latency import DEFAULT_MAX_RESPONSE_RECORDS, DEFAULT_ROUND_TRIP_LIMIT, LatencySpec, Pacer
@@ -157,6 +158,9 @@ class Sandbox:
             if self.pacer.spec.active
             else None
         )
+        # Held while that worker builds an answer and while the world advances: an answer never
+        # sees half an advance (FHIR answers are built on the loop, which an advance blocks).
+        self.answering = threading.Lock()
         self.base_url = base_url
         self.pusher: Pusher | None = None
 
@@ -450,6 +454,10 @@ def create_app(sandbox: Sandbox) -> Starlette:
 
     # -- Data Model -----------------------------------------------------------------------------
 
+    def answer_in_worker(body: bytes) -> Answer:
+        with sandbox.answering:
+            return sandbox.datamodel.handle(body)
+
     async def endpoint(request: Request) -> Response:
         async def handle(request: Request) -> Response:
             body = await request.body()
@@ -457,7 +465,7 @@ def create_app(sandbox: Sandbox) -> Starlette:
                 answer = sandbox.datamodel.handle(body)
             else:
                 loop = asyncio.get_running_loop()
-                answer = await loop.run_in_executor(sandbox.datamodel_worker, sandbox.datamodel.handle, body)
+                answer = await loop.run_in_executor(sandbox.datamodel_worker, answer_in_worker, body)
             sandbox.stats.datamodel[answer.label] += 1
             await sandbox.pacer.wait(answer.wait)
             return _json(answer.body, answer.status)
@@ -475,7 +483,8 @@ def create_app(sandbox: Sandbox) -> Starlette:
             return _json({"error": 'body must be JSON like {"seconds": N} or {"days": N}'}, 400)
         if seconds <= 0:
             return _json({"error": "advance by a positive amount of time"}, 400)
-        changes = sandbox.world.advance(timedelta(seconds=seconds))
+        with sandbox.answering:
+            changes = sandbox.world.advance(timedelta(seconds=seconds))
         store = sandbox.store()
         return _json({"changes": changes, "clock": store.clock.isoformat(), "head_seq": store.head_seq})
 
