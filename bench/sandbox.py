@@ -315,6 +315,12 @@ def _write_docs(
             "waits for them). Wall time grows with the machine's load (2 CPUs shared with other work),",
             "CPU time much less, so both are shown.",
             "",
+            "Latency rows (issue 14): a sandbox whose every FHIR answer waits a fixed 1 s, one asyncio client",
+            "with raw keep-alive HTTP/1.1 connections (an httpx client on this loaded machine measured itself at",
+            "~35 requests/s); 150 in flight give ~150 requests/s, every answer waiting at once, so the waits",
+            "hold no thread. The hospital row is the startup of `--profile hospital` for 12 days (~510,000",
+            "results on the two surfaces).",
+            "",
         ]
     )
     text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n\n"
