@@ -69,17 +69,12 @@ async def _fetch_clinical(
             entries += page.entries
             duplicates += page.duplicates
         return pages, {"bundle_total": total, "entries": entries, "duplicates": duplicates}, None
-    dm = client.datamodel
-    queries = {
-        "PatientAdmin.VisitQuery": dm.visit_query,
-        "Results.Query": dm.results_query,
-        "Scheduling.Booked": dm.scheduling_booked,
-    }
-    reply = await queries[stream.source](start=start, end=end)
-    # The reply's patients, typed from the client's parse: the patients extract and load read them
-    # from here rather than decoding the page again.
-    carried = datamodel.carried_patients([reply.json])
-    return [RawPage(reply.raw, f"{reply.endpoint} day={day}", _now())], {}, carried
+    # A day too big for one answer comes back in several windows' replies, one page each.
+    replies = await client.datamodel.windowed(stream.source, start=start, end=end)
+    # The replies' patients, typed from the client's parse: the patients extract and load read them
+    # from here rather than decoding the pages again.
+    carried = datamodel.carried_patients([reply.json for reply in replies])
+    return [RawPage(r.raw, f"{r.endpoint} day={day}", _now()) for r in replies], {}, carried
 
 
 def _referenced_patients(zone: LandingZone, surface: Surface, day: dt.date) -> pl.DataFrame:

@@ -5,20 +5,27 @@ clock), the registered client keys, the rate limiter, the fault injector and the
 
 Every Redox-facing request passes the same gate, in this order: rate limit (429 +
 ``X-RateLimit-Limit``) -> bearer token (401, not for the token endpoints) -> injected faults (clinical
-endpoints only) -> handler; its endpoint template and final status are counted. ``/sandbox/*`` admin
+endpoints only) -> handler -> the latency model's wait (clinical endpoints only; a Data Model answer
+may instead be refused with 413 or time out with 504, see sandbox/latency.py); its endpoint
+template and final status are counted. ``/sandbox/*`` admin
 endpoints skip the gate: no auth, no rate limit, no faults [I].
 
 Invariants:
-- handlers run on the event loop thread only, so the store, caches and counters need no locks;
+- handlers run on the event loop thread, with one exception: while latency is on, Data Model
+  answers are built in one worker thread, so a large answer does not stall the loop. The store is
+  thread-safe, the Data Model surface's caches are touched by that one thread only, faults and
+  latency draws take their own locks, and request counters stay on the loop;
 - nothing is logged but endpoint templates, counts and opaque ids (no tokens, keys, PHI or URLs
   with query strings: uvicorn's access log is off).
 """
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import io
 import json
 import secrets
+import threading
 import uuid
 import zipfile
 from collections import Counter
@@ -34,9 +41,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from sandbox import auth
-from sandbox.datamodel import DataModelSurface
+from sandbox.datamodel import Answer, DataModelSurface
 from sandbox.faults import Faults, FaultSpec
 from sandbox.fhir import RESOURCES, FhirSurface, StoreLike, operation_outcome
+from sandbox.latency import DEFAULT_MAX_RESPONSE_RECORDS, DEFAULT_ROUND_TRIP_LIMIT, LatencySpec, Pacer
 from sandbox.push import Pusher, PushOptions
 from sandbox.ratelimit import RateLimiter
 
@@ -78,25 +86,38 @@ class SandboxOptions:
     push_verification: str = "POST"
     push_retry: tuple[float, float] = (5.0, 90.0)
     push_redeliver: float = 0.0
+    # How long answers take and Redox's limits on a Data Model answer (sandbox/latency.py).
+    latency: str = "none"
+    max_response_records: int = DEFAULT_MAX_RESPONSE_RECORDS
+    round_trip_limit: float = DEFAULT_ROUND_TRIP_LIMIT
+    # A population profile (sandbox/population/profiles.py) sets the persons and daily rates;
+    # None keeps ``patients`` persons at the default rates.
+    profile: str | None = None
 
 
 class Stats:
-    """Request counts by endpoint template and status; 429s sent; the limiter's per-IP peak."""
+    """Request counts by endpoint template and status; 429s, 413s and 504s sent."""
 
     def __init__(self) -> None:
         self.by_endpoint: Counter[tuple[str, int]] = Counter()
         self.datamodel: Counter[str] = Counter()
         self.sent_429 = 0
+        self.sent_413 = 0
+        self.sent_504 = 0
 
     def record(self, template: str, status: int) -> None:
         self.by_endpoint[(template, status)] += 1
         if status == 429:
             self.sent_429 += 1
+        elif status == 413:
+            self.sent_413 += 1
+        elif status == 504:
+            self.sent_504 += 1
 
     def reset(self) -> None:
         self.by_endpoint.clear()
         self.datamodel.clear()
-        self.sent_429 = 0
+        self.sent_429 = self.sent_413 = self.sent_504 = 0
 
 
 class Sandbox:
@@ -124,7 +145,22 @@ class Sandbox:
         self.stats = Stats()
         self.tz = ZoneInfo(options.fhir_tz)
         self.fhir = FhirSurface(self.store, fhir_base="", tz=self.tz, faults=self.faults)
-        self.datamodel = DataModelSurface(self.store, faults=self.faults)
+        self.pacer = Pacer(
+            LatencySpec.parse(options.latency),
+            seed=options.seed,
+            max_response_records=options.max_response_records,
+            round_trip_limit=options.round_trip_limit,
+        )
+        self.datamodel = DataModelSurface(self.store, faults=self.faults, pacer=self.pacer)
+        # One thread: answers stay in arrival order and the surface's caches see one thread only.
+        self.datamodel_worker = (
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="redox-sandbox-datamodel")
+            if self.pacer.spec.active
+            else None
+        )
+        # Held while that worker builds an answer and while the world advances: an answer never
+        # sees half an advance (FHIR answers are built on the loop, which an advance blocks).
+        self.answering = threading.Lock()
         self.base_url = base_url
         self.pusher: Pusher | None = None
 
@@ -144,9 +180,12 @@ class Sandbox:
         )
         self.pusher = Pusher(self.world.store, push, tz=self.tz).start()
 
-    def stop_pusher(self) -> None:
+    def stop_workers(self) -> None:
+        """Stop the push subscription and the Data Model worker thread, if any."""
         if self.pusher is not None:
             self.pusher.stop()
+        if self.datamodel_worker is not None:
+            self.datamodel_worker.shutdown(wait=False, cancel_futures=True)
 
     def store(self) -> StoreLike:
         return self.world.store
@@ -198,11 +237,22 @@ class Sandbox:
             "requests": {"total": sum(self.stats.by_endpoint.values()), "by_endpoint": by_endpoint},
             "datamodel_events": dict(self.stats.datamodel),
             "responses_429": self.stats.sent_429,
+            # Every 413 and 504 sent, whatever sent it (the answer limits below, or injected faults).
+            "responses_413": self.stats.sent_413,
+            "responses_504": self.stats.sent_504,
             "rate_limit": {
                 "limit": self.limiter.limit,
                 "window_seconds": self.limiter.window,
                 "refused": self.limiter.refused,
                 "peak_in_window": dict(self.limiter.peak),
+                "peak": max(self.limiter.peak.values(), default=0),
+            },
+            "latency": self.pacer.stats(),
+            "limits": {
+                "max_response_records": self.pacer.max_response_records,
+                "round_trip_limit": self.pacer.round_trip_limit,
+                "refused_oversize": self.pacer.refused_oversize,
+                "round_trip_timeouts": self.pacer.round_trip_timeouts,
             },
             "faults": dict(self.faults.counts),
             "malformed": [m.as_dict() for m in self.faults.malformed],
@@ -385,6 +435,7 @@ def create_app(sandbox: Sandbox) -> Starlette:
             except ValueError as err:
                 return _json(operation_outcome(str(err)), 400, media_type=FHIR_JSON)
             page = sandbox.fhir.search(request.path_params["resource"], pairs)
+            await sandbox.pacer.wait(sandbox.pacer.draw("fhir.search"))
             return _json(page.body, page.status, media_type=FHIR_JSON)
 
         suffix = "/_search" if request.url.path.endswith("/_search") else ""
@@ -396,17 +447,28 @@ def create_app(sandbox: Sandbox) -> Starlette:
             if wrong is not None:
                 return wrong
             page = sandbox.fhir.read(request.path_params["resource"], request.path_params["id"])
+            await sandbox.pacer.wait(sandbox.pacer.draw("fhir.read"))
             return _json(page.body, page.status, media_type=FHIR_JSON)
 
         return await gate.run(request, "fhir", fhir_template(request, "/{id}"), handle)
 
     # -- Data Model -----------------------------------------------------------------------------
 
+    def answer_in_worker(body: bytes) -> Answer:
+        with sandbox.answering:
+            return sandbox.datamodel.handle(body)
+
     async def endpoint(request: Request) -> Response:
         async def handle(request: Request) -> Response:
-            status, body, label = sandbox.datamodel.handle(await request.body())
-            sandbox.stats.datamodel[label] += 1
-            return _json(body, status)
+            body = await request.body()
+            if sandbox.datamodel_worker is None:
+                answer = sandbox.datamodel.handle(body)
+            else:
+                loop = asyncio.get_running_loop()
+                answer = await loop.run_in_executor(sandbox.datamodel_worker, answer_in_worker, body)
+            sandbox.stats.datamodel[answer.label] += 1
+            await sandbox.pacer.wait(answer.wait)
+            return _json(answer.body, answer.status)
 
         return await gate.run(request, "datamodel", "POST /endpoint", handle)
 
@@ -421,7 +483,8 @@ def create_app(sandbox: Sandbox) -> Starlette:
             return _json({"error": 'body must be JSON like {"seconds": N} or {"days": N}'}, 400)
         if seconds <= 0:
             return _json({"error": "advance by a positive amount of time"}, 400)
-        changes = sandbox.world.advance(timedelta(seconds=seconds))
+        with sandbox.answering:
+            changes = sandbox.world.advance(timedelta(seconds=seconds))
         store = sandbox.store()
         return _json({"changes": changes, "clock": store.clock.isoformat(), "head_seq": store.head_seq})
 
@@ -446,6 +509,7 @@ def create_app(sandbox: Sandbox) -> Starlette:
         sandbox.stats.reset()
         sandbox.limiter.reset_counters()
         sandbox.faults.reset_counters()
+        sandbox.pacer.reset_counters()
         return _json(sandbox.stats_body())
 
     async def push(request: Request) -> Response:

@@ -13,6 +13,8 @@ from typing import Annotated, Any
 
 import typer
 
+from sandbox.latency import DEFAULT_MAX_RESPONSE_RECORDS, DEFAULT_ROUND_TRIP_LIMIT
+
 app = typer.Typer(help="The embedded Redox sandbox.", no_args_is_help=True)
 
 
@@ -61,6 +63,20 @@ StateDir = Annotated[
     Path | None, typer.Option(help="Where credentials.json goes (default: $REDOX_ETL_HOME/sandbox).")
 ]
 FhirTz = Annotated[str, typer.Option(help="The FHIR EHR's time zone (its timestamps carry this offset).")]
+Profile = Annotated[
+    str | None,
+    typer.Option(help="Population profile: clinic or hospital (sets the persons; --patients is ignored)."),
+]
+
+
+def _check_profile(profile: str | None) -> str | None:
+    from sandbox.population.profiles import PROFILES
+
+    if profile is None:
+        return None
+    if profile.strip().lower() not in PROFILES:
+        raise typer.BadParameter(f"--profile must be one of {', '.join(PROFILES)}")
+    return profile.strip().lower()
 
 
 @app.command()
@@ -104,10 +120,30 @@ def serve(
     push_redeliver: Annotated[
         float, typer.Option(help="Probability of re-sending an acknowledged message (at-least-once).")
     ] = 0.0,
+    profile: Profile = None,
+    latency: Annotated[
+        str,
+        typer.Option(
+            help="Answer latency: none, realistic, or e.g. fhir=400ms/3s,datamodel=1500ms/10s,record=5ms "
+            "(P50/P99 per endpoint kind)."
+        ),
+    ] = "none",
+    max_response_records: Annotated[
+        int,
+        typer.Option(min=1, help="A Data Model answer holding more records than this is refused with 413."),
+    ] = DEFAULT_MAX_RESPONSE_RECORDS,
+    round_trip_limit: Annotated[
+        float,
+        typer.Option(
+            min=0.001,
+            help="Seconds a Data Model round trip may take (latency + per-record cost); longer: 504.",
+        ),
+    ] = DEFAULT_ROUND_TRIP_LIMIT,
 ) -> None:
     """Start the sandbox; write <state-dir>/credentials.json (0600) and print the base URL."""
     from sandbox.app import ENVIRONMENTS, SandboxOptions
     from sandbox.faults import FaultSpec
+    from sandbox.latency import LatencySpec
     from sandbox.server import serve_forever, start_background
     from sandbox.server import status as server_status
 
@@ -115,6 +151,7 @@ def serve(
         raise typer.BadParameter(f"environment must be one of {', '.join(ENVIRONMENTS)}")
     try:
         FaultSpec.parse(faults)
+        LatencySpec.parse(latency)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
     options = SandboxOptions(
@@ -134,6 +171,10 @@ def serve(
         push_verification=push_verification.upper(),
         push_retry=_push_retry(push_retry),
         push_redeliver=push_redeliver,
+        profile=_check_profile(profile),
+        latency=latency,
+        max_response_records=max_response_records,
+        round_trip_limit=round_trip_limit,
     )
     if push_to and not verification_token:
         raise typer.BadParameter("--push-to needs --verification-token (the destination's token)")
@@ -148,7 +189,8 @@ def serve(
         )
         raise typer.Exit(1)
     if background:
-        typer.echo(f"Starting the Redox sandbox ({patients:,} synthetic patients) in the background...")
+        who = f"the {options.profile} profile" if options.profile else f"{patients:,} synthetic patients"
+        typer.echo(f"Starting the Redox sandbox ({who}) in the background...")
         record = start_background(options, state_dir=folder, host=host, port=port)
         typer.echo(_describe(record, folder))
         return
@@ -235,6 +277,7 @@ def truth(
     end: End = None,
     state_dir: StateDir = None,
     fhir_tz: FhirTz = "America/New_York",
+    profile: Profile = None,
 ) -> None:
     """Write the ground truth as Parquet: from a running sandbox, or built from the same options."""
     out.mkdir(parents=True, exist_ok=True)
@@ -250,7 +293,14 @@ def truth(
     from sandbox.server import build_world
 
     world = build_world(
-        SandboxOptions(seed=seed, patients=patients, start=_day(start), end=_day(end), fhir_tz=fhir_tz)
+        SandboxOptions(
+            seed=seed,
+            patients=patients,
+            start=_day(start),
+            end=_day(end),
+            fhir_tz=fhir_tz,
+            profile=_check_profile(profile),
+        )
     )
     frames = world.truth()
     for name, frame in frames.items():

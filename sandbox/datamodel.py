@@ -12,7 +12,9 @@ Invariants:
   omitted on success [I]);
 - malformed requests get HTTP 400, requests understood but not answerable get HTTP 200; both carry
   ``Meta.Errors[] {ID, Text, Type, Module}`` and never echo patient data in ``Text``;
-- rendered pieces are cached per record version and deep-copied before a fault alters them.
+- rendered pieces are cached per record version and deep-copied before a fault alters them;
+- a query's records are counted and judged by the pacer (sandbox/latency.py) before they are
+  rendered: an answer Redox would refuse (413) or time out (504) costs no rendering.
 """
 
 import copy
@@ -37,6 +39,7 @@ from sandbox.datamodel_render import (
     wire_id,
 )
 from sandbox.fhir import StoreLike
+from sandbox.latency import Kind, Pacer, Verdict
 from sandbox.model import Patient, Result, Version
 from sandbox.store import Bounds
 
@@ -58,6 +61,31 @@ def echoes_query(payload: dict[str, Any]) -> bool:
     fixed by the patient's identifiers (a digest, not a draw), and never a no-match reply."""
     ids = (payload.get("Patient") or {}).get("Identifiers") or []
     return bool(ids) and sum("".join(str(i.get("ID")) for i in ids).encode()) % 3 == 0
+
+
+def _encode(response: dict[str, Any]) -> bytes:
+    """``json.dumps(response)``'s compact bytes, a list item at a time: one C call over a large
+    answer would hold the GIL for its whole length (~150 ms at 20,000 results), these let the
+    event loop in between while a worker thread builds the answer."""
+    parts = []
+    for key, value in response.items():
+        name = json.dumps(key).encode()
+        if isinstance(value, list):
+            items = b",".join(json.dumps(item, separators=(",", ":")).encode() for item in value)
+            parts.append(name + b":[" + items + b"]")
+        else:
+            parts.append(name + b":" + json.dumps(value, separators=(",", ":")).encode())
+    return b"{" + b",".join(parts) + b"}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """One ``/endpoint`` answer: send ``body`` with ``status`` after waiting ``wait`` seconds."""
+
+    status: int
+    body: bytes
+    label: str
+    wait: float = 0.0
 
 
 class RequestError(Exception):
@@ -94,16 +122,39 @@ class _Criteria:
 class DataModelSurface:
     """The ``/endpoint`` handler for one sandbox; called from the event loop only."""
 
-    def __init__(self, store: Callable[[], StoreLike], *, faults: Any = None) -> None:
+    def __init__(
+        self, store: Callable[[], StoreLike], *, faults: Any = None, pacer: Pacer | None = None
+    ) -> None:
         self._store = store
         self.faults = faults
+        self.pacer = pacer
+        self._verdict: Verdict | None = None
         self._rendered: dict[tuple[str, str, int], dict[str, Any]] = {}
         self._error_ids = itertools.count(19_500_000)
 
     # -- entry point ----------------------------------------------------------------------------
 
-    def handle(self, body: bytes) -> tuple[int, bytes, str]:
-        """(HTTP status, response body, ``DataModel.EventType`` label for stats)."""
+    def handle(self, body: bytes) -> Answer:
+        """The answer, labelled ``DataModel.EventType`` for stats, and how long to hold it back."""
+        self._verdict = None
+        status, raw, label = self._handle(body)
+        if self.pacer is None:
+            return Answer(status, raw, label)
+        kind: Kind = "datamodel.patientsearch" if label.startswith("PatientSearch.") else "datamodel.query"
+        # Answers judged by size carry their wait; the rest (malformed requests) wait a plain draw.
+        wait = self._verdict.wait if self._verdict is not None else self.pacer.draw(kind)
+        return Answer(status, raw, label, wait)
+
+    def _admit(self, kind: Kind, records: int) -> None:
+        """Apply Redox's answer limits to an answer of ``records`` records before rendering it."""
+        if self.pacer is None:
+            return
+        self._verdict = verdict = self.pacer.judge(kind, records)
+        if verdict.status is not None:
+            module = "Destination" if verdict.status == 504 else "Request"
+            raise RequestError(verdict.text, status=verdict.status, module=module)
+
+    def _handle(self, body: bytes) -> tuple[int, bytes, str]:
         request: dict[str, Any] = {}
         label = "unknown"
         try:
@@ -140,7 +191,7 @@ class DataModelSurface:
                 # EventType ("Query") instead of "Response"; a consumer must read them by content.
                 event = "Query"
             response = {"Meta": self._meta(meta, event), **payload}
-            return 200, json.dumps(response, separators=(",", ":")).encode(), label
+            return 200, _encode(response), label
         except RequestError as err:
             return err.status, self.error_body(err.text, request.get("Meta"), err.module, err.kind), label
 
@@ -322,6 +373,7 @@ class DataModelSurface:
             matches = sorted(self._resolve_identifiers(identifiers, "Patient.Identifiers"))
         else:
             matches = self._match_demographics(demographics)
+        self._admit("datamodel.patientsearch", max(1, len(matches)))
         if len(matches) == 1:
             return {"Patient": self._patient(matches[0], notes=True), "PotentialMatches": []}
         return {"Patient": {}, "PotentialMatches": [self._patient(m, notes=True) for m in matches]}
@@ -370,6 +422,7 @@ class DataModelSurface:
             if numbers is None or wire_id(v.record.source_id) in numbers
         ]
         versions.sort(key=lambda v: (v.record.start_at, v.record.source_id))  # type: ignore[union-attr]
+        self._admit("datamodel.query", len(versions))
         visits = []
         for version in versions:
             item = dict(self._cached("booking", version, render_booking))
@@ -425,6 +478,7 @@ class DataModelSurface:
             ):
                 continue
             orders.setdefault((r.patient_source_id, r.order_id), []).append(version)
+        self._admit("datamodel.query", sum(len(versions) for versions in orders.values()))
         out = [self._order(pid, oid, versions) for (pid, oid), versions in orders.items()]
         out.sort(key=lambda o: (o["CompletionDateTime"], o["ID"]))
         return {"Orders": self._with_faults(out, "Order")}
@@ -491,6 +545,7 @@ class DataModelSurface:
             if departments is not None and visit["Location"]["Department"] not in departments:
                 continue
             flat.append({**visit, "_patient": version.record.patient_source_id})  # type: ignore[union-attr]
+        self._admit("datamodel.query", len(flat))
         by_patient: dict[str, list[dict[str, Any]]] = {}
         # Faults are drawn once per response, over all visits, like the other queries.
         for visit in self._with_faults(flat, "Visit"):

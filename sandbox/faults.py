@@ -12,13 +12,16 @@ Invariants:
   otherwise normal answer; ``dup`` and ``malformed`` alter one page's records only;
 - every injected fault is counted in ``counts`` (exposed by ``GET /sandbox/stats``);
 - every record served broken is named in ``malformed`` (surface, resource, source id, mode), so a
-  test knows exactly which records a client should have quarantined rather than loaded.
+  test knows exactly which records a client should have quarantined rather than loaded;
+- draws and counts happen under one lock: with latency on, Data Model answers are built in a worker
+  thread while FHIR answers are built on the event loop.
 """
 
 import collections
 import dataclasses
 import random
 import re
+import threading
 from typing import Literal
 
 RequestFault = Literal["5xx", "timeout", "429"]
@@ -113,52 +116,61 @@ class Faults:
         self._rng = random.Random(spec.seed if spec.seed is not None else seed)
         self.counts: collections.Counter[str] = collections.Counter()
         self.malformed: list[Malformed] = []
+        self._lock = threading.RLock()
 
     def request_fault(self) -> RequestFault | None:
         """At most one fault that replaces the whole answer."""
-        if not self.spec.active:
+        with self._lock:
+            if not self.spec.active:
+                return None
+            roll = self._rng.random()
+            for name, rate in (
+                ("5xx", self.spec.server_error),
+                ("timeout", self.spec.timeout),
+                ("429", self.spec.too_many),
+            ):
+                if roll < rate:
+                    self.counts[name] += 1
+                    return name  # type: ignore[return-value]
+                roll -= rate
             return None
-        roll = self._rng.random()
-        for name, rate in (
-            ("5xx", self.spec.server_error),
-            ("timeout", self.spec.timeout),
-            ("429", self.spec.too_many),
-        ):
-            if roll < rate:
-                self.counts[name] += 1
-                return name  # type: ignore[return-value]
-            roll -= rate
-        return None
 
     def delay(self) -> float:
-        if self.spec.slow and self._rng.random() < self.spec.slow:
-            self.counts["slow"] += 1
-            return self.spec.slow_seconds
-        return 0.0
+        with self._lock:
+            if self.spec.slow and self._rng.random() < self.spec.slow:
+                self.counts["slow"] += 1
+                return self.spec.slow_seconds
+            return 0.0
 
     def server_error_status(self) -> int:
-        return self._rng.choice(SERVER_ERRORS)
+        with self._lock:
+            return self._rng.choice(SERVER_ERRORS)
 
     def duplicate(self) -> bool:
-        if self.spec.dup and self._rng.random() < self.spec.dup:
-            self.counts["dup"] += 1
-            return True
-        return False
+        with self._lock:
+            if self.spec.dup and self._rng.random() < self.spec.dup:
+                self.counts["dup"] += 1
+                return True
+            return False
 
     def malform(self, records: int) -> tuple[int, MalformMode] | None:
         """Which record of a page to break, and how; None for an intact page."""
-        if records and self.spec.malformed and self._rng.random() < self.spec.malformed:
-            self.counts["malformed"] += 1
-            return self._rng.randrange(records), self._rng.choice(MALFORM_MODES)
-        return None
+        with self._lock:
+            if records and self.spec.malformed and self._rng.random() < self.spec.malformed:
+                self.counts["malformed"] += 1
+                return self._rng.randrange(records), self._rng.choice(MALFORM_MODES)
+            return None
 
     def note_malformed(self, surface: FaultSurface, resource: str, source_id: str, mode: MalformMode) -> None:
         """Name the record a ``malform`` decision broke: only the surface knows what its index points at."""
-        self.malformed.append(Malformed(surface, resource, source_id, mode))
+        with self._lock:
+            self.malformed.append(Malformed(surface, resource, source_id, mode))
 
     def pick(self, n: int) -> int:
-        return self._rng.randrange(n)
+        with self._lock:
+            return self._rng.randrange(n)
 
     def reset_counters(self) -> None:
-        self.counts.clear()
-        self.malformed.clear()
+        with self._lock:
+            self.counts.clear()
+            self.malformed.clear()

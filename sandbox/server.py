@@ -65,6 +65,7 @@ def build_world(options: SandboxOptions, *, index: bool = True) -> WorldLike:
             start=options.start,
             end=options.end,
             fhir_tz=options.fhir_tz,
+            profile=options.profile,
         ),
         index=index,
     )
@@ -95,7 +96,9 @@ def _server_record(sandbox: Sandbox, world: WorldLike) -> dict[str, Any]:
         "base_url": sandbox.base_url,
         "port": int(sandbox.base_url.rsplit(":", 1)[1]),
         "seed": sandbox.options.seed,
-        "patients": sandbox.options.patients,
+        # A profile sets the population size: the world's resolved config knows it.
+        "patients": getattr(config, "patients", sandbox.options.patients),
+        "profile": sandbox.options.profile,
         "first_day": first.isoformat() if isinstance(first, date) else None,
         "last_day": last.isoformat() if isinstance(last, date) else None,
         "started_at": time.time(),
@@ -179,7 +182,7 @@ def serve_forever(
     try:
         _Server(_uvicorn_config(sandbox), started).run(sockets=[sock])
     finally:
-        sandbox.stop_pusher()
+        sandbox.stop_workers()
         _forget(state_dir)
 
 
@@ -236,7 +239,7 @@ def serve_in_thread(
                 sandbox=sandbox,
             )
         finally:
-            sandbox.stop_pusher()
+            sandbox.stop_workers()
             server.should_exit = True
             thread.join(timeout=15)
             sock.close()
@@ -258,6 +261,10 @@ def cli_args(
         args += ["--rate-limit", f"{limit}/{window:g}"]
     if options.faults:
         args += ["--faults", options.faults]
+    if options.profile:
+        args += ["--profile", options.profile]
+    args += ["--latency", options.latency, "--max-response-records", str(options.max_response_records)]
+    args += ["--round-trip-limit", f"{options.round_trip_limit:g}"]
     args += ["--token-ttl", str(options.token_ttl)]
     if options.retry_after:
         args.append("--retry-after")

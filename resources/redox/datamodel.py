@@ -5,20 +5,29 @@ Invariants:
   data model's Destination when configured), with datetimes in UTC ISO 8601 with milliseconds;
 - a reply keeps the body's exact bytes beside the parsed JSON, for the landing zone;
 - ``Meta.Errors`` non-empty means failure whatever the HTTP status: it raises
-  ``RedoxDataModelError`` carrying the server's texts (redacted of every value the query sent).
+  ``RedoxDataModelError`` carrying the server's texts (redacted of every value the query sent);
+- ``windowed`` covers its window exactly once: the replies' windows are disjoint, half-open, in
+  order and together [start, end), split at the same points for the same refusals.
 """
 
 import dataclasses
-from collections.abc import Mapping, Sequence
-from datetime import UTC, datetime
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
 
 from resources.redox.errors import RedoxDataModelError, RedoxRequestError, redact
 from resources.redox.settings import RedoxSettings
-from resources.redox.transport import Authorizer, Transport, sent_values
+from resources.redox.transport import FINAL_STATUSES, Authorizer, Transport, sent_values
 
 Identifier = Mapping[str, str]
 """A Redox identifier: ``{"ID": "0000000001", "IDType": "MR"}``."""
+
+# Redox's answers to a query too big for one response: 413 (payload over its size limit) and 504
+# (the round trip took longer than ~120 s). A shorter window asks for less.
+SPLIT_ON: Final = frozenset({413, 504})
+# Below this a window is not split further: a quarter hour that Redox cannot answer is not a
+# question of size, and halving on would only spend the rate budget.
+MIN_WINDOW: Final = timedelta(minutes=15)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -152,3 +161,43 @@ class DataModelClient:
             "VisitQuery",
             {"VisitStartDateTime": redox_datetime(start), "VisitEndDateTime": redox_datetime(end)},
         )
+
+    async def windowed(
+        self, query: str, *, start: datetime, end: datetime, min_window: timedelta = MIN_WINDOW
+    ) -> list[DataModelReply]:
+        """``query`` ("PatientAdmin.VisitQuery", "Results.Query" or "Scheduling.Booked") over
+        [start, end), in as many windows as it takes: a window Redox refuses as too large (413) or
+        times out on (504) is split in two halves at its midpoint (whole milliseconds, as Redox's
+        datetimes carry), each asked in turn, and so on. Returns the replies in window order.
+
+        A window whose halves would be shorter than ``min_window`` is not split: its error is raised.
+        The 504 is not retried as the same query first (the split is the retry).
+        """
+        queries: dict[str, Callable[..., Awaitable[DataModelReply]]] = {
+            "PatientAdmin.VisitQuery": self.visit_query,
+            "Results.Query": self.results_query,
+            "Scheduling.Booked": self.scheduling_booked,
+        }
+        if query not in queries:
+            raise ValueError(f"windowed answers {', '.join(queries)}, not {query!r}")
+        if end <= start:
+            raise ValueError("windowed needs start < end")
+        send = queries[query]
+        replies: list[DataModelReply] = []
+        pending = [(start, end)]
+        token = FINAL_STATUSES.set(FINAL_STATUSES.get() | SPLIT_ON)
+        try:
+            while pending:
+                lo, hi = pending.pop()
+                try:
+                    replies.append(await send(start=lo, end=hi))
+                except RedoxRequestError as err:
+                    half = (hi - lo) // timedelta(milliseconds=1) // 2
+                    if err.status not in SPLIT_ON or timedelta(milliseconds=half) < min_window:
+                        raise
+                    mid = lo + timedelta(milliseconds=half)
+                    # A stack: the earlier half is asked first, so replies come in window order.
+                    pending += [(mid, hi), (lo, mid)]
+        finally:
+            FINAL_STATUSES.reset(token)
+        return replies

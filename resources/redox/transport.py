@@ -10,10 +10,13 @@ these invariants:
   shared budget before the retry;
 - a 401 on an authorized call drops the cached token and is re-sent once with a fresh one;
 - any other 4xx raises at once, with the server's own words (redacted of every value this call
-  sent), the endpoint template and the status, and nothing else.
+  sent), the endpoint template and the status, and nothing else; so does a 5xx listed in
+  ``FINAL_STATUSES`` for the calling task (a caller that retries it its own way, e.g. a Data Model
+  query that splits its window on 504).
 """
 
 import asyncio
+import contextvars
 import dataclasses
 import json
 import logging
@@ -45,6 +48,11 @@ USER_AGENT = "redox-etl/0.1 (+httpx)"
 # A 429's own pause happens in the shared budget; stamina only needs to yield briefly before the
 # retry re-enters it.
 _AFTER_429_BACKOFF_S = 0.05
+
+# 5xx statuses the calling task handles itself instead of retrying (see the module docstring).
+FINAL_STATUSES: contextvars.ContextVar[frozenset[int]] = contextvars.ContextVar(
+    "redox_final_statuses", default=frozenset()
+)
 
 # Repeated parameters (``date=ge..&date=lt..``) are a list value, as httpx encodes them.
 FormData = Mapping[str, str | Sequence[str]]
@@ -387,7 +395,7 @@ class Transport:
                 limit=_limit_header(response.headers),
             )
             raise _Retryable(limited, backoff=_AFTER_429_BACKOFF_S)
-        if status >= 500:
+        if status >= 500 and status not in FINAL_STATUSES.get():
             raise _Retryable(RedoxServerError(status=status, server_text=text, endpoint=endpoint))
         if surface == "datamodel" and (texts := meta_errors(raw)):
             raise RedoxDataModelError(

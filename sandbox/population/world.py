@@ -36,15 +36,12 @@ from sandbox.population.epoch import DAY, dt, dts, ts
 from sandbox.population.ids import SURFACES, Ids
 from sandbox.population.noise import new_address
 from sandbox.population.people import make_people
+from sandbox.population.profiles import DEFAULT_RATES, Rates, profile
 from sandbox.population.records import FRAME_KINDS, to_patients, to_persons, to_records
 from sandbox.population.truth import truth_frames
 from sandbox.store import Store
 
-# -- clinical rates, per surface patient per 90 days ----------------------------------------------
-
-ENCOUNTERS_PER_90D: Final = 3.0
-ORDERS_PER_90D: Final = 1.5  # lab orders; a panel averages ~5 results, so ~8 results per 90 days
-APPOINTMENTS_PER_90D: Final = 3.0
+# Clinical rates per surface patient: ``PopulationConfig.rates`` (sandbox/population/profiles.py).
 FUTURE_DAYS: Final = 30  # booked appointments reach this far past the clock
 
 
@@ -88,6 +85,12 @@ class PopulationConfig:
     end: date | None = None
     fhir_tz: str = "America/New_York"
     clock: datetime | None = None  # "now" for a range that reaches it; resolved() fills it in
+    # ``clinic`` or ``hospital`` (profiles.py): sets ``patients`` and the daily rates.
+    profile: str | None = None
+
+    @property
+    def rates(self) -> Rates:
+        return profile(self.profile).rates if self.profile else DEFAULT_RATES
 
     def resolved(self) -> "PopulationConfig":
         now = self.clock or datetime.now(UTC).replace(microsecond=0)
@@ -104,7 +107,8 @@ class PopulationConfig:
             )
         midnight_after_end = datetime.combine(end + timedelta(days=1), datetime.min.time(), UTC)
         clock = min(midnight_after_end, now.astimezone(UTC))
-        return dataclasses.replace(self, start=start, end=end, clock=clock)
+        persons = profile(self.profile).persons if self.profile else self.patients
+        return dataclasses.replace(self, start=start, end=end, clock=clock, patients=persons)
 
 
 # Heap events: (time, tiebreak, what, surface, source_id, payload). The tiebreak is unique, so
@@ -261,23 +265,29 @@ class World:
             schema={"surface": pl.String(), "patient": pl.String()},
         )
         n, days = owners.height, (now - lo) / DAY
+        rates = self.config.rates
 
-        visits = repeat(owners, poisson_vec(v, n, ENCOUNTERS_PER_90D * days / 90))
+        visits = repeat(owners, poisson_vec(v, n, rates.encounters_per_90d * days / 90))
         m = visits.height
         frame = clinic.encounters(v, visits, lo=const(m, lo), hi=const(m, now), now=const(m, now))
         self._put_batch("encounters", frame)
 
-        labs = repeat(owners, poisson_vec(v, n, ORDERS_PER_90D * days / 90))
+        labs = repeat(owners, poisson_vec(v, n, rates.draws_per_90d * days / 90))
         m = labs.height
         slot = clinic.slots(v, const(m, lo), const(m, now))
         any_time = lo + (v.u(m) * (now - lo)).floor().cast(pl.Int64)
         effective = pl.select(
             pl.when(pl.lit(v.u(m)) < 0.65).then(pl.lit(slot)).otherwise(pl.lit(any_time))
         ).to_series()
+        if rates.orders_per_draw > 1:
+            # Several panels from one draw: the same patient and collection time, one order each.
+            draw = pl.int_range(m, eager=True).repeat_by(rates.orders_per_draw).explode()
+            labs, effective = labs[draw], effective.gather(draw)
+            m = labs.height
         self._put_batch("results", clinic.orders(v, labs, effective=effective, now=const(m, now)))
 
         horizon = now + FUTURE_DAYS * DAY
-        booked = repeat(owners, poisson_vec(v, n, APPOINTMENTS_PER_90D * (horizon - lo) / DAY / 90))
+        booked = repeat(owners, poisson_vec(v, n, rates.appointments_per_90d * (horizon - lo) / DAY / 90))
         m = booked.height
         start = clinic.slots(v, const(m, lo), const(m, horizon))
         self._put_batch("appointments", clinic.appointments(v, booked, start=start, now=const(m, now)))
@@ -330,12 +340,17 @@ class World:
                 self._schedule(at, what)
 
         # Visits of existing patients (picked before anyone new exists).
-        visit_at = times(ENCOUNTERS_PER_90D / 90 * n_patients) if n_patients else []
-        order_at = times(ORDERS_PER_90D / 90 * n_patients) if n_patients else []
-        book_at = times(APPOINTMENTS_PER_90D / 90 * n_patients) if n_patients else []
+        rates = self.config.rates
+        visit_at = times(rates.encounters_per_90d / 90 * n_patients) if n_patients else []
+        order_at = times(rates.draws_per_90d / 90 * n_patients) if n_patients else []
+        book_at = times(rates.appointments_per_90d / 90 * n_patients) if n_patients else []
         visitors = [self._random_patient() for _ in visit_at]
         orderers = [self._random_patient() for _ in order_at]
         bookers = [self._random_patient() for _ in book_at]
+        if rates.orders_per_draw > 1:
+            k = rates.orders_per_draw
+            orderers = [who for who in orderers for _ in range(k)]
+            order_at = [at for at in order_at for _ in range(k)]
 
         # New persons: their patients appear at their own times, then come in for a first visit and
         # often book a follow-up.
