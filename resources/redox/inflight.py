@@ -46,7 +46,8 @@ SMOOTHING = 0.2
 def in_flight_target(*, rate_per_s: float, latency_s: float, lower: int, upper: int) -> int:
     """Requests to keep outstanding so ``rate_per_s`` answers per second taking ``latency_s`` each flow."""
     lower = min(lower, upper)
-    wanted = math.ceil(rate_per_s * latency_s * HEADROOM)
+    # Rounded first, so float noise (100 x 0.2 x 1.5 = 30.000000000000004) does not add a request.
+    wanted = math.ceil(round(rate_per_s * latency_s * HEADROOM, 6))
     return max(lower, min(upper, wanted))
 
 
