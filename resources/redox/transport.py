@@ -411,11 +411,8 @@ class Transport:
 
 
 def make_http_client(settings: RedoxSettings) -> httpx.AsyncClient:
-    """HTTP/1.1 keep-alive pool as large as the in-flight bound can grow, with every timeout explicit.
-
-    Token requests go out between a request's turns, so two spare connections keep them from waiting
-    for the pool when every slot is busy.
-    """
+    """HTTP/1.1 keep-alive pool with a connection for every request the in-flight bound can admit at
+    its largest (``max_in_flight``), so no request waits for the pool; every timeout explicit."""
     return httpx.AsyncClient(
         timeout=httpx.Timeout(
             connect=settings.connect_timeout,

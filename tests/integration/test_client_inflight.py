@@ -54,7 +54,7 @@ async def _spend(running, budget_path, *, run_id: str, first: int, count: int):
         ids = range(first, first + count)
         answers = await asyncio.gather(*(search(i) if i % 3 else patient_read(i) for i in ids))
         assert answers == [1] * count
-        return client.transport.in_flight_stats(), client.audit_frame()
+        return client.in_flight_stats(), client.audit_frame()
 
 
 async def _sandbox_stats(running) -> dict:

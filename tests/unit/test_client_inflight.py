@@ -181,7 +181,7 @@ async def test_time_waiting_for_the_budget_is_not_latency(tmp_path):
                 pass
 
         await asyncio.gather(*(search(i) for i in range(20)))
-        stats = client.transport.in_flight_stats()
+        stats = client.in_flight_stats()
         calls = client.audit_frame()
     assert calls.filter(pl.col("surface") == "fhir").height == 20
     assert stats.latency_s < 0.25, stats
