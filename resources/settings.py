@@ -344,10 +344,12 @@ class Settings(BaseSettings):
 
     # --- Client tuning -------------------------------------------------------------------------
     max_in_flight: int = Field(
-        default=8,
+        default=256,
         ge=1,
         validation_alias="REDOX_MAX_IN_FLIGHT",
-        description="Requests in flight per client (one per asset step).",
+        description="Most requests in flight per client (one per asset step). The client keeps about "
+        "rate limit per second x observed latency x 1.5 in flight (at least 4), so the budget, not "
+        "the latency, sets the pace; this caps it and the connection pool.",
     )
     connect_timeout: float = Field(
         default=10.0,
@@ -379,11 +381,12 @@ class Settings(BaseSettings):
         validation_alias="REDOX_FHIR_BATCH_SIZE",
         description="Patient ids per comma-separated FHIR search (also bounded to ~1800 characters).",
     )
-    fhir_page_size: int | None = Field(
-        default=None,
+    fhir_page_size: int = Field(
+        default=200,
         ge=1,
         validation_alias="REDOX_FHIR_PAGE_SIZE",
-        description="FHIR _count per page; unset = the server's default.",
+        description="FHIR _count: entries asked for per search page (a server may send fewer; the "
+        "sandbox clamps to 1000). Larger pages spend fewer requests but take longer each.",
     )
 
     # --- The push lane (webhook receiver and inbox) ----------------------------------------------

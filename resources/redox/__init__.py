@@ -20,6 +20,7 @@ from resources.redox.errors import (
     RedoxServerError,
 )
 from resources.redox.fhir import FhirClient, Page, date_window
+from resources.redox.inflight import InFlightStats
 from resources.redox.settings import RateSpec, RedoxSettings, SigningKey
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "DataModelClient",
     "DataModelReply",
     "FhirClient",
+    "InFlightStats",
     "Page",
     "PageTotalMismatch",
     "RateBudget",

@@ -18,7 +18,9 @@ Invariants kept here:
   make a request wait longer, never let it past the global budget;
 - waiting happens on the budget's own event-loop thread (pyrate-limiter's async wait, which
   re-stamps each retry with the clock), so the caller's event loop never blocks or spins and a
-  cancelled request gives its place back.
+  cancelled request gives its place back. Waiters in one process queue on that limiter's asyncio lock
+  and only the first sleeps until the next slot frees, so hundreds of waiters (a client's whole
+  in-flight bound) cost CPU per slot granted, not per waiter.
 """
 
 import asyncio

@@ -15,6 +15,7 @@ from resources.redox.auth import LegacyAuthorizer, OAuthAuthorizer
 from resources.redox.budget import RateBudget
 from resources.redox.datamodel import DataModelClient
 from resources.redox.fhir import FhirClient
+from resources.redox.inflight import InFlightStats
 from resources.redox.settings import RedoxSettings
 from resources.redox.transport import Authorizer, Transport
 
@@ -76,6 +77,11 @@ class RedoxClient:
         if self._oauth is None:
             self._oauth = OAuthAuthorizer(settings=self.settings, transport=self.transport)
         return self._oauth
+
+    def in_flight_stats(self) -> InFlightStats:
+        """The in-flight bound now (sized to the budget at the observed latency), its use so far and
+        the latency estimate: PHI-free numbers fit for logs and Dagster metadata."""
+        return self.transport.in_flight_stats()
 
     def audit_frame(self) -> pl.DataFrame:
         """Every HTTP attempt so far, in the warehouse's ``api_calls`` schema."""

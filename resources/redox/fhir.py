@@ -10,8 +10,13 @@ Invariants:
   served again on a later page (a cursor that restarts one record early) is counted once and
   reported in ``Page.duplicates``; the raw bytes still hold it, and the warehouse's natural key
   (surface, source id) keeps it once;
+- a search asks for ``fhir_page_size`` entries per page (``_count``) unless the caller set one;
+- paging is sequential within a search (each next link comes with the page before it), so a caller
+  overlaps searches, not pages: any number of searches may run at once, and the transport alone
+  bounds how many requests are in flight (first come, first served, sized to the rate budget);
 - searches for many patients are split into batches of comma-separated ids (OR in FHIR), bounded
-  by count and by length, and the batches run concurrently under the transport's in-flight bound.
+  by count and by length, and every batch starts at once: no second bound here, which would cap
+  them below what the budget allows at Redox's latency.
 """
 
 import asyncio
@@ -234,29 +239,25 @@ class FhirClient:
         patient_param: str = "patient",
         batch_size: int | None = None,
         check_total: bool = True,
-        concurrency: int | None = None,
     ) -> AsyncIterator[Page]:
         """Pages of searches for many patients at once, batched as ``patient=a,b,c`` (an OR).
 
-        Use ``patient_param="_id"`` to fetch Patient resources themselves. Batches run concurrently;
-        pages arrive in completion order, each tagged with its ``batch`` index.
+        Use ``patient_param="_id"`` to fetch Patient resources themselves. Batches run concurrently
+        (the transport's in-flight bound decides how many are on the wire); pages arrive in
+        completion order, each tagged with its ``batch`` index.
         """
         groups = batches(patients, size=batch_size or self._settings.fhir_batch_size)
         if not groups:
             return
-        limit = asyncio.Semaphore(concurrency or self._settings.max_in_flight)
         queue: asyncio.Queue[Page | BaseException | object] = asyncio.Queue(maxsize=2 * len(groups) + 8)
 
         async def run(index: int, ids: list[str]) -> None:
             form = {**(params or {}), patient_param: ",".join(ids)}
-            async with limit:
-                try:
-                    async for page in self.search(
-                        resource, params=form, check_total=check_total, batch=index
-                    ):
-                        await queue.put(page)
-                except Exception as exc:
-                    await queue.put(exc)
+            try:
+                async for page in self.search(resource, params=form, check_total=check_total, batch=index):
+                    await queue.put(page)
+            except Exception as exc:
+                await queue.put(exc)
 
         tasks = [asyncio.create_task(run(i, ids)) for i, ids in enumerate(groups)]
         done = asyncio.create_task(_after(tasks, queue))

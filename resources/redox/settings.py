@@ -167,13 +167,14 @@ class RedoxSettings(BaseModel):
     budget_url: SecretStr | None = None
     budget_path: Path = Field(default_factory=local_state.budget_path)
 
-    max_in_flight: int = Field(default=8, ge=1)
+    max_in_flight: int = Field(default=256, ge=1)
     connect_timeout: float = Field(default=10.0, gt=0)
     read_timeout: float = Field(default=130.0, gt=0)
     retry_attempts: int = Field(default=8, ge=1)
     retry_timeout: float = Field(default=300.0, gt=0)
     fhir_batch_size: int = Field(default=50, ge=1)
-    fhir_page_size: int | None = Field(default=None, ge=1)
+    # None sends no _count (the server's default page).
+    fhir_page_size: int | None = Field(default=200, ge=1)
 
     @property
     def host(self) -> str:

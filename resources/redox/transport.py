@@ -2,7 +2,9 @@
 
 Every attempt, on every surface (FHIR, Data Model, auth), goes through ``Transport.send``, which keeps
 these invariants:
-- the attempt first takes a slot from the shared rate budget, inside a bounded number in flight;
+- the attempt first takes its turn among this client's requests in flight (first come, first served;
+  the bound follows the observed latency, see ``inflight``), then a slot from the shared rate budget,
+  which alone decides how fast requests leave;
 - it is recorded in the audit trail (template, status, attempt, latency, bytes; never a URL, body
   or header);
 - 5xx, timeouts, dropped connections, unreadable 2xx bodies and 429s are retried by stamina with
@@ -15,12 +17,10 @@ these invariants:
   query that splits its window on 504).
 """
 
-import asyncio
 import contextvars
 import dataclasses
 import json
 import logging
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -40,6 +40,7 @@ from resources.redox.errors import (
     RedoxServerError,
     redact,
 )
+from resources.redox.inflight import InFlight, InFlightStats
 from resources.redox.settings import RedoxSettings
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,14 @@ class Transport:
         self.audit = audit
         self._http = http or make_http_client(settings)
         self._owns_http = http is None
-        self._in_flight = asyncio.Semaphore(settings.max_in_flight)
+        # Sized to the budget's own pace: the rate a client can spend, never one it may exceed.
+        self.in_flight = InFlight(
+            rate_per_s=budget.window_limit / budget.rate.seconds, upper=settings.max_in_flight
+        )
+
+    def in_flight_stats(self) -> InFlightStats:
+        """The in-flight bound now, its use, and the latency it is sized for."""
+        return self.in_flight.stats()
 
     async def aclose(self) -> None:
         if self._owns_http:
@@ -315,41 +323,45 @@ class Transport:
         destination: str | None,
         attempt: int,
     ) -> httpx.Response:
-        async with self._in_flight:
+        async with self.in_flight.slot():
             await self.budget.acquire(destination)
             called_at = datetime.now(UTC)
-            started = time.perf_counter()
-            try:
-                response = await self._http.request(
-                    method,
-                    url,
-                    data=form,
-                    json=body,
-                    headers=headers,
-                )
-                # Read the whole body inside the timing, so latency covers what a page costs.
-                raw = response.content
-            except (httpx.TimeoutException, httpx.TransportError) as exc:
-                self.audit.record(
-                    surface=surface,
-                    method=method,
-                    endpoint=endpoint,
-                    status=None,
-                    attempt=attempt,
-                    latency_ms=(time.perf_counter() - started) * 1000,
-                    size=0,
-                    called_at=called_at,
-                )
-                # Only the exception's type: httpx messages can include the URL.
-                error = RedoxConnectionError(endpoint=endpoint, cause=type(exc).__name__)
-                raise _Retryable(error) from None
+            failure: Exception | None = None
+            # The round trip is timed from the budget's grant: its wait is not the server's latency.
+            with self.in_flight.on_wire() as trip:
+                try:
+                    response = await self._http.request(
+                        method,
+                        url,
+                        data=form,
+                        json=body,
+                        headers=headers,
+                    )
+                    # Read the whole body inside the timing, so latency covers what a page costs.
+                    raw = response.content
+                except (httpx.TimeoutException, httpx.TransportError) as exc:
+                    failure = exc
+        if failure is not None:
+            self.audit.record(
+                surface=surface,
+                method=method,
+                endpoint=endpoint,
+                status=None,
+                attempt=attempt,
+                latency_ms=trip.seconds * 1000,
+                size=0,
+                called_at=called_at,
+            )
+            # Only the exception's type: httpx messages can include the URL.
+            error = RedoxConnectionError(endpoint=endpoint, cause=type(failure).__name__)
+            raise _Retryable(error) from None
         self.audit.record(
             surface=surface,
             method=method,
             endpoint=endpoint,
             status=response.status_code,
             attempt=attempt,
-            latency_ms=(time.perf_counter() - started) * 1000,
+            latency_ms=trip.seconds * 1000,
             size=len(raw),
             called_at=called_at,
         )
@@ -407,7 +419,8 @@ class Transport:
 
 
 def make_http_client(settings: RedoxSettings) -> httpx.AsyncClient:
-    """HTTP/1.1 keep-alive pool sized to the in-flight bound, with every timeout explicit."""
+    """HTTP/1.1 keep-alive pool with a connection for every request the in-flight bound can admit at
+    its largest (``max_in_flight``), so no request waits for the pool; every timeout explicit."""
     return httpx.AsyncClient(
         timeout=httpx.Timeout(
             connect=settings.connect_timeout,

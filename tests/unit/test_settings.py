@@ -86,9 +86,9 @@ def test_errors_name_the_variable_and_the_fix_without_the_value():
 def test_a_given_mapping_is_the_whole_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("REDOX_MAX_IN_FLIGHT", "3")
     assert Settings.from_env().max_in_flight == 3
-    assert Settings.from_env({}).max_in_flight == 8
+    assert Settings.from_env({}).max_in_flight == 256
     # Empty counts as unset, as a line like `REDOX_FHIR_PAGE_SIZE=` in a .env means.
-    assert Settings.from_env({"REDOX_FHIR_PAGE_SIZE": ""}).fhir_page_size is None
+    assert Settings.from_env({"REDOX_FHIR_PAGE_SIZE": ""}).fhir_page_size == 200
 
 
 def test_locations_derive_from_the_home(monkeypatch, tmp_path):
