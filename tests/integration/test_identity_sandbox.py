@@ -150,11 +150,12 @@ def test_other_seeds_meet_the_bar(seed: int) -> None:
 # -- issue 12 item 9: `identity link` on what a list has -------------------------------------------
 
 # The issue asks for precision and recall within 0.005 of the full lists. Precision holds that in
-# every case; recall does for national ids, but without sex/phone/email or without SSNs it falls
-# 0.002-0.010 short of the full lists depending on the world (docs/identity.md#lists-with-fewer-columns):
-# the pairs lost are those only a phone, email or SSN told from a same-name, same-birth-date stranger
-# or a twin, and they go to review rather than link (the flags that keep precision at 1.000). Those
-# cases are held to the measured gap, and to the issue's 0.005 once review counts as found.
+# every case, and recall does without SSNs and with national ids. Without sex, phone and email it
+# falls 0-0.012 short of the full lists depending on the world (docs/identity.md#lists-with-fewer-columns):
+# the pairs lost agree on name and birth date and on nothing else the list holds (the SSN is missing
+# on one side and the address changed), which is exactly what the sandbox's same-name, same-birth-date
+# strangers look like; linking them merged such strangers in other worlds. Those cases are held to
+# the measured gap, and to the issue's 0.005 once review counts as found.
 ISSUE_TOLERANCE = 0.005
 MEASURED_RECALL_GAP = 0.012
 
@@ -217,17 +218,18 @@ def full_lists(
 
 
 @pytest.mark.parametrize(
-    ("case", "left_out"),
+    ("case", "left_out", "recall_gap"),
     [
-        ("a: no sex, phone or email", {"sex", "phone", "email"}),
-        ("b: no SSN", {"ssn"}),
-        ("c: 7-digit national ids for SSNs", set()),
-        ("d: names, birth date, address and a national id", {"sex", "phone", "email"}),
+        ("a: no sex, phone or email", {"sex", "phone", "email"}, MEASURED_RECALL_GAP),
+        ("b: no SSN", {"ssn"}, ISSUE_TOLERANCE),
+        ("c: 7-digit national ids for SSNs", set(), ISSUE_TOLERANCE),
+        ("d: names, birth date, address and a national id", {"sex", "phone", "email"}, MEASURED_RECALL_GAP),
     ],
 )
 def test_link_on_what_a_list_has(
     case: str,
     left_out: set[str],
+    recall_gap: float,
     list_world: World,
     full_lists: tuple[pl.DataFrame, dict[str, Any]],
     tmp_path: Any,
@@ -246,8 +248,7 @@ def test_link_on_what_a_list_has(
 
     assert metrics["precision"] >= baseline["precision"] - ISSUE_TOLERANCE, (metrics, baseline)
     assert metrics["false_merge_persons"] == 0, metrics
-    gap = ISSUE_TOLERANCE if not left_out else MEASURED_RECALL_GAP
-    assert metrics["recall"] >= baseline["recall"] - gap, (metrics, baseline)
+    assert metrics["recall"] >= baseline["recall"] - recall_gap, (metrics, baseline)
     assert found["recall"] >= baseline["recall"] - ISSUE_TOLERANCE, (found, baseline)
     # The terminal says which comparisons were left out, and why; it shows no patient value.
     for name in left_out:

@@ -142,6 +142,46 @@ def test_twin_is_flagged_not_linked(model: dict[str, Any]) -> None:
     assert links.height == 0
 
 
+def test_twin_sharing_middle_name_and_email_is_one_person(model: dict[str, Any]) -> None:
+    # A given name recorded two ways (a legal name and the one in use), no SSN on the list: the
+    # middle name and a personal email, which siblings do not share, tell it is one person.
+    left = person("fhir", "f", ssn=None)
+    row = score(model, left, person("datamodel", "d", given_name="Patricia", ssn=None))
+    assert row["levels"]["given_name"] == "different" and row["flags"] == []
+    # One of the two is not enough: twins can share a middle name, and a household an email.
+    for change in ({"middle_name": "Rose"}, {"email": "p.okafor@example.org"}):
+        row = score(model, left, person("datamodel", "d", given_name="Patricia", ssn=None, **change))
+        assert row["flags"] == ["possible-relative"], change
+
+
+def _no_contact(surface: str, source_id: str, **overrides: Any) -> dict[str, Any]:
+    blank: dict[str, Any] = {"ssn": None, "phone": None, "email": None, "middle_name": None}
+    return person(surface, source_id, **{**blank, **overrides})
+
+
+def test_a_move_within_town_corroborates_when_nothing_else_can(model: dict[str, Any]) -> None:
+    # A list with no SSN, phone, email or middle name: the same 3-digit ZIP area is the only trace of
+    # a person who moved across town.
+    moved = _no_contact("datamodel", "d", address_line="12 Elm St", address_postal_code="74119")
+    row = score(model, _no_contact("fhir", "f"), moved)
+    assert row["levels"]["address"] == "same area"
+    assert row["flags"] == []
+
+
+@pytest.mark.parametrize(
+    "differs", [{"middle_name": "Louise"}, {"sex": "male"}, {"ssn": "955-61-0042"}, {"phone": "+19185550199"}]
+)
+def test_same_area_does_not_corroborate_a_pair_that_differs_on_something_personal(
+    model: dict[str, Any], differs: dict[str, Any]
+) -> None:
+    # A same-name, same-birth-date stranger across town: something personal disagrees.
+    left = _no_contact("fhir", "f", **{field: person("fhir", "f")[field] for field in differs})
+    stranger = _no_contact("datamodel", "d", address_line="12 Elm St", address_postal_code="74119", **differs)
+    row = score(model, left, stranger)
+    assert row["levels"]["address"] == "same area"
+    assert "uncorroborated" in row["flags"]
+
+
 def test_junior_and_senior_are_flagged(model: dict[str, Any]) -> None:
     junior = person("datamodel", "d", birth_date=date(1998, 11, 23), ssn=None, email=None)
     row = score(model, person("fhir", "f", email=None), junior)

@@ -191,9 +191,29 @@ def train_model(
             )
         trained = linker.misc.save_model_to_json()
     trained.pop("linker_uid", None)
+    _discount_matches(trained, prior)
     _regularize(trained)
     trained["probability_two_random_records_match"] = prior
     return {"format": MODEL_FORMAT, "splink": trained, "left_out": list(usable.left_out)}
+
+
+def _discount_matches(splink_settings: dict[str, Any], match_share: float) -> None:
+    """Take the true matches out of the u probabilities estimated from random pairs.
+
+    Random sampling treats every sampled pair as a non-match. In a list of a few thousand records
+    the matches among them (``match_share`` of all pairs, the prior) are most of the pairs that
+    agree on a birth date, an SSN or an address, so u comes out many times too large and each of
+    those agreements counts ~10 bits where it is worth ~14. Without phone, email or SSN the
+    remaining fields then cannot reach the link threshold. With u = share x m + (1 - share) x u',
+    the non-match u' is recovered; the prior undercounts matches, so this errs on the side of too
+    little. At a million records the share is ~1e-6 and nothing changes.
+    """
+    for comparison in splink_settings["comparisons"]:
+        for lv in comparison["comparison_levels"]:
+            if lv.get("is_null_level") or lv.get("u_probability") is None:
+                continue
+            m, u = float(lv.get("m_probability") or 0.0), float(lv["u_probability"])
+            lv["u_probability"] = max(u - match_share * m, 0.0) / (1.0 - match_share)
 
 
 def _regularize(splink_settings: dict[str, Any]) -> None:
@@ -245,6 +265,11 @@ _CORROBORATING: Final[dict[str, tuple[str, ...]]] = {
     "address": ("same address", "close address", "same postal code"),
     "middle_name": ("exact",),
 }
+# The same 3-digit ZIP area corroborates a pair only when nothing personal disagrees: a move within
+# town is the commonest way an address changes (and, in a list without SSNs, phones or emails, the
+# only trace left of a person who moved), but a same-name, same-birth-date stranger in the same
+# area is not rare, and shows itself by a differing middle name, SSN, phone, email or sex.
+_AREA_VETOED_BY: Final = ("middle_name", "ssn", "phone", "email", "sex")
 
 
 def score_pairs(
@@ -315,8 +340,11 @@ def score_pairs(
         # A comparison the model left out (no data on one side when it was trained) is missing.
         return levels_of.get(name, pl.lit("missing", pl.String()))
 
+    same_area = (level("address") == "same area") & ~pl.any_horizontal(
+        [pl.lit(False), *(level(name) == "different" for name in _AREA_VETOED_BY)]
+    )
     corroborated = pl.any_horizontal(
-        [pl.lit(False), *(level(name).is_in(lv) for name, lv in _CORROBORATING.items() if name in levels_of)]
+        [same_area, *(level(name).is_in(lv) for name, lv in _CORROBORATING.items() if name in levels_of)]
     )
     flags = pl.concat_list(
         [
@@ -337,7 +365,13 @@ def score_pairs(
             # in given name; only an identical SSN outweighs that.
             pl.when(
                 (
-                    level("given_name").is_in(["different", "initial or prefix"])
+                    (
+                        level("given_name").is_in(["different", "initial or prefix"])
+                        # Two personal facts that a sibling does not share (a household shares an
+                        # address and a phone, not a middle name and an email) outweigh a given
+                        # name recorded differently, as an identical SSN does.
+                        & ~((level("middle_name") == "exact") & (level("email") == "exact"))
+                    )
                     # A slip away from a nickname is too loose to tell siblings apart (Anna and
                     # Ann) unless something personal, not household-wide, agrees as well.
                     | (
