@@ -376,13 +376,14 @@ def build_extract_assets(partitions: dg.PartitionsDefinition) -> dg.AssetsDefini
         with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="redox-extract") as pool:
             future = pool.submit(asyncio.run, run())
             try:
+                order = _Topological(streams)
                 for _ in streams:
-                    outcome = _next(done, future)
-                    if outcome.error is not None:
-                        failures.append(outcome)
-                        continue
-                    calls = _stream_calls(clients[0].audit_frame(), outcome.stream)
-                    yield _result(context, outcome, days, calls)
+                    for outcome in order.ready(_next(done, future)):
+                        if outcome.error is not None:
+                            failures.append(outcome)
+                            continue
+                        calls = _stream_calls(clients[0].audit_frame(), outcome.stream)
+                        yield _result(context, outcome, days, calls)
             except BaseException:
                 # The run was terminated (or this thread failed): stop the requests rather than let
                 # leaving the pool wait for every day to finish.
@@ -408,6 +409,43 @@ def build_extract_assets(partitions: dg.PartitionsDefinition) -> dg.AssetsDefini
             raise error
 
     return extract
+
+
+class _Topological:
+    """Releases finished streams in an order Dagster accepts from a multi-asset: a surface's patients
+    after every selected clinical stream of that surface (a patients stream whose days were all
+    landed already finishes first). A patients stream whose clinical streams did not all succeed is
+    not reported as materialized."""
+
+    def __init__(self, streams: list[Stream]) -> None:
+        self.outstanding = set(streams)
+        self.failed: set[Stream] = set()
+        self.held: list[StreamDone] = []
+
+    def ready(self, outcome: StreamDone) -> list[StreamDone]:
+        """The streams that may be reported now that ``outcome`` finished, in a valid order."""
+        self.held.append(outcome)
+        out: list[StreamDone] = []
+        while release := [h for h in self.held if self._may_go(h.stream)]:
+            for held in release:
+                self.held.remove(held)
+                clinical_failed = any(
+                    s.surface == held.stream.surface and s.entity != "patients" for s in self.failed
+                )
+                if held.stream.entity == "patients" and held.error is None and clinical_failed:
+                    error = UpstreamFailedError(f"{held.stream.surface} clinical pages did not all land")
+                    held = dataclasses.replace(held, error=error)
+                self.outstanding.discard(held.stream)
+                if held.error is not None:
+                    self.failed.add(held.stream)
+                out.append(held)
+        return out
+
+    def _may_go(self, stream: Stream) -> bool:
+        # A clinical stream is released as soon as it finishes, so one still outstanding is running.
+        return stream.entity != "patients" or not any(
+            s.surface == stream.surface and s.entity != "patients" for s in self.outstanding
+        )
 
 
 def _result(
