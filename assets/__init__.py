@@ -1,4 +1,4 @@
-"""Dagster assets and asset checks, by stage: changes, extract (per stream), warehouse (load),
+"""Dagster assets and asset checks, by stage: changes, extract (one op, an asset per stream), warehouse (load),
 identity.
 
 ``build(partitions)`` makes them for one partitions definition; the code location
@@ -13,12 +13,12 @@ import dagster as dg
 
 from assets.changes import build_changes_asset
 from assets.checks import all_checks as _checks
-from assets.extract import build_extract_asset
+from assets.extract import build_extract_assets
 from assets.identity import identity_assets
 from assets.partitions import DEFAULT_START_DATE, daily_partitions
 from assets.push import pushed_deliveries
 from assets.warehouse import build_load_asset
-from transforms.streams import ENTITIES, STREAMS
+from transforms.streams import ENTITIES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +32,7 @@ def build(partitions: dg.DailyPartitionsDefinition) -> Parts:
     """Every asset and check of the pipeline, partitioned by ``partitions``."""
     assets = [
         build_changes_asset(partitions),
-        *(build_extract_asset(stream, partitions) for stream in STREAMS.values()),
+        build_extract_assets(partitions),
         *(build_load_asset(entity, partitions) for entity in ENTITIES),
         *identity_assets,
         pushed_deliveries,

@@ -1,17 +1,26 @@
-"""Extract assets: one per stream (Redox surface x entity), partitioned by clinical day.
+"""Extract: one multi-asset lands every stream (Redox surface x entity), partitioned by clinical day.
 
-Each materialization asks Redox for its days' windows through the one throttled client and lands
-the response bodies untouched (resources/landing.py) as a new version of the day's file, which the
-day's manifest then names together with what the extract learned on the way (see ``Extra``).
+The eight extract assets (``fhir_<entity>``, ``dm_<entity>``) are outputs of one op, ``extract``,
+which can be subset: a run materializes the ones it selects. All of a run's selected streams x days
+are fetched concurrently in one event loop through the one throttled client, whose transport bounds
+the requests in flight and whose shared budget bounds the rate; the op itself never limits either.
+Each (stream, day) lands the response bodies untouched (resources/landing.py) as a new version of
+the day's file, which the day's manifest then names together with what the extract learned on the
+way (see ``Extra``). A stream's materialization is reported as soon as all its days have landed.
 
 Invariants:
 - an extract step writes nothing to the warehouse tables but ``api_calls`` (its own audit trail);
   the load assets own every other table;
-- in a backfill a day already landed is not fetched again (``refetch=False``), so resuming after a
-  crash re-fetches only the days that were in flight; scheduled syncs refetch (``refetch=True``)
-  because recent days still change;
-- patients are discovered from the day's clinical records and fetched once per run: in a backfill
-  only when new or stale, in a sync always (see ``ExtractConfig``);
+- each (stream, day) lands atomically, on its own: a crash or a failed request loses only the days
+  in flight, the other days of the run land; in a backfill a day already landed is not fetched again
+  (``refetch=False``), so resuming re-fetches only those days; scheduled syncs refetch
+  (``refetch=True``) because recent days still change;
+- a day's patients are fetched only after every selected clinical stream of its surface landed that
+  day (they are discovered from its records), and not at all if one of those failed;
+- patients are fetched at most once per run (the run's ``fetched`` set); in a backfill also not when
+  the warehouse holds a fresh copy or the surface's patient ledger (``PatientLedger``) says an
+  earlier run landed them within ``stale_after_days``; a sync fetches every referenced patient. The
+  ledger is written only after a patients day lands;
 - the extract decodes no page itself beyond the transport's parse, except to find the patients a
   day's FHIR clinical pages reference (their references only); a Data Model clinical reply's
   embedded patients are typed from that parse and landed beside it (``carried``), so neither the
@@ -19,8 +28,12 @@ Invariants:
 """
 
 import asyncio
+import collections
+import concurrent.futures
+import dataclasses
 import datetime as dt
-from collections.abc import Sequence
+import queue
+from collections.abc import Iterator, Sequence
 
 import dagster as dg
 import polars as pl
@@ -33,7 +46,10 @@ from resources.redox.resource import RedoxResource
 from resources.warehouse import Warehouse
 from transforms import datamodel
 from transforms.references import referenced_patients
-from transforms.streams import CLINICAL_ENTITIES, Stream, Surface, clinical_streams
+from transforms.streams import CLINICAL_ENTITIES, STREAMS, Stream, Surface, clinical_streams
+
+# The op's name: run config reaches the extract config as ``{"ops": {EXTRACT_OP: {"config": ...}}}``.
+EXTRACT_OP = "extract"
 
 # Manifest ``extra`` of a landed day: what the extract learned while the pages passed through it,
 # so later steps read it instead of decoding the pages again. FHIR clinical days: ``bundle_total``
@@ -46,8 +62,8 @@ Extra = dict[str, int | str | None]
 
 class ExtractConfig(dg.Config):
     refetch: bool = True
-    # Without refetch (a backfill), a patient loaded longer ago than this is fetched again when a
-    # record references it; with refetch (a sync), every referenced patient is fetched again.
+    # Without refetch (a backfill), a patient loaded or landed longer ago than this is fetched again
+    # when a record references it; with refetch (a sync), every referenced patient is fetched again.
     stale_after_days: int = 7
 
 
@@ -113,37 +129,220 @@ async def _fetch_patients(
         async for page in client.fhir.search_patients(patients.source, patients=ids, patient_param="_id"):
             pages.append(RawPage(page.raw, f"{page.endpoint} day={day}", _now()))
         return pages
-    # The Data Model has no batch patient read: one PatientSearch per patient, by its MR identifier.
-    limit = asyncio.Semaphore(client.settings.max_in_flight)
 
+    # The Data Model has no batch patient read: one PatientSearch per patient, by its MR identifier.
+    # All at once: the transport bounds what is in flight, across every day and stream of the run.
     async def one(identifiers: Sequence[dict[str, str]]) -> RawPage:
-        async with limit:
-            reply = await client.datamodel.patient_search(
-                identifiers=[
-                    {"ID": i["value"], "IDType": i["system"].rsplit(":", 1)[-1]} for i in identifiers[:1]
-                ]
-            )
+        reply = await client.datamodel.patient_search(
+            identifiers=[
+                {"ID": i["value"], "IDType": i["system"].rsplit(":", 1)[-1]} for i in identifiers[:1]
+            ]
+        )
         return RawPage(reply.raw, f"{reply.endpoint} day={day}", _now())
 
     tasks = [one(row["identifiers"]) for row in wanted.iter_rows(named=True) if row["identifiers"]]
     return list(await asyncio.gather(*tasks))
 
 
-def build_extract_asset(stream: Stream, partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
-    deps = [extract_asset(s) for s in clinical_streams(stream.surface)] if stream.entity == "patients" else []
-    name = extract_asset(stream)
+class UpstreamFailedError(Exception):
+    """A patients day not fetched because a clinical day of its surface failed (reported first)."""
 
-    @dg.asset(
-        name=name,
-        description=(
-            f"Raw {stream.surface} {stream.entity} pages ({stream.source}) for each clinical day, "
-            "landed untouched under `raw/` in the lake folder."
-        ),
-        group_name=f"extract_{stream.surface}",
-        kinds={"python", "redox", "parquet"},
+
+@dataclasses.dataclass
+class StreamDone:
+    """One stream's outcome over the run's days: its counts, or the first error of a failed day."""
+
+    stream: Stream
+    stats: collections.Counter[str]
+    error: BaseException | None = None
+    failed_day: dt.date | None = None
+
+
+@dataclasses.dataclass
+class _RunPlan:
+    """What one op execution fetches, and the state its concurrent tasks share."""
+
+    streams: list[Stream]
+    days: list[dt.date]
+    config: ExtractConfig
+    run_id: str
+    zone: LandingZone
+    warehouse: Warehouse
+    # Patients this run fetched (or is fetching), per surface: one fetch per patient per run.
+    fetched: dict[Surface, set[str]] = dataclasses.field(
+        default_factory=lambda: {"fhir": set(), "datamodel": set()}
+    )
+    # Patients the warehouse holds fresh, per surface, read once when first needed (backfill only).
+    fresh: dict[Surface, set[str]] = dataclasses.field(default_factory=dict)
+
+    async def run(self, client: RedoxClient, done: "queue.Queue[StreamDone]") -> None:
+        stats = {s: collections.Counter[str]() for s in self.streams}
+        clinical: dict[tuple[Surface, str, dt.date], asyncio.Task[None]] = {}
+        tasks: dict[Stream, list[asyncio.Task[None]]] = {}
+        for stream in self.streams:
+            if stream.entity != "patients":
+                tasks[stream] = [
+                    asyncio.create_task(self._clinical_day(client, stream, day, stats[stream]))
+                    for day in self.days
+                ]
+                for day, task in zip(self.days, tasks[stream], strict=True):
+                    clinical[(stream.surface, stream.entity, day)] = task
+        for stream in self.streams:
+            if stream.entity == "patients":
+                tasks[stream] = [
+                    asyncio.create_task(
+                        self._patients_day(
+                            client,
+                            stream,
+                            day,
+                            [clinical[k] for k in clinical if k[0] == stream.surface and k[2] == day],
+                            stats[stream],
+                        )
+                    )
+                    for day in self.days
+                ]
+
+        async def finish(stream: Stream) -> None:
+            outcomes = await asyncio.gather(*tasks[stream], return_exceptions=True)
+            failures = [
+                (day, o) for day, o in zip(self.days, outcomes, strict=True) if isinstance(o, BaseException)
+            ]
+            # The root cause first: a patients day skipped for its clinical day is only a consequence.
+            failures.sort(key=lambda f: isinstance(f[1], UpstreamFailedError))
+            error, day = (failures[0][1], failures[0][0]) if failures else (None, None)
+            done.put(StreamDone(stream, stats[stream], error, day))
+
+        await asyncio.gather(*(finish(s) for s in self.streams))
+
+    async def _clinical_day(
+        self, client: RedoxClient, stream: Stream, day: dt.date, stats: collections.Counter[str]
+    ) -> None:
+        folder = partition_folder(day)
+        if not self.config.refetch and self.zone.exists(stream.surface, stream.entity, folder):
+            stats["skipped_days"] += 1
+            return
+        pages, extra, carried = await _fetch_clinical(client, stream, day)
+        await self._land(stream, folder, pages, extra, carried, stats)
+
+    async def _patients_day(
+        self,
+        client: RedoxClient,
+        stream: Stream,
+        day: dt.date,
+        upstream: list[asyncio.Task[None]],
+        stats: collections.Counter[str],
+    ) -> None:
+        folder = partition_folder(day)
+        if not self.config.refetch and self.zone.exists(stream.surface, stream.entity, folder):
+            stats["skipped_days"] += 1
+            return
+        outcomes = await asyncio.gather(*upstream, return_exceptions=True)
+        if any(isinstance(o, BaseException) for o in outcomes):
+            raise UpstreamFailedError(f"{stream.surface} clinical pages of {day} did not land")
+        refs = await asyncio.to_thread(_referenced_patients, self.zone, stream.surface, day)
+        ledger = self.zone.ledger(stream.surface)
+        # A re-pull of recent days re-reads every patient they mention: demographics change without
+        # any sign in the clinical records (a move, a new name).
+        skip: set[str] = set()
+        if not self.config.refetch:
+            stale_after = dt.timedelta(days=self.config.stale_after_days)
+            if stream.surface not in self.fresh:
+                self.fresh[stream.surface] = await asyncio.to_thread(
+                    _fresh_patients, self.warehouse, stream.surface, stale_after
+                )
+            # Read per day: other runs of the backfill land patients meanwhile.
+            landed = await asyncio.to_thread(ledger.landed_since, _now() - stale_after)
+            skip = self.fresh[stream.surface] | landed
+        # No await between choosing and claiming: two days of this run never both fetch a patient.
+        fetched = self.fetched[stream.surface]
+        wanted = refs.filter(~pl.col("complete") & ~pl.col("source_id").is_in(list(skip | fetched)))
+        ids = wanted["source_id"].to_list()
+        fetched.update(ids)
+        try:
+            pages = await _fetch_patients(client, stream, wanted, day)
+        except BaseException:
+            # Not fetched after all: a later day of this run (or a resume) must be free to fetch them.
+            fetched.difference_update(ids)
+            raise
+        stats["patients_wanted"] += wanted.height
+        extra: Extra = {"referenced_patients": refs.height, "patients_wanted": wanted.height}
+        await self._land(stream, folder, pages, extra, None, stats)
+        await asyncio.to_thread(ledger.record, ids, _now())
+
+    async def _land(
+        self,
+        stream: Stream,
+        folder: str,
+        pages: list[RawPage],
+        extra: Extra,
+        carried: pl.Series | None,
+        stats: collections.Counter[str],
+    ) -> None:
+        # In a thread: writing and fsyncing a day's Parquet must not stall the other days' requests.
+        manifest = await asyncio.to_thread(
+            self.zone.write,
+            stream.surface,
+            stream.entity,
+            folder,
+            pages,
+            run_id=self.run_id,
+            extra=extra,
+            carried=carried,
+        )
+        stats["days_landed"] += 1
+        stats["pages"] += manifest.pages
+        stats["bytes"] += manifest.bytes
+        for key in ("bundle_total", "entries", "duplicates"):
+            stats[key] += int(extra.get(key) or 0)
+
+
+def _stream_calls(audit: pl.DataFrame, stream: Stream) -> pl.DataFrame:
+    """The audit rows of one stream's requests, by their endpoint template (no values in it)."""
+    endpoint = pl.col("endpoint")
+    if stream.surface == "fhir":
+        mine = endpoint.str.contains(f"/{stream.source}/", literal=True) | endpoint.str.contains(
+            f"/{stream.source}?", literal=True
+        )
+    else:
+        mine = endpoint.str.contains(f"({stream.source})", literal=True)
+    return audit.filter((pl.col("surface") == stream.surface) & mine)
+
+
+def _specs() -> list[dg.AssetSpec]:
+    specs = []
+    for stream in STREAMS.values():
+        deps = (
+            [extract_asset(s) for s in clinical_streams(stream.surface)]
+            if stream.entity == "patients"
+            else []
+        )
+        specs.append(
+            dg.AssetSpec(
+                extract_asset(stream),
+                description=(
+                    f"Raw {stream.surface} {stream.entity} pages ({stream.source}) for each clinical day, "
+                    "landed untouched under `raw/` in the lake folder."
+                ),
+                group_name=f"extract_{stream.surface}",
+                kinds={"python", "redox", "parquet"},
+                deps=deps,
+                # A failed stream reports no materialization while the others of the op still do.
+                skippable=True,
+            )
+        )
+    return specs
+
+
+def build_extract_assets(partitions: dg.PartitionsDefinition) -> dg.AssetsDefinition:
+    """Every stream's extract asset, as one op that fetches whatever subset a run selects."""
+    by_key = {dg.AssetKey(extract_asset(s)): s for s in STREAMS.values()}
+
+    @dg.multi_asset(
+        name=EXTRACT_OP,
+        specs=_specs(),
         partitions_def=partitions,
         backfill_policy=backfill_policy,
-        deps=deps,
+        can_subset=True,
     )
     def extract(
         context: dg.AssetExecutionContext,
@@ -151,84 +350,134 @@ def build_extract_asset(stream: Stream, partitions: dg.PartitionsDefinition) -> 
         redox: RedoxResource,
         landing: LandingResource,
         warehouse: Warehouse,
-    ) -> dg.MaterializeResult:
-        zone = landing.zone()
+    ) -> Iterator[dg.MaterializeResult]:
+        streams = [s for key, s in by_key.items() if key in context.selected_asset_keys]
         days = [dt.date.fromisoformat(k) for k in context.partition_keys]
-        stats = {
-            "pages": 0,
-            "bytes": 0,
-            "skipped_days": 0,
-            "patients_wanted": 0,
-            "bundle_total": 0,
-            "entries": 0,
-            "duplicates": 0,
-        }
+        plan = _RunPlan(streams, days, config, context.run_id, landing.zone(), warehouse)
+        done: queue.Queue[StreamDone] = queue.Queue()
+        clients: list[RedoxClient] = []
+        running: list[tuple[asyncio.AbstractEventLoop, asyncio.Task[pl.DataFrame]]] = []
 
         async def run() -> pl.DataFrame:
-            fetched: set[str] = set()
+            running.append((asyncio.get_running_loop(), asyncio.current_task()))  # type: ignore[arg-type]
             async with redox.client(run_id=context.run_id) as client:
-                for day in days:
-                    folder = partition_folder(day)
-                    if not config.refetch and zone.exists(stream.surface, stream.entity, folder):
-                        stats["skipped_days"] += 1
-                        continue
-                    if stream.entity == "patients":
-                        refs = _referenced_patients(zone, stream.surface, day)
-                        # A re-pull of recent days re-reads every patient they mention: demographics
-                        # change without any sign in the clinical records (a move, a new name).
-                        fresh = (
-                            set()
-                            if config.refetch
-                            else _fresh_patients(
-                                warehouse, stream.surface, dt.timedelta(days=config.stale_after_days)
-                            )
-                        )
-                        wanted = refs.filter(
-                            ~pl.col("complete") & ~pl.col("source_id").is_in(list(fresh | fetched))
-                        )
-                        fetched.update(wanted["source_id"].to_list())
-                        stats["patients_wanted"] += wanted.height
-                        pages = await _fetch_patients(client, stream, wanted, day)
-                        extra: Extra = {"referenced_patients": refs.height, "patients_wanted": wanted.height}
-                        carried = None
-                    else:
-                        pages, extra, carried = await _fetch_clinical(client, stream, day)
-                    manifest = zone.write(
-                        stream.surface,
-                        stream.entity,
-                        folder,
-                        pages,
-                        run_id=context.run_id,
-                        extra=extra,
-                        carried=carried,
-                    )
-                    stats["pages"] += manifest.pages
-                    stats["bytes"] += manifest.bytes
-                    for key in ("bundle_total", "entries", "duplicates"):
-                        stats[key] += int(extra.get(key) or 0)
+                clients.append(client)
+                await plan.run(client, done)
                 return client.audit_frame()
 
-        audit = asyncio.run(run())
-        step = f"{name}:{context.partition_keys[0]}..{context.partition_keys[-1]}"
+        failures: list[StreamDone] = []
+        # The event loop runs in a thread so that this generator reports each stream as it finishes;
+        # the Dagster context is used from this thread only (the audit log is thread-safe).
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="redox-extract") as pool:
+            future = pool.submit(asyncio.run, run())
+            try:
+                order = _Topological(streams)
+                for _ in streams:
+                    for outcome in order.ready(_next(done, future)):
+                        if outcome.error is not None:
+                            failures.append(outcome)
+                            continue
+                        calls = _stream_calls(clients[0].audit_frame(), outcome.stream)
+                        yield _result(context, outcome, days, calls)
+            except BaseException:
+                # The run was terminated (or this thread failed): stop the requests rather than let
+                # leaving the pool wait for every day to finish.
+                for loop, task in running:
+                    loop.call_soon_threadsafe(task.cancel)
+                raise
+            audit = future.result()
+        step = f"{EXTRACT_OP}:{context.partition_keys[0]}..{context.partition_keys[-1]}"
         warehouse.append_api_calls(audit, run_id=context.run_id, step=step)
         context.log.info(
-            "%s: %d day(s), %d page(s), %d request(s)",
-            name,
-            len(days),
-            stats["pages"],
-            audit.height,
+            "extract: %d stream(s) x %d day(s), %d request(s)", len(streams), len(days), audit.height
         )
-        return dg.MaterializeResult(
-            metadata={
-                "window": f"{days[0]} .. {days[-1]}",
-                "days": len(days),
-                "requests": audit.height,
-                "retries": int((audit["attempt"] > 1).sum()) if audit.height else 0,
-                **stats,
-            }
-        )
+        for failure in failures:
+            context.log.error(
+                "%s: day %s failed (%s)",
+                extract_asset(failure.stream),
+                failure.failed_day,
+                type(failure.error).__name__,
+            )
+        # The first root cause as raised, in the server's own words; the log above names the rest.
+        roots = [f.error for f in failures if not isinstance(f.error, UpstreamFailedError)]
+        if error := next(iter(roots or [f.error for f in failures]), None):
+            raise error
 
     return extract
 
 
-__all__ = ["ExtractConfig", "build_extract_asset"]
+class _Topological:
+    """Releases finished streams in an order Dagster accepts from a multi-asset: a surface's patients
+    after every selected clinical stream of that surface (a patients stream whose days were all
+    landed already finishes first). A patients stream whose clinical streams did not all succeed is
+    not reported as materialized."""
+
+    def __init__(self, streams: list[Stream]) -> None:
+        self.outstanding = set(streams)
+        self.failed: set[Stream] = set()
+        self.held: list[StreamDone] = []
+
+    def ready(self, outcome: StreamDone) -> list[StreamDone]:
+        """The streams that may be reported now that ``outcome`` finished, in a valid order."""
+        self.held.append(outcome)
+        out: list[StreamDone] = []
+        while release := [h for h in self.held if self._may_go(h.stream)]:
+            for held in release:
+                self.held.remove(held)
+                clinical_failed = any(
+                    s.surface == held.stream.surface and s.entity != "patients" for s in self.failed
+                )
+                if held.stream.entity == "patients" and held.error is None and clinical_failed:
+                    error = UpstreamFailedError(f"{held.stream.surface} clinical pages did not all land")
+                    held = dataclasses.replace(held, error=error)
+                self.outstanding.discard(held.stream)
+                if held.error is not None:
+                    self.failed.add(held.stream)
+                out.append(held)
+        return out
+
+    def _may_go(self, stream: Stream) -> bool:
+        # A clinical stream is released as soon as it finishes, so one still outstanding is running.
+        return stream.entity != "patients" or not any(
+            s.surface == stream.surface and s.entity != "patients" for s in self.outstanding
+        )
+
+
+def _result(
+    context: dg.AssetExecutionContext, outcome: StreamDone, days: list[dt.date], calls: pl.DataFrame
+) -> dg.MaterializeResult:
+    name = extract_asset(outcome.stream)
+    counts = outcome.stats
+    context.log.info(
+        "%s: %d day(s), %d landed, %d page(s), %d request(s)",
+        name,
+        len(days),
+        counts["days_landed"],
+        counts["pages"],
+        calls.height,
+    )
+    keys = ("pages", "bytes", "skipped_days", "patients_wanted", "bundle_total", "entries", "duplicates")
+    return dg.MaterializeResult(
+        asset_key=name,
+        metadata={
+            "window": f"{days[0]} .. {days[-1]}",
+            "days": len(days),
+            "requests": calls.height,
+            "retries": int((calls["attempt"] > 1).sum()) if calls.height else 0,
+            **{key: int(counts[key]) for key in keys},
+        },
+    )
+
+
+def _next(done: "queue.Queue[StreamDone]", future: concurrent.futures.Future[pl.DataFrame]) -> StreamDone:
+    """The next finished stream; if the event loop itself died, its error."""
+    while True:
+        try:
+            return done.get(timeout=1.0)
+        except queue.Empty:
+            if future.done():
+                future.result()  # raises what killed the loop
+                raise RuntimeError("the extract's event loop ended before every stream finished") from None
+
+
+__all__ = ["EXTRACT_OP", "ExtractConfig", "build_extract_assets"]

@@ -31,13 +31,13 @@ from dagster._core.execution.backfill import BulkActionStatus, PartitionBackfill
 from dagster._core.storage.dagster_run import DagsterRunStatus, RunsFilter
 from dagster._core.utils import make_new_backfill_id
 
+from assets.extract import EXTRACT_OP
 from assets.partitions import ranges
-from assets.streams import extract_asset
 from pipelines import instance as project_instance
 from pipelines.definitions import defs
 from resources import settings
 from resources.warehouse import LakeNotFoundError, Warehouse
-from transforms.streams import ENTITIES, STREAMS
+from transforms.streams import ENTITIES
 
 ROOT = Path(__file__).resolve().parent.parent
 RANGE_TAG = "redox-etl/range"
@@ -87,7 +87,7 @@ def sync(
         RANGE_TAG: f"{keys[0]}..{keys[-1]}",
     }
     run_config = {
-        "ops": {name: {"config": {"refetch": refetch}} for name in _extract_names()},
+        "ops": {EXTRACT_OP: {"config": {"refetch": refetch}}},
         # The command shows progress, then a summary or the failed steps' root causes; every event,
         # stack traces included, stays in the instance (`make ui`), so the console shows none.
         "loggers": {"console": {"config": {"log_level": "CRITICAL"}}},
@@ -151,10 +151,6 @@ def release_claims() -> None:
     """Give up every claim this process holds (they also go when it exits)."""
     while _claims:
         _claims.popitem()[1].release()
-
-
-def _extract_names() -> list[str]:
-    return [extract_asset(s) for s in STREAMS.values()]
 
 
 def _step_progress(inst: dg.DagsterInstance, range_tag: str) -> tuple[int, str]:
@@ -228,7 +224,7 @@ def submit_backfill(inst: dg.DagsterInstance, keys: list[str], *, title: str) ->
         all_partitions=False,
         title=title,
         description="redox-etl backfill",
-        run_config={"ops": {name: {"config": {"refetch": False}} for name in _extract_names()}},
+        run_config={"ops": {EXTRACT_OP: {"config": {"refetch": False}}}},
     )
     inst.add_backfill(backfill)
     return backfill

@@ -4,7 +4,9 @@ Layout: ``<lake>/raw/<surface>/<entity>/<partition>/manifest.json`` naming the p
 pages file ``pages-<version>.parquet`` (one row per response: ``page``, ``body``, ``request``,
 ``fetched_at``) and optionally its ``carried-<version>.parquet`` (``page`` and one column: what the
 extract parsed out of each page). Folders landed before versioning hold ``pages.parquet`` and
-``carried.parquet``, which their manifests name implicitly.
+``carried.parquet``, which their manifests name implicitly. Beside a surface's patients days,
+``<lake>/raw/<surface>/patients/.ledger.sqlite`` (``PatientLedger``) records when each patient was
+last landed, so a backfill fetches a patient once, not once per run or day that mentions it.
 
 Invariants:
 - the manifest is the commit point: a version's files are written and fsynced first, then the
@@ -18,6 +20,9 @@ Invariants:
 - bodies are stored byte for byte as the server sent them (decoded as UTF-8, which JSON requires),
   so a normalizer fix can be replayed on exactly what Redox said;
 - every file under the zone holds patient data or sits beside it, so folders are owner-only;
+- the patient ledger only ever names patients whose pages are already landed (it is written after
+  the day's manifest), so trusting it never loses a patient; it is SQLite (WAL), safe for many
+  processes at once;
 - the manifest holds counts and hashes only, never a body, so it is safe to show as metadata; its
   ``extra`` carries what the extract learned while the pages passed through it (totals, duplicates,
   counts), so later steps read it rather than decode the pages again.
@@ -29,9 +34,10 @@ import datetime as dt
 import hashlib
 import json
 import os
+import sqlite3
 import tempfile
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any, Final
 
@@ -59,6 +65,8 @@ LEGACY_CARRIED: Final = "carried.parquet"
 SUPERSEDED_GRACE: Final = dt.timedelta(hours=1)
 # Serializes the writes of one partition (two runs landing the same day), never its readers.
 WRITE_LOCK: Final = ".write.lock"
+# The patient ledger's file, in ``raw/<surface>/patients/`` (not a ``day=`` folder: never scanned).
+LEDGER: Final = ".ledger.sqlite"
 
 PAGE_SCHEMA = pl.Schema(
     {
@@ -207,6 +215,10 @@ class LandingZone:
                 if age > self.superseded_grace:
                     path.unlink(missing_ok=True)
 
+    def ledger(self, surface: str) -> "PatientLedger":
+        """The surface's patient ledger: which patients are landed, and when."""
+        return PatientLedger(self.root / "raw" / surface / "patients" / LEDGER)
+
     def exists(self, surface: str, entity: str, partition: str) -> bool:
         manifest = self.manifest(surface, entity, partition)
         folder = self.folder(surface, entity, partition)
@@ -258,6 +270,53 @@ class LandingZone:
         if not frames:
             return pl.LazyFrame(schema={"raw_ref": pl.String(), "body": pl.String()})
         return pl.concat(frames, how="diagonal")
+
+
+class PatientLedger:
+    """When each patient of one surface was last landed (by source id; no other patient data).
+
+    Written after a patients day lands, read by backfills to skip patients landed recently by any
+    run; a sync refetches regardless. Each call opens its own connection, so the ledger is safe to
+    use from several threads and processes at once (SQLite serializes the writers).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def _connect(self) -> sqlite3.Connection:
+        _private_dirs(self.path.parent)
+        if not self.path.exists():
+            # Owner-only from the start: it names patients (SQLite gives -wal/-shm the same mode).
+            self.path.touch(mode=0o600, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA busy_timeout=60000")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS landed (source_id TEXT PRIMARY KEY, landed_at REAL NOT NULL)"
+        )
+        return conn
+
+    def landed_since(self, since: dt.datetime) -> set[str]:
+        """Patients landed at or after ``since``."""
+        if not self.path.exists():
+            return set()
+        with contextlib.closing(self._connect()) as conn:
+            rows = conn.execute("SELECT source_id FROM landed WHERE landed_at >= ?", [since.timestamp()])
+            return {row[0] for row in rows}
+
+    def record(self, source_ids: Iterable[str], at: dt.datetime) -> None:
+        """Note ``source_ids`` as landed at ``at`` (call only once their pages are landed)."""
+        rows = [(source_id, at.timestamp()) for source_id in source_ids]
+        if not rows:
+            return
+        with contextlib.closing(self._connect()) as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(
+                "INSERT INTO landed VALUES (?, ?) ON CONFLICT (source_id)"
+                " DO UPDATE SET landed_at = max(landed_at, excluded.landed_at)",
+                rows,
+            )
+            conn.execute("COMMIT")
 
 
 def _private_dirs(folder: Path) -> None:

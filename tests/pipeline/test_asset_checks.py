@@ -210,7 +210,7 @@ def test_wrong_manifest_total_fails_bundle_totals(synced: Synced) -> None:
             resources=all_resources(),
             instance=synced.instance,
             tags=dict(zip(RANGE_TAGS, (synced.first.isoformat(), synced.last.isoformat()), strict=True)),
-            run_config={"ops": {"fhir_appointments": {"config": {"refetch": False}}}},
+            run_config={"ops": {"extract": {"config": {"refetch": False}}}},
             raise_on_error=False,
         )
     assert not result.success
