@@ -32,6 +32,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import datetime as dt
+import itertools
 import queue
 from collections.abc import Iterator, Sequence
 
@@ -72,25 +73,71 @@ def _now() -> dt.datetime:
 
 
 async def _fetch_clinical(
-    client: RedoxClient, stream: Stream, day: dt.date
+    client: RedoxClient, stream: Stream, day: dt.date, *, windows: int = 1
 ) -> tuple[list[RawPage], Extra, pl.Series | None]:
     start, end = day_window(day)
-    pages: list[RawPage] = []
     if stream.surface == "fhir":
-        total: int | None = None
-        entries = duplicates = 0
-        async for page in client.fhir.search(stream.source, params=date_window(start, end)):
-            pages.append(RawPage(page.raw, f"{page.endpoint} day={day}", _now()))
-            total = page.total if page.total is not None else total
-            entries += page.entries
-            duplicates += page.duplicates
-        return pages, {"bundle_total": total, "entries": entries, "duplicates": duplicates}, None
+        # A search's pages come one after another (each next link arrives with the page before it),
+        # so one search per day would leave a busy day's paging a single chain of round trips. The
+        # day is cut into disjoint slices searched at once; their pages land in slice order.
+        slices = await asyncio.gather(
+            *(_search_slice(client, stream, day, lo, hi) for lo, hi in day_slices(start, end, client))
+        )
+        totals = [total for _, total, _, _ in slices]
+        extra: Extra = {
+            # Bundle.total of the whole day: the slices' totals add up (they are disjoint), unless a
+            # server left one out.
+            "bundle_total": None if None in totals else sum(t for t in totals if t is not None),
+            "entries": sum(entries for _, _, entries, _ in slices),
+            "duplicates": sum(duplicates for _, _, _, duplicates in slices),
+        }
+        return [page for pages, _, _, _ in slices for page in pages], extra, None
     # A day too big for one answer comes back in several windows' replies, one page each.
-    replies = await client.datamodel.windowed(stream.source, start=start, end=end)
+    replies = await client.datamodel.windowed(stream.source, start=start, end=end, pieces=windows)
     # The replies' patients, typed from the client's parse: the patients extract and load read them
     # from here rather than decoding the pages again.
     carried = datamodel.carried_patients([reply.json for reply in replies])
     return [RawPage(r.raw, f"{r.endpoint} day={day}", _now()) for r in replies], {}, carried
+
+
+def day_slices(
+    start: dt.datetime, end: dt.datetime, client: RedoxClient
+) -> list[tuple[dt.datetime, dt.datetime]]:
+    """[start, end) cut into ``fhir_day_slices`` disjoint, adjacent windows of whole seconds."""
+    count = max(1, client.settings.fhir_day_slices)
+    step = (end - start) // count
+    step -= dt.timedelta(microseconds=step.microseconds)
+    edges = [start + step * i for i in range(count)] + [end]
+    return [(lo, hi) for lo, hi in itertools.pairwise(edges) if lo < hi]
+
+
+async def _search_slice(
+    client: RedoxClient, stream: Stream, day: dt.date, start: dt.datetime, end: dt.datetime
+) -> tuple[list[RawPage], int | None, int, int]:
+    pages: list[RawPage] = []
+    total: int | None = None
+    entries = duplicates = 0
+    async for page in client.fhir.search(stream.source, params=date_window(start, end)):
+        pages.append(RawPage(page.raw, f"{page.endpoint} day={day}", _now()))
+        total = page.total if page.total is not None else total
+        entries += page.entries
+        duplicates += page.duplicates
+    return pages, total, entries, duplicates
+
+
+def _windows_near(zone: LandingZone, stream: Stream, day: dt.date, reach: int = 7) -> int:
+    """How many windows the nearest landed days of a Data Model stream took (one page per window's
+    reply), so a day like them asks for that many at once instead of first waiting out a 504 for
+    the whole day. Read from the manifests the extract wrote: nothing is decoded."""
+    for distance in range(1, reach + 1):
+        near = [
+            manifest.pages
+            for other in (day - dt.timedelta(days=distance), day + dt.timedelta(days=distance))
+            if (manifest := zone.manifest(stream.surface, stream.entity, partition_folder(other))) is not None
+        ]
+        if near:
+            return max(near)
+    return 1
 
 
 def _referenced_patients(zone: LandingZone, surface: Surface, day: dt.date) -> pl.DataFrame:
@@ -221,7 +268,8 @@ class _RunPlan:
         if not self.config.refetch and self.zone.exists(stream.surface, stream.entity, folder):
             stats["skipped_days"] += 1
             return
-        pages, extra, carried = await _fetch_clinical(client, stream, day)
+        windows = _windows_near(self.zone, stream, day) if stream.surface == "datamodel" else 1
+        pages, extra, carried = await _fetch_clinical(client, stream, day, windows=windows)
         await self._land(stream, folder, pages, extra, carried, stats)
 
     async def _patients_day(

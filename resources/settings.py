@@ -388,6 +388,14 @@ class Settings(BaseSettings):
         description="FHIR _count: entries asked for per search page (a server may send fewer; the "
         "sandbox clamps to 1000). Larger pages spend fewer requests but take longer each.",
     )
+    fhir_day_slices: int = Field(
+        default=4,
+        ge=1,
+        le=96,
+        validation_alias="REDOX_FHIR_DAY_SLICES",
+        description="Disjoint time windows one day's FHIR search is cut into, searched at once: a "
+        "search's pages follow one another, so a busy day's paging is that many chains, not one.",
+    )
 
     # --- The push lane (webhook receiver and inbox) ----------------------------------------------
     webhook_tokens: SecretStr | None = Field(

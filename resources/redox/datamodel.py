@@ -10,8 +10,10 @@ Invariants:
   order and together [start, end), split at the same points for the same refusals.
 """
 
+import asyncio
 import dataclasses
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+import itertools
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -163,12 +165,20 @@ class DataModelClient:
         )
 
     async def windowed(
-        self, query: str, *, start: datetime, end: datetime, min_window: timedelta = MIN_WINDOW
+        self,
+        query: str,
+        *,
+        start: datetime,
+        end: datetime,
+        min_window: timedelta = MIN_WINDOW,
+        pieces: int = 1,
     ) -> list[DataModelReply]:
         """``query`` ("PatientAdmin.VisitQuery", "Results.Query" or "Scheduling.Booked") over
-        [start, end), in as many windows as it takes: a window Redox refuses as too large (413) or
-        times out on (504) is split in two halves at its midpoint (whole milliseconds, as Redox's
-        datetimes carry), each asked in turn, and so on. Returns the replies in window order.
+        [start, end), in as many windows as it takes: the window is first cut into ``pieces`` equal
+        windows (a caller that knows a neighbouring day needed several asks for them at once instead
+        of waiting out a 504), and a window Redox refuses as too large (413) or times out on (504)
+        is split in two halves at its midpoint (whole milliseconds, as Redox's datetimes carry).
+        Windows are asked concurrently; the replies come back in window order.
 
         A window whose halves would be shorter than ``min_window`` is not split: its error is raised.
         The 504 is not retried as the same query first (the split is the retry).
@@ -183,21 +193,37 @@ class DataModelClient:
         if end <= start:
             raise ValueError("windowed needs start < end")
         send = queries[query]
-        replies: list[DataModelReply] = []
-        pending = [(start, end)]
+
+        async def cover(lo: datetime, hi: datetime) -> list[DataModelReply]:
+            try:
+                return [await send(start=lo, end=hi)]
+            except RedoxRequestError as err:
+                half = (hi - lo) // timedelta(milliseconds=1) // 2
+                if err.status not in SPLIT_ON or timedelta(milliseconds=half) < min_window:
+                    raise
+            mid = lo + timedelta(milliseconds=half)
+            return await _in_order([cover(lo, mid), cover(mid, hi)])
+
+        span = (end - start) // timedelta(milliseconds=1)
+        count = max(1, min(pieces, span // max(1, min_window // timedelta(milliseconds=1))))
+        edges = [start + timedelta(milliseconds=span * i // count) for i in range(count)] + [end]
+        # Tasks copy the context, so every window's sends see the statuses the split handles.
         token = FINAL_STATUSES.set(FINAL_STATUSES.get() | SPLIT_ON)
         try:
-            while pending:
-                lo, hi = pending.pop()
-                try:
-                    replies.append(await send(start=lo, end=hi))
-                except RedoxRequestError as err:
-                    half = (hi - lo) // timedelta(milliseconds=1) // 2
-                    if err.status not in SPLIT_ON or timedelta(milliseconds=half) < min_window:
-                        raise
-                    mid = lo + timedelta(milliseconds=half)
-                    # A stack: the earlier half is asked first, so replies come in window order.
-                    pending += [(mid, hi), (lo, mid)]
+            return await _in_order([cover(lo, hi) for lo, hi in itertools.pairwise(edges)])
         finally:
             FINAL_STATUSES.reset(token)
-        return replies
+
+
+async def _in_order(covers: Sequence[Coroutine[Any, Any, list[DataModelReply]]]) -> list[DataModelReply]:
+    """The windows' replies, concatenated in window order. The first failure is raised as it was
+    (the server's own error, not a group) after the other windows are cancelled."""
+    tasks = [asyncio.ensure_future(c) for c in covers]
+    try:
+        parts = await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    return [reply for part in parts for reply in part]

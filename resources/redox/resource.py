@@ -70,6 +70,7 @@ class RedoxResource(ConfigurableResource):
     retry_timeout: float | None = _described("retry_timeout")
     fhir_batch_size: int | None = _described("fhir_batch_size")
     fhir_page_size: int | None = _described("fhir_page_size")
+    fhir_day_slices: int | None = _described("fhir_day_slices")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "RedoxResource":

@@ -175,6 +175,7 @@ class RedoxSettings(BaseModel):
     fhir_batch_size: int = Field(default=50, ge=1)
     # None sends no _count (the server's default page).
     fhir_page_size: int | None = Field(default=200, ge=1)
+    fhir_day_slices: int = Field(default=4, ge=1, le=96)
 
     @property
     def host(self) -> str:
@@ -339,4 +340,5 @@ def _tuning_from_settings(settings: Settings) -> dict[str, Any]:
         "retry_timeout": settings.retry_timeout,
         "fhir_batch_size": settings.fhir_batch_size,
         "fhir_page_size": settings.fhir_page_size,
+        "fhir_day_slices": settings.fhir_day_slices,
     }

@@ -106,3 +106,23 @@ def test_unknown_queries_and_empty_windows_are_refused():
         asyncio.run(Fake(fits=END - START).windowed("PatientSearch.Query", start=START, end=END))
     with pytest.raises(ValueError, match="start < end"):
         asyncio.run(Fake(fits=END - START).windowed("Results.Query", start=END, end=START))
+
+
+def test_pieces_ask_the_known_size_at_once_and_still_split_what_does_not_fit():
+    client = Fake(fits=timedelta(hours=5))
+    replies = asyncio.run(client.windowed("Results.Query", start=START, end=END, pieces=4))
+    # Four 6-hour windows asked first, each refused once and halved: no whole-day refusal first.
+    assert (START, END) not in client.asked
+    assert _windows(replies) == [
+        (START + timedelta(hours=3 * i), START + timedelta(hours=3 * (i + 1))) for i in range(8)
+    ]
+    assert len(client.asked) == 4 + 8
+
+
+def test_pieces_never_cut_below_the_smallest_window():
+    client = Fake(fits=timedelta(days=2))
+    replies = asyncio.run(
+        client.windowed("Results.Query", start=START, end=END, pieces=1000, min_window=timedelta(hours=6))
+    )
+    assert len(replies) == 4
+    assert _windows(replies)[0][0] == START and _windows(replies)[-1][1] == END
