@@ -25,7 +25,7 @@ DEFAULT_START_DATE: str = Settings.model_fields["start_date"].default.isoformat(
 # time); the tail the last run adds after the final request is one week's load plus identity, and an
 # interrupted run re-fetches at most a week (only its days not yet landed). Longer runs would save
 # little (the overhead already overlaps other runs' requests) and lengthen that tail.
-backfill_policy = dg.BackfillPolicy.multi_run(max_partitions_per_run=7)
+backfill_policy = dg.BackfillPolicy.multi_run(max_partitions_per_run=4)
 
 
 def daily_partitions(start_date: str) -> dg.DailyPartitionsDefinition:
