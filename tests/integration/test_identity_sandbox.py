@@ -151,13 +151,13 @@ def test_other_seeds_meet_the_bar(seed: int) -> None:
 
 # The issue asks for precision and recall within 0.005 of the full lists. Precision holds that in
 # every case, and recall does without SSNs and with national ids. Without sex, phone and email it
-# falls 0-0.012 short of the full lists depending on the world (docs/identity.md#lists-with-fewer-columns):
-# the pairs lost agree on name and birth date and on nothing else the list holds (the SSN is missing
-# on one side and the address changed), which is exactly what the sandbox's same-name, same-birth-date
-# strangers look like; linking them merged such strangers in other worlds. Those cases are held to
-# the measured gap, and to the issue's 0.005 once review counts as found.
+# falls 0-0.007 short of the full lists depending on the world (docs/identity.md#lists-with-fewer-columns):
+# the pairs still lost agree on name and birth date and on nothing else the list holds (the SSN is
+# on one side only and the address changed), which is exactly what the sandbox's same-name,
+# same-birth-date strangers look like; linking them merged such strangers in other worlds. Those
+# cases are held to the measured gap, and to the issue's 0.005 once review counts as found.
 ISSUE_TOLERANCE = 0.005
-MEASURED_RECALL_GAP = 0.012
+MEASURED_RECALL_GAP = 0.007
 
 LIST_NOW = datetime(2025, 1, 1, tzinfo=UTC)
 

@@ -182,6 +182,75 @@ def test_same_area_does_not_corroborate_a_pair_that_differs_on_something_persona
     assert "uncorroborated" in row["flags"]
 
 
+def _moved_without_ssn_or_middle(model: dict[str, Any], *, others: int, **changes: Any) -> dict[str, Any]:
+    """Score a person who moved out of town and whose two records lack the SSN and the middle name
+    (no phone or email on the list), among ``others`` people per list who have both."""
+    fillers: list[dict[str, Any]] = [
+        dict(
+            given_name=given,
+            middle_name=middle,
+            family_name=family,
+            birth_date=date(1950 + 7 * i, 1 + i, 2 + i),
+            ssn=f"91{i}-3{i}-567{i}",
+            address_line=f"{100 + i} Birch Ln",
+            address_postal_code=f"6{i}101",
+        )
+        for i, (given, middle, family) in enumerate(
+            [("Tobias", "Karl", "Lindqvist"), ("Ines", "Maria", "Duarte"), ("Kwame", "Kofi", "Mensah")][
+                :others
+            ]
+        )
+    ]
+    left = [_no_contact("fhir", "f", **changes.get("left", {}))] + [
+        _no_contact("fhir", f"f{i}", **f) for i, f in enumerate(fillers)
+    ]
+    moved = {"address_line": "88 Harbor Ct", "address_city": "Denver", "address_state": "CO"}
+    right = [
+        _no_contact("datamodel", "d", address_postal_code="80205", **moved, **changes.get("right", {}))
+    ] + [_no_contact("datamodel", f"d{i}", **f) for i, f in enumerate(fillers)]
+    out = idn.score_pairs(
+        pl.DataFrame(left, schema=PATIENTS),
+        pl.DataFrame(right, schema=PATIENTS),
+        model,
+        min_match_weight=-1000,
+    ).filter((pl.col("left_id") == "f") & (pl.col("right_id") == "d"))
+    assert out.height == 1, "the pair should be a blocking candidate"
+    row = out.row(0, named=True)
+    row["levels"] = {e["comparison"]: e["level"] for e in row["evidence"]}
+    assert row["levels"]["address"] == "different"
+    return row
+
+
+def test_lacking_the_same_ssn_and_middle_name_corroborates_in_lists_that_record_them(
+    model: dict[str, Any],
+) -> None:
+    # A person without an SSN or a middle name lacks them in every system; two strangers lack them
+    # independently. In lists where most records hold both, the shared absence backs name and birth date.
+    # (The score is this model's, trained with phones and emails; the rule under test is the flag.)
+    assert _moved_without_ssn_or_middle(model, others=3)["flags"] == []
+
+
+@pytest.mark.parametrize(
+    ("others", "changes"),
+    [
+        # The SSN on one side only: a stranger who has one, or a record that lost it; nothing shared.
+        (3, {"left": {"ssn": "931-22-4810"}}),
+        (3, {"right": {"middle_name": "Ann"}}),
+        # Something personal disagrees.
+        (3, {"left": {"sex": "female"}, "right": {"sex": "male"}}),
+        (3, {"left": {"phone": "+19185550147"}, "right": {"phone": "+13035550199"}}),
+        # Lists that hold an SSN and a middle name for no more than half their records: absence says nothing.
+        (0, {}),
+        (1, {}),
+    ],
+)
+def test_absence_does_not_corroborate_when_it_is_not_shared_or_says_nothing(
+    model: dict[str, Any], others: int, changes: dict[str, dict[str, Any]]
+) -> None:
+    row = _moved_without_ssn_or_middle(model, others=others, **changes)
+    assert "uncorroborated" in row["flags"]
+
+
 def test_junior_and_senior_are_flagged(model: dict[str, Any]) -> None:
     junior = person("datamodel", "d", birth_date=date(1998, 11, 23), ssn=None, email=None)
     row = score(model, person("fhir", "f", email=None), junior)

@@ -270,6 +270,13 @@ _CORROBORATING: Final[dict[str, tuple[str, ...]]] = {
 # only trace left of a person who moved), but a same-name, same-birth-date stranger in the same
 # area is not rare, and shows itself by a differing middle name, SSN, phone, email or sex.
 _AREA_VETOED_BY: Final = ("middle_name", "ssn", "phone", "email", "sex")
+# What a person lacks in one system they mostly lack in the other (no SSN: a child, a foreign
+# national; no middle name), while two strangers lack these things independently. So two records
+# that both lack the SSN *and* the middle name corroborate a name and birth date, like a move within
+# town, when nothing personal disagrees, but only where both lists hold these columns for most
+# records (more than half of each list): where a list seldom records them, absence says nothing.
+_SHARED_ABSENCE: Final = ("ssn", "middle")
+_MOSTLY_RECORDED: Final = 0.5
 
 
 def score_pairs(
@@ -308,7 +315,8 @@ def score_pairs(
         )
         raw = pl.from_arrow(s.con.sql(sql).to_arrow_table())
         assert isinstance(raw, pl.DataFrame)
-        left_keys, right_keys = s.left_keys, s.right_keys
+        left_keys = s.left_keys.join(_absences(s.left_features, s.left_stats, "_l"), on="rid")
+        right_keys = s.right_keys.join(_absences(s.right_features, s.right_stats, "_r"), on="rid")
     # Splink orders each pair by its own rules; put the left input's record on the left.
     swapped = pl.col("source_dataset_l") != "lhs"
     raw = raw.with_columns(
@@ -343,8 +351,16 @@ def score_pairs(
     same_area = (level("address") == "same area") & ~pl.any_horizontal(
         [pl.lit(False), *(level(name) == "different" for name in _AREA_VETOED_BY)]
     )
+    shared_absence = pl.all_horizontal(
+        [pl.col(f"_absent{side}") for side in ("_l", "_r")]
+        + [level(name) != "different" for name in _AREA_VETOED_BY]
+    )
     corroborated = pl.any_horizontal(
-        [same_area, *(level(name).is_in(lv) for name, lv in _CORROBORATING.items() if name in levels_of)]
+        [
+            same_area,
+            shared_absence,
+            *(level(name).is_in(lv) for name, lv in _CORROBORATING.items() if name in levels_of),
+        ]
     )
     flags = pl.concat_list(
         [
@@ -398,6 +414,14 @@ def score_pairs(
         .select(PAIRS.names())
         .cast(PAIRS)
     )
+
+
+def _absences(feature_frame: pl.DataFrame, stats: SideStats, suffix: str) -> pl.DataFrame:
+    """``rid`` and ``_absent<suffix>``: the record lacks every ``_SHARED_ABSENCE`` feature that its
+    list records for most of its records (false when the list seldom records one of them)."""
+    recorded = all(stats.usable.get(f, 0) > _MOSTLY_RECORDED * stats.rows for f in _SHARED_ABSENCE)
+    absent = pl.all_horizontal([pl.col(f).is_null() for f in _SHARED_ABSENCE]) & pl.lit(recorded)
+    return feature_frame.select("rid", absent.alias(f"_absent{suffix}"))
 
 
 def _comparison(splink_settings: dict[str, Any], name: str) -> list[dict[str, Any]]:
