@@ -19,12 +19,13 @@ from resources.settings import Settings
 # build against.
 DEFAULT_START_DATE: str = Settings.model_fields["start_date"].default.isoformat()
 
-# A backfill run covers up to a week. A run extracts all its days at once (assets/extract.py), so its
-# Dagster overhead (a run process, ~25 steps, the checks) is paid once per week of requests, while the
-# runs after it overlap its load and identity (dagster.yaml runs three at once, one loading at a
-# time); the tail the last run adds after the final request is one week's load plus identity, and an
-# interrupted run re-fetches at most a week (only its days not yet landed). Longer runs would save
-# little (the overhead already overlaps other runs' requests) and lengthen that tail.
+# A backfill run covers up to four days. A run extracts all its days at once (assets/extract.py), so
+# its Dagster overhead (a run process, ~25 steps, the checks) is paid once per four days of requests,
+# while the runs after it overlap its load and identity (dagster.yaml runs three at once, one loading
+# at a time). Measured at hospital volume (bench/backfill.py, docs/benchmarks.md), the tail after the
+# final request is the last runs' loads plus identity, which grows with the days a run holds: four
+# days keeps it shorter than a week would, at the cost of more run start-ups (which overlap other
+# runs' requests). An interrupted run re-fetches at most its unlanded days.
 backfill_policy = dg.BackfillPolicy.multi_run(max_partitions_per_run=4)
 
 

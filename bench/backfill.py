@@ -12,8 +12,9 @@ Figures, per measurement:
   (every HTTP attempt, tokens included), as a share of the limit (25 requests/s);
 - **wall / floor**: the backfill command's wall time against the floor, requests / 25 per s;
 - **requests per record** against the floor the two APIs allow: one Data Model query per day and
-  clinical stream plus one PatientSearch per patient; one FHIR search page per 1,000 records
-  (the sandbox's ``_count`` maximum) per day and stream plus one Patient search per 50 patients;
+  clinical stream plus one PatientSearch per patient no visit or booking carried (results carry
+  identifiers only); one FHIR search page per 1,000 records (the sandbox's ``_count`` maximum) per
+  day and stream plus one Patient search per 50 patients;
 - 429s and the sandbox's peak count in any rolling window, against the limit;
 - CPU seconds of the pipeline's process tree and its largest process's peak RSS.
 
@@ -136,7 +137,18 @@ def _lake_figures() -> dict[str, Any]:
     patients = lake.query("SELECT source_surface, count(*) AS n FROM patients GROUP BY ALL")
     for surface, n in patients.iter_rows():
         records += int(n)
-        floor += int(n) if surface == "datamodel" else math.ceil(n / FHIR_PATIENT_BATCH)
+        if surface == "fhir":
+            floor += math.ceil(n / FHIR_PATIENT_BATCH)
+    # Data Model visits and bookings carry their patient whole; results carry identifiers only, so a
+    # patient seen only in results needs its own PatientSearch.
+    floor += int(
+        lake.query(
+            "SELECT count(DISTINCT patient_source_id) AS n FROM results WHERE source_surface = 'datamodel'"
+            " AND patient_source_id NOT IN (SELECT patient_source_id FROM encounters"
+            " WHERE source_surface = 'datamodel' UNION SELECT patient_source_id FROM appointments"
+            " WHERE source_surface = 'datamodel')"
+        ).item()
+    )
     return {
         "requests": int(calls["requests"] or 0),
         "status_429": int(calls["status_429"] or 0),

@@ -149,15 +149,13 @@ def test_other_seeds_meet_the_bar(seed: int) -> None:
 
 # -- issue 12 item 9: `identity link` on what a list has -------------------------------------------
 
-# The issue asks for precision and recall within 0.005 of the full lists. Precision holds that in
-# every case, and recall does without SSNs and with national ids. Without sex, phone and email it
-# falls 0-0.007 short of the full lists depending on the world (docs/identity.md#lists-with-fewer-columns):
-# the pairs still lost agree on name and birth date and on nothing else the list holds (the SSN is
-# on one side only and the address changed), which is exactly what the sandbox's same-name,
-# same-birth-date strangers look like; linking them merged such strangers in other worlds. Those
-# cases are held to the measured gap, and to the issue's 0.005 once review counts as found.
+# The issue asks for precision and recall within 0.005 of the full lists; this holds for every
+# case in the sandbox's default world (seed 7), which is what this test builds. Other worlds are
+# measured in docs/identity.md#lists-with-fewer-columns: without sex, phone and email, or without
+# SSNs, two of sixteen seeds fall up to 0.007 short (pairs that agree on name and birth date and on
+# nothing else the list holds look exactly like the sandbox's same-name, same-birth-date strangers),
+# and within 0.005 once review counts as found.
 ISSUE_TOLERANCE = 0.005
-MEASURED_RECALL_GAP = 0.007
 
 LIST_NOW = datetime(2025, 1, 1, tzinfo=UTC)
 
@@ -220,10 +218,10 @@ def full_lists(
 @pytest.mark.parametrize(
     ("case", "left_out", "recall_gap"),
     [
-        ("a: no sex, phone or email", {"sex", "phone", "email"}, MEASURED_RECALL_GAP),
+        ("a: no sex, phone or email", {"sex", "phone", "email"}, ISSUE_TOLERANCE),
         ("b: no SSN", {"ssn"}, ISSUE_TOLERANCE),
         ("c: 7-digit national ids for SSNs", set(), ISSUE_TOLERANCE),
-        ("d: names, birth date, address and a national id", {"sex", "phone", "email"}, MEASURED_RECALL_GAP),
+        ("d: names, birth date, address and a national id", {"sex", "phone", "email"}, ISSUE_TOLERANCE),
     ],
 )
 def test_link_on_what_a_list_has(
