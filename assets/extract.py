@@ -33,6 +33,7 @@ import concurrent.futures
 import dataclasses
 import datetime as dt
 import itertools
+import math
 import queue
 from collections.abc import Iterator, Sequence
 
@@ -42,7 +43,7 @@ import polars as pl
 from assets.partitions import backfill_policy, day_window, partition_folder
 from assets.streams import extract_asset
 from resources.landing import LandingResource, LandingZone, RawPage
-from resources.redox import RedoxClient, date_window
+from resources.redox import RedoxClient, RedoxSettings, date_window
 from resources.redox.resource import RedoxResource
 from resources.warehouse import Warehouse
 from transforms import datamodel
@@ -75,13 +76,15 @@ def _now() -> dt.datetime:
 async def _fetch_clinical(
     client: RedoxClient, stream: Stream, day: dt.date, *, windows: int = 1
 ) -> tuple[list[RawPage], Extra, pl.Series | None]:
+    """One day of a clinical stream, in ``windows`` windows asked at once (FHIR slices, Data Model
+    query windows; see ``_windows_for``)."""
     start, end = day_window(day)
     if stream.surface == "fhir":
         # A search's pages come one after another (each next link arrives with the page before it),
         # so one search per day would leave a busy day's paging a single chain of round trips. The
         # day is cut into disjoint slices searched at once; their pages land in slice order.
         slices = await asyncio.gather(
-            *(_search_slice(client, stream, day, lo, hi) for lo, hi in day_slices(start, end, client))
+            *(_search_slice(client, stream, day, lo, hi) for lo, hi in day_slices(start, end, windows))
         )
         totals = [total for _, total, _, _ in slices]
         extra: Extra = {
@@ -100,11 +103,9 @@ async def _fetch_clinical(
     return [RawPage(r.raw, f"{r.endpoint} day={day}", _now()) for r in replies], {}, carried
 
 
-def day_slices(
-    start: dt.datetime, end: dt.datetime, client: RedoxClient
-) -> list[tuple[dt.datetime, dt.datetime]]:
-    """[start, end) cut into ``fhir_day_slices`` disjoint, adjacent windows of whole seconds."""
-    count = max(1, client.settings.fhir_day_slices)
+def day_slices(start: dt.datetime, end: dt.datetime, count: int) -> list[tuple[dt.datetime, dt.datetime]]:
+    """[start, end) cut into ``count`` disjoint, adjacent windows of whole seconds."""
+    count = max(1, count)
     step = (end - start) // count
     step -= dt.timedelta(microseconds=step.microseconds)
     edges = [start + step * i for i in range(count)] + [end]
@@ -125,10 +126,26 @@ async def _search_slice(
     return pages, total, entries, duplicates
 
 
-def _windows_near(zone: LandingZone, stream: Stream, day: dt.date, reach: int = 7) -> int:
-    """How many windows the nearest landed days of a Data Model stream took (one page per window's
-    reply), so a day like them asks for that many at once instead of first waiting out a 504 for
-    the whole day. Read from the manifests the extract wrote: nothing is decoded."""
+# A FHIR slice is worth its extra request (its last, partly filled page) when the day's paging would
+# otherwise be a chain of more round trips than this.
+PAGES_PER_SLICE = 8
+
+
+def _windows_for(zone: LandingZone, stream: Stream, day: dt.date, settings: RedoxSettings) -> int:
+    """How many windows to ask a day in at once, from what the nearest landed days of the stream
+    held. Data Model: as many as they took (one page per answered window), so a day like them does
+    not first wait out a 504 for the whole day. FHIR: a slice per ``PAGES_PER_SLICE`` pages they
+    held, up to ``fhir_day_slices``, so a busy day's paging is several chains while a quiet day (or
+    one with no landed neighbour) stays one search and spends no extra request."""
+    near = _pages_near(zone, stream, day)
+    if stream.surface == "datamodel":
+        return near
+    return max(1, min(settings.fhir_day_slices, math.ceil(near / PAGES_PER_SLICE)))
+
+
+def _pages_near(zone: LandingZone, stream: Stream, day: dt.date, reach: int = 7) -> int:
+    """The most pages the nearest landed days (within ``reach``) of the stream hold; 1 if none.
+    Read from the manifests the extract wrote: nothing is decoded."""
     for distance in range(1, reach + 1):
         near = [
             manifest.pages
@@ -268,7 +285,7 @@ class _RunPlan:
         if not self.config.refetch and self.zone.exists(stream.surface, stream.entity, folder):
             stats["skipped_days"] += 1
             return
-        windows = _windows_near(self.zone, stream, day) if stream.surface == "datamodel" else 1
+        windows = _windows_for(self.zone, stream, day, client.settings)
         pages, extra, carried = await _fetch_clinical(client, stream, day, windows=windows)
         await self._land(stream, folder, pages, extra, carried, stats)
 

@@ -393,8 +393,9 @@ class Settings(BaseSettings):
         ge=1,
         le=96,
         validation_alias="REDOX_FHIR_DAY_SLICES",
-        description="Disjoint time windows one day's FHIR search is cut into, searched at once: a "
-        "search's pages follow one another, so a busy day's paging is that many chains, not one.",
+        description="Most disjoint time windows a busy day's FHIR search is cut into, searched at "
+        "once (one per 8 pages a neighbouring landed day held): a search's pages follow one another, "
+        "so a busy day's paging is that many chains, not one.",
     )
 
     # --- The push lane (webhook receiver and inbox) ----------------------------------------------
