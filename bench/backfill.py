@@ -293,6 +293,7 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--zero-latency-end", help="also backfill --start..this day with --latency none")
     parser.add_argument("--demo", action="store_true", help="also time `redox-etl demo` (make demo's sync)")
+    parser.add_argument("--demo-only", action="store_true", help="only `redox-etl demo` (no backfill)")
     parser.add_argument("--sandbox-timeout", type=float, default=600.0)
     parser.add_argument(
         "--sandbox-args", default="", help="more `sandbox serve` options, e.g. '--max-response-records 99999'"
@@ -319,12 +320,15 @@ def main(argv: list[str]) -> int:
         rows.append(_spawn(kind, label, tree, argparse.Namespace(**{**vars(args), **changes})))
 
     window = f"{args.start}..{args.end}"
-    if args.baseline_tree:
+    if args.demo_only:
+        args.demo, args.zero_latency_end = True, None
+    if args.baseline_tree and not args.demo_only:
         end = args.baseline_end or args.end
         measure(
             "backfill", f"baseline, {args.latency} latency, {args.start}..{end}", args.baseline_tree, end=end
         )
-    measure("backfill", f"this tree, {args.latency} latency, {window}", ROOT)
+    if not args.demo_only:
+        measure("backfill", f"this tree, {args.latency} latency, {window}", ROOT)
     if args.zero_latency_end:
         zero = f"{args.start}..{args.zero_latency_end}"
         if args.baseline_tree:
