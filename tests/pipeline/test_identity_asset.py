@@ -67,7 +67,7 @@ def test_identity_asset_links_keeps_keys_and_honours_decisions(tmp_path, monkeyp
         state_dir=tmp_path / "sandbox", patients=400, seed=11, start=first, end=last, rate_limit=None
     ) as running:
         monkeypatch.setenv("REDOX_SANDBOX_CREDENTIALS", str(running.credentials_path))
-        partitioned = [a.key.to_user_string() for a in all_assets if a.partitions_def is not None]
+        partitioned = [k.to_user_string() for a in all_assets if a.partitions_def is not None for k in a.keys]
         _materialize(
             instance,
             partitioned,
