@@ -39,6 +39,8 @@ from typing import Any
 
 import httpx
 
+from bench.e2e import _adopt_orphans, _reap
+
 ROOT = Path(__file__).resolve().parent.parent
 LIMIT = (7500, 300.0)
 RATE = LIMIT[0] / LIMIT[1]
@@ -46,26 +48,6 @@ RESULT = "BENCH-RESULT "
 FHIR_PAGE_MAX = 1000
 FHIR_PATIENT_BATCH = 50
 CLINICAL = ("encounters", "results", "appointments")
-
-
-def _adopt_orphans() -> None:
-    """Become the subreaper of this tree, so run workers the daemon launches count in our CPU time."""
-    import contextlib
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER
-
-
-def _reap(seconds: float = 15.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            time.sleep(0.2)
 
 
 def _cli(tree: Path) -> str:
