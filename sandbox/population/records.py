@@ -52,8 +52,9 @@ REUSE_EVERY: Final = 40
 def reused_ids(frame: pl.DataFrame, key: str) -> dict[str, str]:
     """Own id -> store key '<sent id>~<own id>' for the Data Model records of ``frame`` that reuse
     an id: those whose id's digest falls in one ``REUSE_EVERY`` (else the batch's last record),
-    each taking the id of the latest earlier record of the batch that belongs to another patient
-    and reuses none itself."""
+    each taking the id of the latest earlier record of the batch that belongs to another patient,
+    reuses none itself and is not already sent for this patient (Redox keys a record by patient and
+    id: one patient's two orders under one id would be two versions of one order, not two orders)."""
     if key not in frame.columns or "patient_source_id" not in frame.columns:
         return {}
     rows = (
@@ -63,13 +64,15 @@ def reused_ids(frame: pl.DataFrame, key: str) -> dict[str, str]:
     )
     out: dict[str, str] = {}
     latest: dict[str, str] = {}  # patient -> the latest id of theirs that could be reused
+    taken: set[tuple[str, str]] = set()  # (patient, sent id) already reused for that patient
     for own, patient in rows.iter_rows():
         if REUSED_MARK in own:
             continue
         if zlib.crc32(own.encode()) % REUSE_EVERY == 0:
-            others = [i for p, i in latest.items() if p != patient]
+            others = [i for p, i in latest.items() if p != patient and (patient, i) not in taken]
             if others:
                 out[own] = f"{others[-1]}{REUSED_MARK}{own}"
+                taken.add((patient, others[-1]))
                 continue
         latest.pop(patient, None)
         latest[patient] = own
@@ -77,7 +80,7 @@ def reused_ids(frame: pl.DataFrame, key: str) -> dict[str, str]:
         # At least one per batch that can have one (the batch's last record, which no record of the
         # batch reuses), so even a small world sends an id for two patients.
         own, patient = rows.row(-1)
-        others = [i for p, i in latest.items() if p != patient]
+        others = [i for p, i in latest.items() if p != patient and (patient, i) not in taken]
         if REUSED_MARK not in own and others:
             out[own] = f"{others[-1]}{REUSED_MARK}{own}"
     return out

@@ -8,6 +8,7 @@ import dataclasses
 import itertools
 import re
 import time
+import zlib
 from collections import Counter
 from datetime import UTC, date, datetime, timedelta
 
@@ -357,6 +358,32 @@ def test_ids_have_each_surface_shape(truth: dict[str, pl.DataFrame]) -> None:
             sent = stored.split("~")[0]
             # Sent with the id of another patient's record, which is sent as it is.
             assert sent in owners and owners[sent] != patient, (kind, stored)
+        # Redox keys a record by patient and id: no patient is sent one id for two records.
+        sent_rows = rows.with_columns(pl.col(key).str.replace(r"~.*", ""))
+        assert sent_rows.is_unique().all(), kind
+
+
+def test_a_patient_is_never_sent_one_reused_id_twice() -> None:
+    # Seed 11's hospital world once gave one patient two same-moment orders that both took the id of
+    # the same other patient's order: two orders under one (patient, id), which Redox cannot send.
+    from sandbox.population.records import REUSE_EVERY, reused_ids
+
+    hits = [
+        i
+        for i in (f"{n:09d}" for n in range(100_000_000, 100_010_000))
+        if zlib.crc32(i.encode()) % REUSE_EVERY == 0
+    ]
+    frame = pl.DataFrame(
+        {
+            "surface": ["datamodel"] * 4,
+            "order_id": ["111111111", hits[0], hits[1], hits[2]],
+            "patient_source_id": ["p1", "p2", "p2", "p2"],
+        }
+    )
+    reused = reused_ids(frame, "order_id")
+    assert reused[hits[0]] == f"111111111~{hits[0]}"
+    # p1 has no other id left for p2, so the second and third are sent as they are.
+    assert hits[1] not in reused and hits[2] not in reused
 
 
 def test_times_are_utc_whole_seconds_inside_the_range(world: World, truth: dict[str, pl.DataFrame]) -> None:
