@@ -94,6 +94,10 @@ def _start_sandbox(home: Path, args: argparse.Namespace) -> tuple[subprocess.Pop
     raise RuntimeError("the sandbox did not start in time")
 
 
+# Width of the request series' buckets: a tenth of Redox's window, long enough to even out pacing.
+BUCKET_S = 30
+
+
 def _lake_figures() -> dict[str, Any]:
     from resources import configured_warehouse
 
@@ -131,7 +135,14 @@ def _lake_figures() -> dict[str, Any]:
             " WHERE source_surface = 'datamodel')"
         ).item()
     )
+    # Requests per BUCKET_S from the first: where the budget sags (run start-up, a stream's tail).
+    series = lake.query(
+        f"SELECT CAST(floor(epoch(called_at - (SELECT min(called_at) FROM api_calls)) / {BUCKET_S}) AS INT)"
+        " AS b, count(*) AS n FROM api_calls GROUP BY ALL ORDER BY b"
+    )
+    per_bucket = dict(series.iter_rows())
     return {
+        "per_bucket": [int(per_bucket.get(b, 0)) for b in range(max(per_bucket, default=-1) + 1)],
         "requests": int(calls["requests"] or 0),
         "status_429": int(calls["status_429"] or 0),
         "auth": int(calls["auth"] or 0),
@@ -154,11 +165,13 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         subprocess.run([_cli(tree), "sandbox", "stop"], cwd=tree, capture_output=True, check=False)
         stats: dict[str, Any] = {}
+        steps: list[str] = []
     else:
         server, base_url = _start_sandbox(home, args)
         try:
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             began = time.perf_counter()
+            began_epoch = time.time()
             done = subprocess.run(
                 [_cli(tree), "backfill", "--start", args.start, "--end", args.end],
                 cwd=tree,
@@ -167,6 +180,7 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
                 check=False,
             )
             wall = time.perf_counter() - began
+            steps = _step_timeline(began_epoch)
             _reap()
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
             stats = httpx.get(f"{base_url}/sandbox/stats", timeout=60).json()
@@ -189,8 +203,28 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
         "peak_rss_mb": after.ru_maxrss / 1024,
         "sandbox_429": int(stats.get("responses_429", 0)),
         "peak_in_window": max(peaks.values(), default=0) if isinstance(peaks, dict) else int(peaks or 0),
+        "steps": steps,
         **_lake_or_nothing(),
     }
+
+
+def _step_timeline(began: float) -> list[str]:
+    """Each run's steps as 'step start-end' in seconds from the backfill command's start: where runs
+    wait for each other (the writer pool, run start-up) while the budget idles."""
+    import dagster as dg
+
+    out: list[str] = []
+    try:
+        with dg.DagsterInstance.get() as instance:
+            for run in reversed(instance.get_runs()):
+                for step in instance.get_run_step_stats(run.run_id):
+                    if step.start_time and step.end_time:
+                        out.append(
+                            f"{run.run_id[:6]} {step.step_key} {step.start_time - began:.0f}-{step.end_time - began:.0f}"
+                        )
+    except Exception as exc:  # a figure for diagnosis only: its absence must not fail the bench
+        out.append(f"no step timeline: {type(exc).__name__}")
+    return out
 
 
 def _lake_or_nothing() -> dict[str, Any]:
@@ -344,6 +378,14 @@ def main(argv: list[str]) -> int:
         print(
             f"- {row['label']}: sandbox answered 413 x{row['stats_413_504'][0]}, 504 x{row['stats_413_504'][1]}"
         )
+    print(f"\nRequests per {BUCKET_S} s from the first (the limit allows {RATE * BUCKET_S:.0f}):\n")
+    for row in rows:
+        if row.get("per_bucket"):
+            print(f"- {row['label']}: {' '.join(str(n) for n in row['per_bucket'])}")
+    for row in rows:
+        if row.get("steps"):
+            print(f"\nSteps of {row['label']} (seconds from the command's start):\n")
+            print("\n".join(f"    {line}" for line in row["steps"]))
     return 0
 
 
