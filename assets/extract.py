@@ -83,11 +83,24 @@ async def _fetch_clinical(
         # A search's pages come one after another (each next link arrives with the page before it),
         # so one search per day would leave a busy day's paging a single chain of round trips. The
         # day is cut into disjoint slices searched at once; their pages land in slice order.
-        slices = await asyncio.gather(
-            *(_search_slice(client, stream, day, lo, hi) for lo, hi in day_slices(start, end, windows))
+        first: _Slice | None = None
+        probed = False
+        if windows == 1:
+            # No landed neighbour says how busy the day is, but the first page's Bundle.total does:
+            # a day that needs more slices is asked again in slices and this page set aside (one
+            # request, counted as `probe_pages`), so a backfill's first days are not single chains.
+            first, windows = await _first_search(client, stream, day, start, end)
+            probed = first is None
+        slices = (
+            [first]
+            if first is not None
+            else await asyncio.gather(
+                *(_search_slice(client, stream, day, lo, hi) for lo, hi in day_slices(start, end, windows))
+            )
         )
         totals = [total for _, total, _, _ in slices]
         extra: Extra = {
+            "probe_pages": int(probed),
             # Bundle.total of the whole day: the slices' totals add up (they are disjoint), unless a
             # server left one out.
             "bundle_total": None if None in totals else sum(t for t in totals if t is not None),
@@ -112,9 +125,13 @@ def day_slices(start: dt.datetime, end: dt.datetime, count: int) -> list[tuple[d
     return [(lo, hi) for lo, hi in itertools.pairwise(edges) if lo < hi]
 
 
+# One FHIR search's pages, its Bundle.total, entries and entries repeated across its pages.
+_Slice = tuple[list[RawPage], int | None, int, int]
+
+
 async def _search_slice(
     client: RedoxClient, stream: Stream, day: dt.date, start: dt.datetime, end: dt.datetime
-) -> tuple[list[RawPage], int | None, int, int]:
+) -> _Slice:
     pages: list[RawPage] = []
     total: int | None = None
     entries = duplicates = 0
@@ -124,6 +141,38 @@ async def _search_slice(
         entries += page.entries
         duplicates += page.duplicates
     return pages, total, entries, duplicates
+
+
+async def _first_search(
+    client: RedoxClient, stream: Stream, day: dt.date, start: dt.datetime, end: dt.datetime
+) -> tuple[_Slice | None, int]:
+    """The whole day as one search, unless its first page's Bundle.total says the paging would be
+    a chain longer than ``PAGES_PER_SLICE``: then (None, slices to ask instead). A server that
+    states no total keeps the one search."""
+    pages: list[RawPage] = []
+    total: int | None = None
+    entries = duplicates = 0
+    search = client.fhir.search(stream.source, params=date_window(start, end))
+    try:
+        async for page in search:
+            if page.number == 1 and page.total is not None and page.entries:
+                slices = slices_for(page.total, page.entries, client.settings.fhir_day_slices)
+                if slices > 1:
+                    return None, slices
+            pages.append(RawPage(page.raw, f"{page.endpoint} day={day}", _now()))
+            total = page.total if page.total is not None else total
+            entries += page.entries
+            duplicates += page.duplicates
+    finally:
+        await search.aclose()
+    return (pages, total, entries, duplicates), 1
+
+
+def slices_for(total: int, page_entries: int, most: int) -> int:
+    """Slices for a day of ``total`` matches paged ``page_entries`` at a time: one per
+    ``PAGES_PER_SLICE`` pages, at most ``most``."""
+    pages = math.ceil(total / max(1, page_entries))
+    return max(1, min(most, math.ceil(pages / PAGES_PER_SLICE)))
 
 
 # A FHIR slice is worth its extra request (its last, partly filled page) when the day's paging would
@@ -140,7 +189,7 @@ def _windows_for(zone: LandingZone, stream: Stream, day: dt.date, settings: Redo
     near = _pages_near(zone, stream, day)
     if stream.surface == "datamodel":
         return near
-    return max(1, min(settings.fhir_day_slices, math.ceil(near / PAGES_PER_SLICE)))
+    return slices_for(near, 1, settings.fhir_day_slices)
 
 
 def _pages_near(zone: LandingZone, stream: Stream, day: dt.date, reach: int = 7) -> int:
@@ -357,7 +406,7 @@ class _RunPlan:
         stats["days_landed"] += 1
         stats["pages"] += manifest.pages
         stats["bytes"] += manifest.bytes
-        for key in ("bundle_total", "entries", "duplicates"):
+        for key in ("bundle_total", "entries", "duplicates", "probe_pages"):
             stats[key] += int(extra.get(key) or 0)
 
 
@@ -521,7 +570,16 @@ def _result(
         counts["pages"],
         calls.height,
     )
-    keys = ("pages", "bytes", "skipped_days", "patients_wanted", "bundle_total", "entries", "duplicates")
+    keys = (
+        "pages",
+        "bytes",
+        "skipped_days",
+        "patients_wanted",
+        "bundle_total",
+        "entries",
+        "duplicates",
+        "probe_pages",
+    )
     return dg.MaterializeResult(
         asset_key=name,
         metadata={
