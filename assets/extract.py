@@ -30,6 +30,7 @@ Invariants:
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import datetime as dt
 import itertools
@@ -40,7 +41,7 @@ from collections.abc import Iterator, Sequence
 import dagster as dg
 import polars as pl
 
-from assets.partitions import backfill_policy, day_window, partition_folder
+from assets.partitions import EXTRACT_POOL, backfill_policy, day_window, partition_folder
 from assets.streams import extract_asset
 from resources.landing import LandingResource, LandingZone, RawPage
 from resources.redox import RedoxClient, RedoxSettings, date_window
@@ -152,8 +153,9 @@ async def _first_search(
     pages: list[RawPage] = []
     total: int | None = None
     entries = duplicates = 0
-    search = client.fhir.search(stream.source, params=date_window(start, end))
-    try:
+    async with contextlib.aclosing(
+        client.fhir.search(stream.source, params=date_window(start, end))
+    ) as search:
         async for page in search:
             if page.number == 1 and page.total is not None and page.entries:
                 slices = slices_for(page.total, page.entries, client.settings.fhir_day_slices)
@@ -163,8 +165,6 @@ async def _first_search(
             total = page.total if page.total is not None else total
             entries += page.entries
             duplicates += page.duplicates
-    finally:
-        await search.aclose()
     return (pages, total, entries, duplicates), 1
 
 
@@ -457,6 +457,7 @@ def build_extract_assets(partitions: dg.PartitionsDefinition) -> dg.AssetsDefini
         partitions_def=partitions,
         backfill_policy=backfill_policy,
         can_subset=True,
+        pool=EXTRACT_POOL,
     )
     def extract(
         context: dg.AssetExecutionContext,

@@ -28,6 +28,15 @@ DEFAULT_START_DATE: str = Settings.model_fields["start_date"].default.isoformat(
 # runs' requests). An interrupted run re-fetches at most its unlanded days.
 backfill_policy = dg.BackfillPolicy.multi_run(max_partitions_per_run=4)
 
+# The Dagster pool of the extract op and its limit: how many runs extract at once. Runs that share
+# the budget fairly finish their extracts together, and a run started only then leaves the budget
+# idle for its start-up and its first (clinical) requests while the others load. dagster.yaml
+# therefore starts more runs than this (``op_granularity_run_buffer``): the extra ones wait for an
+# extract slot already started, and take it the moment one frees. pipelines/instance.py sets the
+# limit on an instance that has none for the pool (``dagster instance concurrency set`` changes it).
+EXTRACT_POOL = "redox_extract"
+EXTRACT_POOL_LIMIT = 3
+
 
 def daily_partitions(start_date: str) -> dg.DailyPartitionsDefinition:
     return dg.DailyPartitionsDefinition(start_date=start_date, timezone="UTC", end_offset=1)

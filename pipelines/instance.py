@@ -9,7 +9,9 @@ Invariants:
 - the project's ``dagster.yaml`` (pools, run limits, telemetry off) is in place before any process
   opens the instance, copied atomically, and a user's own edited copy is never overwritten;
 - the instance's SQLite storages are created and migrated under a file lock in the folder, so
-  several processes starting at once on a fresh home never race on creating them.
+  several processes starting at once on a fresh home never race on creating them;
+- the extract pool has a limit before any run can claim it (``EXTRACT_POOL_LIMIT`` unless someone
+  set another), so the yaml's default limit of 1, meant for the writer, never serializes extracts.
 """
 
 import os
@@ -21,6 +23,7 @@ from typing import Final
 import dagster as dg
 import filelock
 
+from assets.partitions import EXTRACT_POOL, EXTRACT_POOL_LIMIT
 from resources import settings
 
 ROOT: Final = Path(__file__).resolve().parent.parent
@@ -43,7 +46,11 @@ def prepare() -> Path:
         with dg.DagsterInstance.get() as created:
             created.get_runs(limit=1)
             created.all_instigator_state()
-            created.event_log_storage.get_concurrency_keys()
+            storage = created.event_log_storage
+            # The extract pool gets its own limit (the yaml's default_limit, 1, is the writer's);
+            # a limit someone set (`dagster instance concurrency set`) is theirs to keep.
+            if EXTRACT_POOL not in storage.get_concurrency_keys():
+                storage.set_concurrency_slots(EXTRACT_POOL, EXTRACT_POOL_LIMIT)
     return home
 
 

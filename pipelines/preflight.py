@@ -156,7 +156,7 @@ async def _run_probes(redox: RedoxSettings, *, sandbox: bool) -> list[Check]:
             try:
                 await anext(pages)
             finally:
-                await pages.aclose()  # type: ignore[attr-defined]
+                await pages.aclose()
             return "FHIR R4 search answered"
 
         async def datamodel() -> str:

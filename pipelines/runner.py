@@ -238,13 +238,13 @@ def _die_with_parent() -> None:
 
 @contextlib.contextmanager
 def daemon() -> Iterator[subprocess.Popen[bytes]]:
-    """``dagster-daemon run`` for the duration of the block (it runs the backfill and the queue)."""
-    exe = Path(sys.executable).with_name("dagster-daemon")
+    """``dagster-daemon run`` for the duration of the block (it runs the backfill and the queue), with
+    the intervals of a daemon that lives for one command (pipelines/command_daemon.py)."""
     log = settings.home() / "dagster-daemon.log"
     with log.open("ab") as sink:
-        # Our own venv's dagster-daemon with fixed arguments: no outside input reaches the command.
+        # Our own interpreter and module with fixed arguments: no outside input reaches the command.
         proc = subprocess.Popen(  # noqa: S603
-            [str(exe), "run", "-w", str(ROOT / "workspace.yaml")],
+            [sys.executable, "-m", "pipelines.command_daemon", "run", "-w", str(ROOT / "workspace.yaml")],
             cwd=ROOT,
             stdout=sink,
             stderr=subprocess.STDOUT,

@@ -21,7 +21,7 @@ Invariants:
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -137,7 +137,7 @@ class FhirClient:
         params: FormData | None = None,
         check_total: bool = True,
         batch: int = 0,
-    ) -> AsyncIterator[Page]:
+    ) -> AsyncGenerator[Page, None]:
         """Pages of ``POST {base}/{resource}/_search`` with ``params``, following next links."""
         form: dict[str, str | Sequence[str]] = dict(params or {})
         if self._settings.fhir_page_size and "_count" not in form:
