@@ -111,10 +111,24 @@ async def _fetch_clinical(
         return [page for pages, _, _, _ in slices for page in pages], extra, None
     # A day too big for one answer comes back in several windows' replies, one page each.
     replies = await client.datamodel.windowed(stream.source, start=start, end=end, pieces=windows)
+    records = sum(_reply_records(reply.json) for reply in replies)
     # The replies' patients, typed from the client's parse: the patients extract and load read them
     # from here rather than decoding the pages again.
     carried = datamodel.carried_patients([reply.json for reply in replies])
-    return [RawPage(r.raw, f"{r.endpoint} day={day}", _now()) for r in replies], {}, carried
+    pages = [RawPage(r.raw, f"{r.endpoint} day={day}", _now()) for r in replies]
+    # The day's record count travels in its manifest: the next days size their windows from it.
+    return pages, {"records": records}, carried
+
+
+def _reply_records(reply: object) -> int:
+    """Records in one Data Model query reply: results of its orders, or its visits."""
+    if not isinstance(reply, dict):
+        return 0
+    orders = reply.get("Orders")
+    if isinstance(orders, list):
+        return sum(len(o.get("Results") or []) for o in orders if isinstance(o, dict))
+    visits = reply.get("Visits")
+    return len(visits) if isinstance(visits, list) else 0
 
 
 def day_slices(start: dt.datetime, end: dt.datetime, count: int) -> list[tuple[dt.datetime, dt.datetime]]:
@@ -175,6 +189,13 @@ def slices_for(total: int, page_entries: int, most: int) -> int:
     return max(1, min(most, math.ceil(pages / PAGES_PER_SLICE)))
 
 
+# A Data Model window holds about this many records when a neighbouring day says how many there are.
+# The EHR behind Redox assembles a query's answer record by record (the sandbox's realistic model:
+# 5 ms each), and a day's patients wait for its results to land: a hospital day of ~20,000 results
+# in two windows is a minute before any patient read starts, in ten it is about ten seconds, for
+# eight more requests.
+DM_RECORDS_PER_WINDOW = 2000
+
 # A FHIR slice is worth its extra request (its last, partly filled page) when the day's paging would
 # otherwise be a chain of more round trips than this.
 PAGES_PER_SLICE = 8
@@ -182,28 +203,29 @@ PAGES_PER_SLICE = 8
 
 def _windows_for(zone: LandingZone, stream: Stream, day: dt.date, settings: RedoxSettings) -> int:
     """How many windows to ask a day in at once, from what the nearest landed days of the stream
-    held. Data Model: as many as they took (one page per answered window), so a day like them does
-    not first wait out a 504 for the whole day. FHIR: a slice per ``PAGES_PER_SLICE`` pages they
-    held, up to ``fhir_day_slices``, so a busy day's paging is several chains while a quiet day (or
-    one with no landed neighbour) stays one search and spends no extra request."""
-    near = _pages_near(zone, stream, day)
+    held. Data Model: as many as they took (one page per answered window), or one per
+    ``DM_RECORDS_PER_WINDOW`` records they held if that is more, so a day like them neither waits
+    out a refusal for the whole day nor one answer the EHR takes minutes to assemble. FHIR: a slice
+    per ``PAGES_PER_SLICE`` pages they held, up to ``fhir_day_slices``, so a busy day's paging is
+    several chains while a quiet day stays one search and spends no extra request."""
+    pages, records = _held_near(zone, stream, day)
     if stream.surface == "datamodel":
-        return near
-    return slices_for(near, 1, settings.fhir_day_slices)
+        return max(pages, math.ceil(records / DM_RECORDS_PER_WINDOW))
+    return slices_for(pages, 1, settings.fhir_day_slices)
 
 
-def _pages_near(zone: LandingZone, stream: Stream, day: dt.date, reach: int = 7) -> int:
-    """The most pages the nearest landed days (within ``reach``) of the stream hold; 1 if none.
-    Read from the manifests the extract wrote: nothing is decoded."""
+def _held_near(zone: LandingZone, stream: Stream, day: dt.date, reach: int = 7) -> tuple[int, int]:
+    """The most pages and records the nearest landed days (within ``reach``) of the stream hold;
+    (1, 0) if none. Read from the manifests the extract wrote: nothing is decoded."""
     for distance in range(1, reach + 1):
         near = [
-            manifest.pages
+            manifest
             for other in (day - dt.timedelta(days=distance), day + dt.timedelta(days=distance))
             if (manifest := zone.manifest(stream.surface, stream.entity, partition_folder(other))) is not None
         ]
         if near:
-            return max(near)
-    return 1
+            return max(m.pages for m in near), max(int(m.extra.get("records") or 0) for m in near)
+    return 1, 0
 
 
 def _referenced_patients(zone: LandingZone, surface: Surface, day: dt.date) -> pl.DataFrame:

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from assets.extract import _windows_for, day_slices
+from assets.extract import DM_RECORDS_PER_WINDOW, _reply_records, _windows_for, day_slices
 from assets.partitions import partition_folder
 from resources.landing import LandingZone, RawPage
 from resources.redox import RedoxSettings
@@ -26,7 +26,7 @@ def test_slices_cover_the_day_once(count):
     assert all(lo.microsecond == 0 for lo, _ in windows)
 
 
-def _land(zone: LandingZone, surface: str, entity: str, day: dt.date, pages: int) -> None:
+def _land(zone: LandingZone, surface: str, entity: str, day: dt.date, pages: int, records: int = 0) -> None:
     now = dt.datetime.now(dt.UTC)
     zone.write(
         surface,
@@ -34,7 +34,7 @@ def _land(zone: LandingZone, surface: str, entity: str, day: dt.date, pages: int
         partition_folder(day),
         [RawPage(b"{}", "test", now) for _ in range(pages)],
         run_id="test",
-        extra={},
+        extra={"records": records} if records else {},
     )
 
 
@@ -58,3 +58,23 @@ def test_datamodel_windows_are_what_the_nearest_day_took(tmp_path):
     _land(zone, "datamodel", "results", DAY + dt.timedelta(days=1), 3)
     # The nearest landed day decides, not the largest within reach.
     assert _windows_for(zone, stream("datamodel", "results"), DAY, settings) == 3
+
+
+def test_datamodel_windows_follow_the_records_the_nearest_day_held(tmp_path):
+    zone = LandingZone(tmp_path)
+    settings = RedoxSettings(base_url="http://sandbox.invalid")
+    # Two pages (windows) of 21,000 results: a window per DM_RECORDS_PER_WINDOW instead.
+    _land(zone, "datamodel", "results", DAY - dt.timedelta(days=1), 2, records=21_000)
+    assert _windows_for(zone, stream("datamodel", "results"), DAY, settings) == -(
+        -21_000 // DM_RECORDS_PER_WINDOW
+    )
+    # A quiet neighbour keeps the windows it took.
+    _land(zone, "datamodel", "encounters", DAY - dt.timedelta(days=1), 1, records=500)
+    assert _windows_for(zone, stream("datamodel", "encounters"), DAY, settings) == 1
+
+
+def test_reply_records_counts_results_and_visits():
+    assert _reply_records({"Orders": [{"Results": [{}, {}]}, {"Results": [{}]}, {}]}) == 3
+    assert _reply_records({"Visits": [{}, {}]}) == 2
+    assert _reply_records({"Meta": {}}) == 0
+    assert _reply_records(None) == 0
