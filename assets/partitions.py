@@ -21,7 +21,7 @@ DEFAULT_START_DATE: str = Settings.model_fields["start_date"].default.isoformat(
 
 # A backfill run covers up to four days. A run extracts all its days at once (assets/extract.py), so
 # its Dagster overhead (a run process, ~25 steps, the checks) is paid once per four days of requests,
-# while the runs after it overlap its load and identity (dagster.yaml runs three at once, one loading
+# while the runs after it overlap its load and identity (three extract at once, one loading
 # at a time). Measured at hospital volume (bench/backfill.py, docs/benchmarks.md), the tail after the
 # final request is the last runs' loads plus identity, which grows with the days a run holds: four
 # days keeps it shorter than a week would, at the cost of more run start-ups (which overlap other
