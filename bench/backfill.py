@@ -265,7 +265,8 @@ def _spawn(kind: str, label: str, tree: Path, args: argparse.Namespace) -> dict[
         if args.profile:
             command += ["--profile", args.profile]
         load = os.getloadavg()[0]
-        print(f"{label}: started {time.strftime('%H:%M:%S')}, load {load:.1f}", flush=True)
+        options = f", sandbox options {args.sandbox_args!r}" if args.sandbox_args else ""
+        print(f"{label}: started {time.strftime('%H:%M:%S')}, load {load:.1f}{options}", flush=True)
         done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
         lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT)]
         if done.returncode != 0 or not lines:
@@ -336,12 +337,18 @@ def main(argv: list[str]) -> int:
         rows.append(_spawn(kind, label, tree, argparse.Namespace(**{**vars(args), **changes})))
 
     window = f"{args.start}..{args.end}"
+    # The baseline's sandbox takes the baseline's own options after the shared ones (later wins).
+    baseline_sandbox = f"{args.sandbox_args} {args.baseline_sandbox_args}".strip()
     if args.demo_only:
         args.demo, args.zero_latency_end = True, None
     if args.baseline_tree and not args.demo_only:
         end = args.baseline_end or args.end
         measure(
-            "backfill", f"baseline, {args.latency} latency, {args.start}..{end}", args.baseline_tree, end=end
+            "backfill",
+            f"baseline, {args.latency} latency, {args.start}..{end}",
+            args.baseline_tree,
+            end=end,
+            sandbox_args=baseline_sandbox,
         )
     if not args.demo_only:
         measure("backfill", f"this tree, {args.latency} latency, {window}", ROOT)
@@ -354,6 +361,7 @@ def main(argv: list[str]) -> int:
                 args.baseline_tree,
                 end=args.zero_latency_end,
                 latency="none",
+                sandbox_args=baseline_sandbox,
             )
         measure("backfill", f"this tree, no latency, {zero}", ROOT, end=args.zero_latency_end, latency="none")
     if args.demo:
