@@ -24,6 +24,7 @@ from pipelines.identity_cli import app as identity_app
 from pipelines.load_cli import coverage as coverage_command
 from pipelines.load_cli import load as load_command
 from pipelines.progress import backfill_progress, sync_with_progress
+from pipelines.signals import restore_interrupt
 from pipelines.sql import sql as sql_command
 from pipelines.webhook_cli import app as webhook_app
 from resources import settings
@@ -47,6 +48,9 @@ app.add_typer(sandbox_app, name="sandbox")
 
 @app.callback()
 def _main(ctx: typer.Context) -> None:
+    # Started in the background (cron, nohup), SIGINT is ignored; Dagster would pass that on to
+    # SIGTERM and to every process a run starts (pipelines/signals.py).
+    restore_interrupt()
     # The sandbox's CLI imports nothing of ours; this is where it learns our state folder.
     ctx.obj = {"sandbox_state_dir": settings.sandbox_dir()}
 

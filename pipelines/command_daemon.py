@@ -19,6 +19,8 @@ from typing import Final
 import dagster._daemon.controller as controller
 from dagster._daemon.cli import main as dagster_daemon_main
 
+from pipelines.signals import restore_interrupt
+
 # Each backfill tick re-evaluates the whole backfill (about a CPU-second at 20+ day-runs): every
 # 10 s bounds that to a tenth of a core while cutting the waits a 30 s tick adds to a command.
 BACKFILL_TICK_S: Final = 10
@@ -44,6 +46,9 @@ def configure() -> None:
 
 def main() -> None:
     configure()
+    # Dagster's daemon CLI maps SIGTERM to SIGINT's handler at start: an ignored SIGINT (a backfill
+    # started by cron) would make the daemon deaf to the command's terminate().
+    restore_interrupt()
     dagster_daemon_main()
 
 
