@@ -19,13 +19,18 @@ print("ignored" if signal.getsignal(signal.SIGTERM) is signal.SIG_IGN else "hand
 """
 
 
-def _run(setup: str) -> str:
+def _ignore(*signals: signal.Signals) -> None:
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _run(setup: str, ignored: tuple[signal.Signals, ...] = (signal.SIGINT,)) -> str:
     done = subprocess.run(
         [sys.executable, "-c", AFTER_DAGSTER.format(setup=setup)],
         capture_output=True,
         text=True,
         check=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        preexec_fn=lambda: _ignore(*ignored),
     )
     return done.stdout.strip()
 
@@ -46,3 +51,12 @@ def test_without_the_restore_sigterm_ends_up_ignored() -> None:
 )
 def test_after_the_restore_sigterm_stays_handled(setup: str) -> None:
     assert _run(setup) == "handled"
+
+
+def test_a_command_started_with_sigterm_ignored_gets_it_back() -> None:
+    # A run outside the main thread never replaces SIGTERM: what the command inherited is what its
+    # log tails inherit.
+    code = "from pipelines.signals import restore_interrupt; restore_interrupt()"
+    both = (signal.SIGINT, signal.SIGTERM)
+    assert _run("", both) == "ignored"
+    assert _run(code, both) == "handled"
