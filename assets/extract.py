@@ -90,14 +90,23 @@ async def _fetch_clinical(
             # No landed neighbour says how busy the day is, but the first page's Bundle.total does:
             # a day that needs more slices is asked again in slices and this page set aside (one
             # request, counted as `probe_pages`), so a backfill's first days are not single chains.
-            first, windows = await _first_search(client, stream, day, start, end)
+            first, windows = await _search_slice(
+                client, stream, day, start, end, reslice_up_to=client.settings.fhir_day_slices
+            )
             probed = first is None
         slices = (
             [first]
             if first is not None
-            else await asyncio.gather(
-                *(_search_slice(client, stream, day, lo, hi) for lo, hi in day_slices(start, end, windows))
-            )
+            else [
+                searched
+                for searched, _ in await asyncio.gather(
+                    *(
+                        _search_slice(client, stream, day, lo, hi)
+                        for lo, hi in day_slices(start, end, windows)
+                    )
+                )
+                if searched is not None
+            ]
         )
         totals = [total for _, total, _, _ in slices]
         extra: Extra = {
@@ -145,25 +154,17 @@ _Slice = tuple[list[RawPage], int | None, int, int]
 
 
 async def _search_slice(
-    client: RedoxClient, stream: Stream, day: dt.date, start: dt.datetime, end: dt.datetime
-) -> _Slice:
-    pages: list[RawPage] = []
-    total: int | None = None
-    entries = duplicates = 0
-    async for page in client.fhir.search(stream.source, params=date_window(start, end)):
-        pages.append(RawPage(page.raw, f"{page.endpoint} day={day}", _now()))
-        total = page.total if page.total is not None else total
-        entries += page.entries
-        duplicates += page.duplicates
-    return pages, total, entries, duplicates
-
-
-async def _first_search(
-    client: RedoxClient, stream: Stream, day: dt.date, start: dt.datetime, end: dt.datetime
+    client: RedoxClient,
+    stream: Stream,
+    day: dt.date,
+    start: dt.datetime,
+    end: dt.datetime,
+    *,
+    reslice_up_to: int = 1,
 ) -> tuple[_Slice | None, int]:
-    """The whole day as one search, unless its first page's Bundle.total says the paging would be
-    a chain longer than ``PAGES_PER_SLICE``: then (None, slices to ask instead). A server that
-    states no total keeps the one search."""
+    """One search of [start, end) and 1; or, with ``reslice_up_to`` above 1, (None, slices to ask
+    instead) when the first page's Bundle.total says the paging would be a chain longer than
+    ``PAGES_PER_SLICE`` (a server that states no total keeps the one search)."""
     pages: list[RawPage] = []
     total: int | None = None
     entries = duplicates = 0
@@ -171,8 +172,8 @@ async def _first_search(
         client.fhir.search(stream.source, params=date_window(start, end))
     ) as search:
         async for page in search:
-            if page.number == 1 and page.total is not None and page.entries:
-                slices = slices_for(page.total, page.entries, client.settings.fhir_day_slices)
+            if reslice_up_to > 1 and page.number == 1 and page.total is not None and page.entries:
+                slices = slices_for(page.total, page.entries, reslice_up_to)
                 if slices > 1:
                     return None, slices
             pages.append(RawPage(page.raw, f"{page.endpoint} day={day}", _now()))
