@@ -338,21 +338,20 @@ class DataModelSurface:
             kwargs["updated"] = criteria.updated
         return self._store().query(kind, "datamodel", **kwargs)
 
-    def _with_faults(self, items: list[dict[str, Any]], resource: str) -> list[dict[str, Any]]:
+    def _with_faults(
+        self, items: list[dict[str, Any]], resource: str, truth_ids: list[list[str]]
+    ) -> list[dict[str, Any]]:
+        """``truth_ids[i]`` names the records item i carries by their truth id: a reused id is sent
+        as another record's, so only the store's own id says which record was broken."""
         if self.faults is None or not items:
             return items
         broken = self.faults.malform(len(items))
         if broken is not None:
             index, mode = broken
-            # Named before breaking: "missing-required" removes the very id that names it. A broken
-            # order breaks every result in it, and results are the records the client keeps.
-            item = items[index]
-            if resource == "Order":
-                named = [("Result", f"{item['ID']}|{r['Code']}") for r in item["Results"]]
-            else:
-                named = [(resource, item["VisitNumber"])]
-            items[index] = malform(item, mode)
-            for kind, source_id in named:
+            # A broken order breaks every result in it, and results are the records the client keeps.
+            kind = "Result" if resource == "Order" else resource
+            items[index] = malform(items[index], mode)
+            for source_id in truth_ids[index]:
                 self.faults.note_malformed("datamodel", kind, source_id, mode)
         if self.faults.duplicate():
             index = self.faults.pick(len(items))
@@ -428,7 +427,8 @@ class DataModelSurface:
             item = dict(self._cached("booking", version, render_booking))
             item["Patient"] = self._patient(version.record.patient_source_id, notes=True)  # type: ignore[union-attr]
             visits.append(item)
-        return {"Visits": self._with_faults(visits, "Booking")}
+        truth_ids = [[v.record.source_id] for v in versions]
+        return {"Visits": self._with_faults(visits, "Booking", truth_ids)}
 
     def _results(self, request: dict[str, Any]) -> dict[str, Any]:
         completion = request.get("Completion") or {}
@@ -479,9 +479,12 @@ class DataModelSurface:
                 continue
             orders.setdefault((r.patient_source_id, r.order_id), []).append(version)
         self._admit("datamodel.query", sum(len(versions) for versions in orders.values()))
-        out = [self._order(pid, oid, versions) for (pid, oid), versions in orders.items()]
-        out.sort(key=lambda o: (o["CompletionDateTime"], o["ID"]))
-        return {"Orders": self._with_faults(out, "Order")}
+        out = [
+            (self._order(pid, oid, versions), [v.record.source_id for v in versions])
+            for (pid, oid), versions in orders.items()
+        ]
+        out.sort(key=lambda o: (o[0]["CompletionDateTime"], o[0]["ID"]))
+        return {"Orders": self._with_faults([o for o, _ in out], "Order", [ids for _, ids in out])}
 
     def _order(self, patient_source_id: str, order_id: str, versions: list[Version]) -> dict[str, Any]:
         records = [v.record for v in versions]
@@ -534,6 +537,7 @@ class DataModelSurface:
         versions = self._query("encounters", criteria)
         versions.sort(key=lambda v: (v.record.patient_source_id, v.record.start_at, v.record.source_id))  # type: ignore[union-attr]
         flat: list[dict[str, Any]] = []
+        truth_ids: list[list[str]] = []
         for version in versions:
             visit = self._cached("visit", version, render_visit)
             if numbers is not None and visit["VisitNumber"] not in numbers:
@@ -545,10 +549,11 @@ class DataModelSurface:
             if departments is not None and visit["Location"]["Department"] not in departments:
                 continue
             flat.append({**visit, "_patient": version.record.patient_source_id})  # type: ignore[union-attr]
+            truth_ids.append([version.record.source_id])
         self._admit("datamodel.query", len(flat))
         by_patient: dict[str, list[dict[str, Any]]] = {}
         # Faults are drawn once per response, over all visits, like the other queries.
-        for visit in self._with_faults(flat, "Visit"):
+        for visit in self._with_faults(flat, "Visit", truth_ids):
             by_patient.setdefault(visit.pop("_patient"), []).append(visit)
         patients = []
         for patient_source_id, visits in by_patient.items():

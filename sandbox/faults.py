@@ -98,8 +98,10 @@ class FaultSpec:
 @dataclasses.dataclass(frozen=True)
 class Malformed:
     """One record served broken. ``resource`` is a FHIR resource type, or on the Data Model ``Visit``
-    (an encounter), ``Booking`` (an appointment) or ``Result`` (one per result of a broken order, id
-    ``{Order.ID}|{Code}``)."""
+    (an encounter), ``Booking`` (an appointment) or ``Result`` (one per result of a broken order).
+    ``source_id`` is the record's id in the sandbox's truth: on the Data Model a reused id keeps its
+    own part (``{sent id}~{own id}``, sandbox/population/records.py), so it names the one record that
+    broke, not every record sent under that id."""
 
     surface: FaultSurface
     resource: str

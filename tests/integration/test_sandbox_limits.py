@@ -8,7 +8,7 @@ import stat
 import time
 import zipfile
 from collections.abc import Callable
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 import httpx
@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
+from sandbox.datamodel_render import wire_id
 from sandbox.server import Running, serve_in_subprocess, serve_in_thread
 
 pytestmark = pytest.mark.integration
@@ -167,7 +168,7 @@ def test_malformed_breaks_exactly_one_record_per_page(bearer: Bearer) -> None:
         assert named["surface"] == "datamodel" and named["resource"] == "Booking"
         if named["mode"] == "bad-date":
             # The redox models type VisitDateTime as a plain string, so only parsing it shows the break.
-            (visit,) = [v for v in dm["Visits"] if v.get("VisitNumber") == named["source_id"]]
+            (visit,) = [v for v in dm["Visits"] if v.get("VisitNumber") == wire_id(named["source_id"])]
             with pytest.raises(ValueError):
                 datetime.fromisoformat(visit["VisitDateTime"])
         else:
@@ -177,8 +178,40 @@ def test_malformed_breaks_exactly_one_record_per_page(bearer: Bearer) -> None:
         expected = {v.record.source_id for v in running.world.store.query("appointments", "datamodel")}
         # A missing-required break removes the id from the wire; the sandbox still names the record.
         assert named["source_id"] in expected and (named["mode"] == "missing-required") != (
-            named["source_id"] in served
+            wire_id(named["source_id"]) in served
         )
+
+
+def test_a_broken_record_under_a_reused_id_is_named_by_its_own_id(bearer: Bearer) -> None:
+    """The sandbox sends a few Data Model order ids for two patients' orders. When one of them is
+    served broken, the stats name that patient's record, not every record sent under the id: else a
+    test cannot tell the broken record from an intact one the pipeline lost (a chaos run once did)."""
+    first, last = date(2026, 11, 27), date(2026, 12, 1)
+    with serve_in_thread(
+        patients=120, seed=11, start=first, end=last, rate_limit=None, faults="malformed=1.0"
+    ) as running:
+        results = running.world.truth()["results"].filter(pl.col("source_surface") == "datamodel")
+        reused = results.filter(pl.col("source_id").str.contains("~"))
+        assert not reused.is_empty(), "this world no longer reuses an order id: pick another seed"
+        patient = reused["patient_source_id"][0]
+        own = set(results.filter(pl.col("patient_source_id") == patient)["source_id"])
+        headers = bearer(running)
+        body = {
+            "Meta": {"DataModel": "Results", "EventType": "Query"},
+            "Patients": [{"Identifiers": [{"ID": patient, "IDType": "MR"}]}],
+        }
+        # Each reply breaks one of the patient's orders at random: ask until the reused one broke.
+        for _ in range(60):
+            reply = httpx.post(running.credentials["datamodel_url"], json=body, headers=headers, timeout=30)
+            assert reply.status_code == 200, reply.status_code
+            named = {
+                m["source_id"] for m in httpx.get(f"{running.base_url}/sandbox/stats").json()["malformed"]
+            }
+            assert named <= own, "a broken record was named by an id that is not this patient's"
+            if named & set(reused.filter(pl.col("patient_source_id") == patient)["source_id"]):
+                break
+        else:
+            pytest.fail("the order under the reused id never broke in 60 replies")
 
 
 # -- admin --------------------------------------------------------------------------------------
