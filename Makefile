@@ -47,7 +47,7 @@ demo: setup  # DEMO_ARGS="--days 3 --patients 200" makes a smaller demo
 
 ui: setup
 	@home="$$($(RUN) python -m pipelines.instance)" && echo "Dagster instance: $$home" && \
-		DAGSTER_HOME="$$home" $(RUN) dagster dev -w workspace.yaml
+		DAGSTER_HOME="$$home" $(RUN) python -m pipelines.ui -w workspace.yaml
 
 sandbox: setup
 	$(RUN) redox-etl sandbox serve

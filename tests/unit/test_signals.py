@@ -46,8 +46,10 @@ def test_without_the_restore_sigterm_ends_up_ignored() -> None:
         "from pipelines.signals import restore_interrupt; restore_interrupt()",
         # The CLI's own entry (every `redox-etl` command) restores it before any Dagster code runs.
         "import typer; from pipelines.cli import _main; _main(typer.Context(typer.main.get_command(__import__('pipelines.cli').cli.app)))",
+        # `make ui`'s `dagster dev` (replaced here by a no-op: the restore must come before it).
+        "import pipelines.ui as ui; ui.dagster_main = lambda: None; ui.main()",
     ],
-    ids=["restore_interrupt", "redox-etl callback"],
+    ids=["restore_interrupt", "redox-etl callback", "make ui"],
 )
 def test_after_the_restore_sigterm_stays_handled(setup: str) -> None:
     assert _run(setup) == "handled"
