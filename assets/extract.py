@@ -130,14 +130,20 @@ async def _fetch_clinical(
 
 
 def _reply_records(reply: object) -> int:
-    """Records in one Data Model query reply: results of its orders, or its visits."""
+    """Records in one Data Model query reply: results of its orders, its visits (Scheduling's
+    Booked), or the visits nested in its patients (PatientAdmin's VisitQueryResponse)."""
     if not isinstance(reply, dict):
         return 0
     orders = reply.get("Orders")
     if isinstance(orders, list):
         return sum(len(o.get("Results") or []) for o in orders if isinstance(o, dict))
     visits = reply.get("Visits")
-    return len(visits) if isinstance(visits, list) else 0
+    if isinstance(visits, list):
+        return len(visits)
+    patients = reply.get("Patients")
+    if isinstance(patients, list):
+        return sum(len(p.get("Visits") or []) for p in patients if isinstance(p, dict))
+    return 0
 
 
 def day_slices(start: dt.datetime, end: dt.datetime, count: int) -> list[tuple[dt.datetime, dt.datetime]]:

@@ -32,10 +32,9 @@ from typing import Any
 import dagster as dg
 import polars as pl
 
-from assets.warehouse import settle_references
+from assets.warehouse import count_merge, prepare
 from resources.inbox import Delivery, Inbox, InboxResource
 from resources.warehouse import Warehouse
-from transforms.common import split
 from transforms.streams import ENTITIES, SURFACES, stream
 
 PUSH_PARTITION_DAY = dt.date(1970, 1, 1)
@@ -108,11 +107,8 @@ def load_deliveries(
         pages = _pages(mine).lazy()
         for entity in ENTITIES:
             normalized = stream(surface, entity).normalize(pages).collect()
-            good_lazy, bad_lazy = split(normalized.lazy(), entity)
-            good, bad = pl.collect_all([good_lazy, bad_lazy])
-            known = 0
-            if surface == "datamodel" and entity == "patients":
-                good, known = settle_references(warehouse, good)
+            ready = prepare(warehouse, normalized, surface, entity, source_ref=False)
+            good, bad = ready.good, ready.bad
             if good.is_empty() and bad.is_empty() and not previously:
                 continue
             stats = warehouse.merge(
@@ -126,13 +122,9 @@ def load_deliveries(
             quarantined_now |= _seqs(bad["raw_ref"])
             tally.loaded += good.height
             tally.quarantined += bad.height
-            tally.duplicates += int(
-                normalized.filter(pl.col("quarantine_reason").is_null())["duplicates"].sum()
-            )
-            tally.records += good.height + bad.height + known
-            tally.inserted += stats.inserted
-            tally.updated += stats.updated
-            tally.ignored_older += stats.ignored_older
+            tally.duplicates += ready.duplicates
+            tally.records += good.height + bad.height + ready.known_references
+            count_merge(tally, stats)
     tally.unknown_shape += sum(1 for d in firsts if d.surface is None)
     committed = dt.datetime.now(dt.UTC)
     tally.lags += [(committed - d.received_at).total_seconds() for d in firsts]

@@ -11,6 +11,7 @@ the pages is loaded, collapsed as a duplicate, or quarantined with a reason.
 
 import dataclasses
 import datetime as dt
+from typing import Protocol
 
 import dagster as dg
 import polars as pl
@@ -18,7 +19,7 @@ import polars as pl
 from assets.partitions import backfill_policy, partition_folder
 from assets.streams import extract_asset
 from resources.landing import LandingResource, LandingZone
-from resources.warehouse import Warehouse
+from resources.warehouse import MergeStats, Warehouse
 from transforms import coverage, fhir_refs, valuesets
 from transforms import datamodel as dm_norm
 from transforms import fhir as fhir_norm
@@ -103,6 +104,61 @@ def count_records(pages: pl.LazyFrame, surface: Surface, entity: Entity) -> int:
     return int(counted.collect()["records"][0])
 
 
+def normalize_counted(pages: pl.LazyFrame, surface: Surface, entity: Entity) -> tuple[pl.DataFrame, int]:
+    """The stream's normalized frame and the records its pages hold: a Data Model page is decoded
+    once for both, a FHIR page counted by its entries independently of the normalizer."""
+    if surface == "datamodel":
+        normalized, counted = pl.collect_all(dm_norm.normalize_counted(pages, entity))
+        return normalized, int(counted["records"][0])
+    return stream(surface, entity).normalize(pages).collect(), count_records(pages, surface, entity)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A stream's normalized rows split for one merge: ``good`` to the table, ``bad`` to quarantine.
+    The counts the split learned travel with it, so every load path tallies them the same way."""
+
+    good: pl.DataFrame
+    bad: pl.DataFrame
+    # Rows the normalizer collapsed into another version of the same record.
+    duplicates: int
+    # Identifier-only mentions of a Data Model patient the lake already holds in full (dropped).
+    known_references: int
+
+
+def prepare(
+    warehouse: Warehouse,
+    normalized: pl.DataFrame,
+    surface: Surface,
+    entity: Entity,
+    *,
+    source_ref: bool = True,
+) -> Prepared:
+    """Split a normalized frame into rows and quarantine, with ``source_ref`` naming each row's page
+    (off for pushed deliveries, whose pages are not landed) and Data Model patient references settled."""
+    good, bad = pl.collect_all(split(normalized.lazy(), entity))
+    if source_ref:
+        good = with_source_ref(good, normalized)
+    known = 0
+    if surface == "datamodel" and entity == "patients":
+        good, known = settle_references(warehouse, good)
+    duplicates = int(normalized.filter(pl.col("quarantine_reason").is_null())["duplicates"].sum())
+    return Prepared(good, bad, duplicates, known)
+
+
+class MergeCounts(Protocol):
+    inserted: int
+    updated: int
+    ignored_older: int
+
+
+def count_merge(into: MergeCounts, stats: MergeStats) -> None:
+    """Add what one merge did to a load's running counts."""
+    into.inserted += stats.inserted
+    into.updated += stats.updated
+    into.ignored_older += stats.ignored_older
+
+
 def settle_references(warehouse: Warehouse, good: pl.DataFrame) -> tuple[pl.DataFrame, int]:
     """Data Model patient rows that carry identifiers only: drop those the lake already holds (a
     pointer is not a newer version), and load the rest without a timestamp, so that the patient's
@@ -134,33 +190,21 @@ def load_day(
 ) -> pl.DataFrame:
     """Normalize and merge one (day, surface); returns the field coverage of the stream's own pages."""
     pages = pages_for(zone, surface, entity, [partition_folder(day)]).collect().lazy()
-    if surface == "datamodel":
-        # The count reads the normalizer's decoded frame: one decode of each page for both.
-        normalized, counted = pl.collect_all(dm_norm.normalize_counted(pages, entity))
-        records = int(counted["records"][0])
-    else:
-        normalized = stream(surface, entity).normalize(pages).collect()
-        records = count_records(pages, surface, entity)
-    good_lazy, bad_lazy = split(normalized.lazy(), entity)
-    good, bad = pl.collect_all([good_lazy, bad_lazy])
-    good = with_source_ref(good, normalized)
-    known_references = 0
-    if surface == "datamodel" and entity == "patients":
-        good, known_references = settle_references(warehouse, good)
+    normalized, records = normalize_counted(pages, surface, entity)
+    ready = prepare(warehouse, normalized, surface, entity)
+    good = ready.good
     # Rows and quarantine in one transaction: no snapshot ever shows fetched != loaded + quarantined.
     stats = warehouse.merge(
-        entity, good, partition_day=day, run_id=run_id, source_surface=surface, quarantine=bad
+        entity, good, partition_day=day, run_id=run_id, source_surface=surface, quarantine=ready.bad
     )
     tally.records += records
     components = components_in(good)
     tally.loaded += good.height - components
     tally.components += components
-    tally.duplicates += int(normalized.filter(pl.col("quarantine_reason").is_null())["duplicates"].sum())
-    tally.quarantined += bad.height
-    tally.known_references += known_references
-    tally.inserted += stats.inserted
-    tally.updated += stats.updated
-    tally.ignored_older += stats.ignored_older
+    tally.duplicates += ready.duplicates
+    tally.quarantined += ready.bad.height
+    tally.known_references += ready.known_references
+    count_merge(tally, stats)
     tally.unknown_codes += sum(valuesets.unmapped_counts(good.drop("source_ref"), entity, surface).values())
     if surface == "fhir":
         tally.unresolved_references += fhir_refs.count_unresolved(pages, fhir_norm.RESOURCE_TYPES[entity])

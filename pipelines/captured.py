@@ -33,14 +33,13 @@ from typing import Final
 
 import polars as pl
 
-from assets.warehouse import count_records, pages_for, settle_references, with_source_ref
+from assets.warehouse import count_merge, normalize_counted, pages_for, prepare
 from resources.landing import LandingZone, RawPage
 from resources.warehouse import Warehouse
 from schema import QUARANTINE
 from transforms import captured, coverage, fhir_refs
-from transforms import datamodel as dm_norm
 from transforms import fhir as fhir_norm
-from transforms.common import components_in, split
+from transforms.common import components_in
 from transforms.streams import STREAMS, Stream
 
 log = logging.getLogger(__name__)
@@ -220,21 +219,13 @@ def _load_stream(
     """Normalize and merge one stream's pages of the batch; returns its quarantine rows and the
     field coverage of each of its own landed partitions."""
     surface, entity = stream.surface, stream.entity
+    row = report.streams.setdefault((surface, entity), StreamReport(surface, entity))
     pages = pages_for(zone, surface, entity, partitions).collect().lazy()
-    if surface == "datamodel":
-        normalized, counted = pl.collect_all(dm_norm.normalize_counted(pages, entity))
-        records = int(counted["records"][0])
-    else:
-        normalized = stream.normalize(pages).collect()
-        records = count_records(pages, surface, entity)
-        row = report.streams.setdefault((surface, entity), StreamReport(surface, entity))
+    normalized, records = normalize_counted(pages, surface, entity)
+    if surface == "fhir":
         row.unresolved_references += fhir_refs.count_unresolved(pages, fhir_norm.RESOURCE_TYPES[entity])
-    good_lazy, bad_lazy = split(normalized.lazy(), entity)
-    good, bad = pl.collect_all([good_lazy, bad_lazy])
-    good = with_source_ref(good, normalized)
-    known_references = 0
-    if surface == "datamodel" and entity == "patients":
-        good, known_references = settle_references(warehouse, good)
+    ready = prepare(warehouse, normalized, surface, entity)
+    good = ready.good
     day = (
         pl.col(stream.clinical_time).dt.date().fill_null(today)
         if stream.clinical_time
@@ -253,17 +244,14 @@ def _load_stream(
         if zone.exists(surface, entity, partition)
     }
     seen = coverage.merge_counts(counts.values())
-    row = report.streams.setdefault((surface, entity), StreamReport(surface, entity))
     row.read += records
     components = components_in(good)
     row.loaded += good.height - components
     row.components += components
-    row.duplicates += int(normalized.filter(pl.col("quarantine_reason").is_null())["duplicates"].sum())
-    row.quarantined += bad.height
-    row.known_references += known_references
-    row.inserted += stats.inserted
-    row.updated += stats.updated
-    row.ignored_older += stats.ignored_older
+    row.duplicates += ready.duplicates
+    row.quarantined += ready.bad.height
+    row.known_references += ready.known_references
+    count_merge(row, stats)
     row.unmapped_paths += int((~seen["mapped"]).sum()) if seen.height else 0
     report.top_unmapped[(surface, entity)] = coverage.top_unmapped(seen)
-    return bad, counts
+    return ready.bad, counts

@@ -76,5 +76,7 @@ def test_datamodel_windows_follow_the_records_the_nearest_day_held(tmp_path):
 def test_reply_records_counts_results_and_visits():
     assert _reply_records({"Orders": [{"Results": [{}, {}]}, {"Results": [{}]}, {}]}) == 3
     assert _reply_records({"Visits": [{}, {}]}) == 2
+    # A VisitQuery reply nests its visits in their patients (its manifests once said 0 records).
+    assert _reply_records({"Patients": [{"Visits": [{}, {}]}, {"Visits": [{}]}, {}]}) == 3
     assert _reply_records({"Meta": {}}) == 0
     assert _reply_records(None) == 0
