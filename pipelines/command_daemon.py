@@ -3,9 +3,8 @@
 Dagster's daemon is built to live for weeks: its backfill loop ticks every 30 s, and every 60 s it
 restarts its code server so that new code is picked up. The daemon pipelines/runner.py starts lives
 only as long as one backfill command, so both cost it time and nothing else: a backfill waits up to
-a tick before its unpartitioned identity run is submitted and another before it is marked done (the
-command's tail after the last load), and each restart re-imports the definitions the command is
-running anyway (about 7 CPU-seconds a minute, on two cores shared with the runs). This entry point
+a tick before its unpartitioned identity run is submitted (the command itself notices the end, see
+``runner.landed``), and each restart re-imports the definitions the command is running anyway (about 7 CPU-seconds a minute, on two cores shared with the runs). This entry point
 shortens the tick, stops the restarts, then hands over to Dagster's own CLI unchanged.
 
 Invariant: only those two intervals differ from ``dagster-daemon run``. Both are module constants
