@@ -4,10 +4,13 @@ import dagster as dg
 
 import assets
 from assets.partitions import daily_partitions
-from pipelines import jobs
+from pipelines import jobs, pool_wait
 from pipelines.executors import executor
 from resources import all_resources
 from resources.settings import Settings
+
+# Every process that runs this code location's steps (run workers, `redox-etl sync`) loads this module.
+pool_wait.apply()
 
 # Settings are read once, here, where the definitions are built (resources/settings.py lists them).
 settings = Settings.from_env()
